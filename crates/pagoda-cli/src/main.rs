@@ -1,0 +1,127 @@
+//! The `pagoda` command-line tool.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pagoda_engine::{ChatMessage, Device, Engine, GenerationParams, Prompt, SamplingConfig};
+
+#[derive(Parser)]
+#[command(name = "pagoda", version, about = "LLM inference: generate text with GPT-NeoX and Llama models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt; only the generated text goes to stdout, logs go to stderr.
+    Generate(GenerateArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A GGUF file, or a Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 picks the most likely token every time (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the smallest set of tokens whose probability reaches this (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Drop tokens less likely than this fraction of the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Seed of the sampler: the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// The text to continue.
+    prompt: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
+    let device = match args.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda(0),
+    };
+    let params = GenerationParams {
+        max_tokens: args.max_tokens,
+        sampling: SamplingConfig {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+        },
+        seed: args.seed,
+        ignore_eos: false,
+    };
+    params.validate()?;
+    let load_start = Instant::now();
+    let mut engine = Engine::builder().model(&args.model).device(device).build()?;
+    eprintln!(
+        "loaded {} in {:.2} s",
+        args.model.display(),
+        load_start.elapsed().as_secs_f64()
+    );
+    let prompt = if args.chat {
+        Prompt::Chat(vec![ChatMessage {
+            role: "user".into(),
+            content: args.prompt,
+        }])
+    } else {
+        Prompt::Text(args.prompt)
+    };
+    let mut stdout = std::io::stdout().lock();
+    let generation = engine.generate_stream(&prompt, &params, |text| {
+        stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(|e| pagoda_engine::Error::Internal(format!("writing to stdout: {e}")))
+    })?;
+    writeln!(stdout).ok();
+    let decoded = generation.token_ids.len().saturating_sub(1);
+    let decode_secs = generation.decode_time.as_secs_f64();
+    eprintln!(
+        "{} prompt tokens, {} generated ({:?}); time to first token {:.1} ms, decode {:.1} tok/s",
+        generation.prompt_tokens,
+        generation.token_ids.len(),
+        generation.finish_reason,
+        generation.time_to_first_token.as_secs_f64() * 1e3,
+        if decode_secs > 0.0 { decoded as f64 / decode_secs } else { 0.0 }
+    );
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! Llama 2/3.x and models of the same shape (SmolLM2).
+
+use std::sync::Arc;
+
+use pagoda_kernels::cpu::activation;
+use pagoda_kernels::cpu::rope::RopeTable;
+use pagoda_kv::KvCache;
+use pagoda_tensor::Tensor;
+
+use crate::config::{Activation, LlamaConfig};
+use crate::layers::{Embedding, Linear, Norm, PagedSelfAttention, add_in_place, check_kv_cache, gather_rows};
+use crate::weights::WeightLoader;
+use crate::{Architecture, Batch, Error, Model, ModelInfo, Result};
+
+struct Layer {
+    input_layernorm: Norm,
+    post_attention_layernorm: Norm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+pub struct Llama {
+    config: LlamaConfig,
+    info: ModelInfo,
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: Norm,
+    lm_head: Linear,
+    attention: PagedSelfAttention,
+}
+
+impl Llama {
+    pub(crate) fn load(config: LlamaConfig, loader: &WeightLoader<'_>) -> Result<Self> {
+        let c = &config;
+        if c.hidden_act != Activation::Silu {
+            return Err(Error::Config {
+                path: "config.json".into(),
+                message: format!("Llama models use silu; found {:?}", c.hidden_act),
+            });
+        }
+        let (hidden, eps) = (c.hidden_size, c.rms_norm_eps);
+        let q_width = c.num_attention_heads * c.head_dim;
+        let kv_width = c.num_key_value_heads * c.head_dim;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                let attn = |name: &str, out: usize, input: usize| {
+                    Linear::load(loader, &format!("{p}.self_attn.{name}"), input, out, c.attention_bias)
+                };
+                let mlp = |name: &str, out: usize, input: usize| {
+                    Linear::load(loader, &format!("{p}.mlp.{name}"), input, out, c.mlp_bias)
+                };
+                Ok(Layer {
+                    input_layernorm: Norm::rms_norm(loader, &format!("{p}.input_layernorm"), hidden, eps)?,
+                    post_attention_layernorm: Norm::rms_norm(
+                        loader,
+                        &format!("{p}.post_attention_layernorm"),
+                        hidden,
+                        eps,
+                    )?,
+                    q_proj: attn("q_proj", q_width, hidden)?,
+                    k_proj: attn("k_proj", kv_width, hidden)?,
+                    v_proj: attn("v_proj", kv_width, hidden)?,
+                    o_proj: attn("o_proj", hidden, q_width)?,
+                    gate_proj: mlp("gate_proj", c.intermediate_size, hidden)?,
+                    up_proj: mlp("up_proj", c.intermediate_size, hidden)?,
+                    down_proj: mlp("down_proj", hidden, c.intermediate_size)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed_tokens = Embedding::load(loader, "model.embed_tokens.weight", c.vocab_size, hidden)?;
+        // Checkpoints that tie their embeddings usually store no lm_head; some store a copy anyway.
+        let lm_head = if loader.contains("lm_head.weight") {
+            Linear::load(loader, "lm_head", hidden, c.vocab_size, false)?
+        } else if c.tie_word_embeddings {
+            embed_tokens.as_linear()
+        } else {
+            return Err(pagoda_tensor::Error::MissingTensor {
+                name: "lm_head.weight".into(),
+                file: "the checkpoint (tie_word_embeddings is false)".into(),
+            }
+            .into());
+        };
+        let rope = RopeTable::new(c.head_dim, c.rope_theta, c.max_position_embeddings, c.rope_scaling)?;
+        let info = ModelInfo {
+            architecture: Architecture::Llama,
+            num_layers: c.num_hidden_layers,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            vocab_size: c.vocab_size,
+            max_position_embeddings: c.max_position_embeddings,
+        };
+        Ok(Self {
+            attention: PagedSelfAttention {
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                rope: Arc::new(rope),
+            },
+            norm: Norm::rms_norm(loader, "model.norm", hidden, eps)?,
+            embed_tokens,
+            lm_head,
+            layers,
+            info,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+}
+
+impl Model for Llama {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Tensor> {
+        batch.validate(self.info.max_position_embeddings)?;
+        check_kv_cache(&self.info, kv)?;
+        let tokens = batch.num_tokens();
+        let mut hidden = self.embed_tokens.forward(&batch.tokens)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let x = layer.input_layernorm.forward(&hidden)?;
+            let mut q = layer.q_proj.forward(&x, tokens)?;
+            let mut k = layer.k_proj.forward(&x, tokens)?;
+            let v = layer.v_proj.forward(&x, tokens)?;
+            let context = self.attention.forward(i, &mut q, &mut k, &v, batch, kv)?;
+            add_in_place(&mut hidden, &layer.o_proj.forward(&context, tokens)?);
+
+            let x = layer.post_attention_layernorm.forward(&hidden)?;
+            let gate = layer.gate_proj.forward(&x, tokens)?;
+            let up = layer.up_proj.forward(&x, tokens)?;
+            let mut act = vec![0.0; gate.len()];
+            activation::silu_and_mul(&gate, &up, &mut act)?;
+            add_in_place(&mut hidden, &layer.down_proj.forward(&act, tokens)?);
+        }
+        let last = gather_rows(&hidden, self.config.hidden_size, &batch.logits_rows);
+        let normed = self.norm.forward(&last)?;
+        let rows = batch.logits_rows.len();
+        let logits = self.lm_head.forward(&normed, rows)?;
+        Ok(Tensor::from_vec(logits, [rows, self.info.vocab_size])?)
+    }
+}

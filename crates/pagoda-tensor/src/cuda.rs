@@ -1,0 +1,242 @@
+//! CUDA device memory through cudarc: a registry of one context and stream per
+//! device ordinal, and byte buffers with host<->device copies.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
+
+use crate::{DType, Error, Result};
+
+/// One CUDA device: its primary context and the stream all copies are queued on.
+///
+/// Cheap to clone; [`CudaDevice::get`] hands out the same context and stream
+/// for an ordinal every time.
+#[derive(Clone, Debug)]
+pub struct CudaDevice {
+    ordinal: usize,
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+/// Devices created so far, indexed by ordinal.
+static DEVICES: Mutex<Vec<Option<CudaDevice>>> = Mutex::new(Vec::new());
+
+fn driver_error(context: impl std::fmt::Display, err: DriverError) -> Error {
+    Error::Cuda(format!("{context}: {err}"))
+}
+
+impl CudaDevice {
+    /// The device of `ordinal`, created on first use.
+    pub fn get(ordinal: usize) -> Result<CudaDevice> {
+        // A poisoned lock only means another thread panicked mid-insert; the
+        // vector itself is always valid.
+        let mut devices = DEVICES.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(Some(device)) = devices.get(ordinal) {
+            return Ok(device.clone());
+        }
+        let device = Self::create(ordinal)?;
+        if devices.len() <= ordinal {
+            devices.resize(ordinal + 1, None);
+        }
+        devices[ordinal] = Some(device.clone());
+        Ok(device)
+    }
+
+    fn create(ordinal: usize) -> Result<CudaDevice> {
+        // cudarc panics if the driver library is missing when first used; ask
+        // first so that a machine without a GPU gets an error instead.
+        // SAFETY: this only tries to open the library with `dlopen`.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Cuda(format!(
+                "cuda:{ordinal}: the CUDA driver library (libcuda) was not found"
+            )));
+        }
+        let count =
+            CudaContext::device_count().map_err(|e| driver_error("counting CUDA devices", e))?;
+        if usize::try_from(count).is_ok_and(|count| ordinal >= count) {
+            return Err(Error::Cuda(format!(
+                "cuda:{ordinal} requested but only {count} device(s) exist"
+            )));
+        }
+        let context = CudaContext::new(ordinal)
+            .map_err(|e| driver_error(format_args!("creating context on cuda:{ordinal}"), e))?;
+        let stream = context.default_stream();
+        Ok(CudaDevice {
+            ordinal,
+            context,
+            stream,
+        })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The device's primary context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.context
+    }
+
+    /// The stream that allocations and copies of this crate are queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Blocks until all work queued on the device's stream has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_error(format_args!("synchronizing cuda:{}", self.ordinal), e))
+    }
+}
+
+/// Device memory holding elements of one dtype, as raw bytes.
+///
+/// Kernels reinterpret the bytes as their element type (see
+/// [`CudaSlice::transmute`]); keeping one untyped buffer type lets a tensor
+/// change dtype without a separate storage variant per type.
+pub struct CudaStorage {
+    /// At least one byte, even for empty tensors: CUDA rejects zero-size allocations.
+    slice: CudaSlice<u8>,
+    len: usize,
+    dtype: DType,
+    device: CudaDevice,
+}
+
+impl CudaStorage {
+    fn byte_len(dtype: DType, len: usize) -> Result<usize> {
+        len.checked_mul(dtype.size_in_bytes())
+            .ok_or(Error::Cuda(format!(
+                "{len} elements of {dtype} overflow the address space"
+            )))
+    }
+
+    /// `len` zero elements of `dtype` on `device`.
+    pub fn zeros(device: &CudaDevice, dtype: DType, len: usize) -> Result<Self> {
+        let bytes = Self::byte_len(dtype, len)?;
+        let slice = device.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| {
+            driver_error(
+                format_args!("allocating {bytes} bytes on cuda:{}", device.ordinal),
+                e,
+            )
+        })?;
+        Ok(CudaStorage {
+            slice,
+            len,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Copies little-endian host bytes holding elements of `dtype` to `device`.
+    pub fn from_host_bytes(device: &CudaDevice, dtype: DType, bytes: &[u8]) -> Result<Self> {
+        if !bytes.len().is_multiple_of(dtype.size_in_bytes()) {
+            return Err(Error::BadByteLength {
+                dtype,
+                len: bytes.len(),
+            });
+        }
+        let len = bytes.len() / dtype.size_in_bytes();
+        if bytes.is_empty() {
+            return Self::zeros(device, dtype, 0);
+        }
+        let slice = device.stream.clone_htod(bytes).map_err(|e| {
+            driver_error(
+                format_args!("copying {} bytes to cuda:{}", bytes.len(), device.ordinal),
+                e,
+            )
+        })?;
+        Ok(CudaStorage {
+            slice,
+            len,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Wraps device memory produced elsewhere (e.g. a kernel's output);
+    /// `slice` must hold at least `len` elements of `dtype`.
+    pub fn from_slice(
+        device: &CudaDevice,
+        dtype: DType,
+        len: usize,
+        slice: CudaSlice<u8>,
+    ) -> Result<Self> {
+        let bytes = Self::byte_len(dtype, len)?;
+        if slice.len() < bytes {
+            return Err(Error::StorageTooSmall {
+                needed: len,
+                len: slice.len() / dtype.size_in_bytes(),
+            });
+        }
+        Ok(CudaStorage {
+            slice,
+            len,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Copies elements `range` back to host memory as raw bytes.
+    pub fn to_host_bytes(&self, range: Range<usize>) -> Result<Vec<u8>> {
+        if range.start > range.end || range.end > self.len {
+            return Err(Error::StorageTooSmall {
+                needed: range.end,
+                len: self.len,
+            });
+        }
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let size = self.dtype.size_in_bytes();
+        let view = self.slice.slice(range.start * size..range.end * size);
+        let ordinal = self.device.ordinal;
+        let bytes = self.device.stream.clone_dtoh(&view).map_err(|e| {
+            driver_error(
+                format_args!("copying {} bytes from cuda:{ordinal}", range.len() * size),
+                e,
+            )
+        })?;
+        // A copy into pageable memory has completed when it returns, but an
+        // explicit sync also surfaces errors of earlier asynchronous work here.
+        self.device.synchronize()?;
+        Ok(bytes)
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Length in elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The ordinal of the device holding the buffer.
+    pub fn ordinal(&self) -> usize {
+        self.device.ordinal
+    }
+
+    /// The device holding the buffer.
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
+    /// The device memory (may be longer than `len` elements).
+    pub fn slice(&self) -> &CudaSlice<u8> {
+        &self.slice
+    }
+
+    /// The device memory, for kernels that write into it.
+    pub fn slice_mut(&mut self) -> &mut CudaSlice<u8> {
+        &mut self.slice
+    }
+}
