@@ -3,8 +3,9 @@
 
 Run from anywhere:  python3 scripts/make_fixtures.py [--smollm2-gguf PATH] [--skip-smollm2]
 
-It writes, on the CPU in float32 and from fixed seeds (so a rerun with the versions pinned in
-scripts/requirements-fixtures.txt reproduces every file byte for byte):
+It writes, on the CPU in float32 and from fixed seeds (a rerun with the versions pinned in
+scripts/requirements-fixtures.txt reproduces every file byte for byte on the same machine; another
+CPU may round some logits differently in the last bit):
 
 * crates/pagoda-models/tests/fixtures/<name>/ -- tiny random checkpoints (config.json,
   generation_config.json, safetensors) built from configs alone, plus reference.json: per prompt the
@@ -13,9 +14,9 @@ scripts/requirements-fixtures.txt reproduces every file byte for byte):
   continuations and first-step top-5 logits of SmolLM2-135M-Instruct loaded from its Q4_1 GGUF file
   (path from --smollm2-gguf, else $PAGODA_SMOLLM2_GGUF, else the default below).
 
-The script checks its own references before writing them: the checkpoint read back from disk gives
-the logits of the model in memory, eager attention agrees with SDPA, `generate` agrees with a plain
-argmax loop, and no greedy step is a near-tie.
+The script checks its own references: the checkpoint read back from disk gives the logits of the
+model in memory, eager attention agrees with SDPA, `generate` agrees with a plain argmax loop, no
+greedy step is a near-tie, and the logits read back from the JSON are the same float32 bits.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ import os
 import platform
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-from safetensors import safe_open
+# The GGUF loader reports progress through tqdm; keep the output to what this script prints.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_FIXTURES = REPO_ROOT / "crates" / "pagoda-models" / "tests" / "fixtures"
@@ -80,7 +84,6 @@ class TinyModel:
     # Rewrite config.json in the layout of the checkpoints on the Hub (transformers 4.x keys);
     # None keeps what transformers 5 writes.
     legacy_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def gpt_neox(parallel: bool, act: str) -> torch.nn.Module:
@@ -300,6 +303,14 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def check_round_trip(path: Path, logits: list[np.ndarray]) -> None:
+    """The logits read back from the JSON, as float32, must be the very same bits."""
+    written = json.loads(path.read_text())["prompts"]
+    for expected, prompt in zip(logits, written, strict=True):
+        parsed = np.array(prompt["logits"], dtype=np.float32)
+        assert np.array_equal(parsed, expected), f"{path}: logits do not round-trip through JSON"
+
+
 def safetensors_names(model_dir: Path) -> list[str]:
     names = []
     for path in sorted(model_dir.glob("*.safetensors")):
@@ -357,7 +368,7 @@ def make_tiny(spec: TinyModel) -> dict[str, int]:
         ids = rng.integers(0, config.vocab_size, size=length).tolist()
         logits = logits_of(loaded, ids)
         in_memory = logits_of(model, ids)
-        # Not bit-equal: the mmapped tensors sit at other alignments, and the CPU kernels' SIMD
+        # Not always bit-equal: the mmapped tensors sit at other alignments, and the CPU kernels' SIMD
         # paths then round differently in the last bit.
         reload_diff = max_rel_diff(in_memory, logits)
         assert reload_diff < RELOAD_TOLERANCE, f"{spec.name}: reloaded checkpoint differs {reload_diff:.3g}"
@@ -391,7 +402,6 @@ def make_tiny(spec: TinyModel) -> dict[str, int]:
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": tied,
         "tensors": names,
-        **spec.extra,
     }
     if config.rope_parameters.get("rope_type") == "llama3":
         bands = rope_bands(config)
@@ -402,6 +412,7 @@ def make_tiny(spec: TinyModel) -> dict[str, int]:
     reference["greedy_new_tokens"] = TINY_NEW_TOKENS
     reference["prompts"] = prompts
     (out_dir / "reference.json").write_text(to_json(reference))
+    check_round_trip(out_dir / "reference.json", [p["logits"] for p in prompts])
 
     return {str(p.relative_to(REPO_ROOT)): p.stat().st_size for p in sorted(out_dir.iterdir())}
 
@@ -484,15 +495,23 @@ def make_smollm2(gguf_path: Path) -> dict[str, int]:
     cases = []
     for text in SMOLLM2_RAW_PROMPTS:
         ids = tokenizer(text, add_special_tokens=True).input_ids
-        cases.append({"kind": "raw", "prompt": text, "add_special_tokens": True, **smollm2_case(model, tokenizer, ids)})
+        cases.append(
+            {
+                "kind": "raw",
+                "prompt": text,
+                "add_special_tokens": True,
+                **smollm2_case(model, tokenizer, ids),
+            }
+        )
     for message in SMOLLM2_CHAT_MESSAGES:
         messages = [{"role": "user", "content": message}]
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The rendered template already holds every special token, so nothing more is added.
         ids = tokenizer(rendered, add_special_tokens=False).input_ids
-        templated = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        templated_ids = templated["input_ids"] if isinstance(templated, dict) or hasattr(templated, "keys") else templated
-        assert list(templated_ids) == ids, "SmolLM2: chat template tokenization disagrees"
+        templated = tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=True
+        )
+        assert list(templated["input_ids"]) == ids, "SmolLM2: chat template tokenization disagrees"
         cases.append(
             {
                 "kind": "chat",

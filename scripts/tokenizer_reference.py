@@ -143,6 +143,7 @@ def smollm2(gguf_path: Path) -> dict:
         )
     return {
         "about": "SmolLM2-135M-Instruct's tokenizer as transformers builds it from the GGUF file; "
+        "pre_tokenizer_variants: the same vocabulary under other `tokenizer.ggml.pre` values; "
         "written by scripts/tokenizer_reference.py",
         "versions": versions(),
         "gguf": gguf_path.name,
@@ -153,7 +154,28 @@ def smollm2(gguf_path: Path) -> dict:
         "encode": encode,
         "partial_decode": partial,
         "chat": chats,
+        "pre_tokenizer_variants": pre_tokenizer_variants(gguf_path, encode),
     }
+
+
+# `tokenizer.ggml.pre` values whose split regexes differ from GPT-2's, each a family in transformers.
+PRE_VARIANTS = ("llama-bpe", "qwen2", "tekken", "gpt-4o")
+
+
+def pre_tokenizer_variants(gguf_path: Path, default: list[dict]) -> dict:
+    """SmolLM2's vocabulary with another pre-tokenizer: the ids of every text without special tokens."""
+    vocab = gguf_vocab(gguf_path)
+    variants = {}
+    with tempfile.TemporaryDirectory() as work:
+        for pre in PRE_VARIANTS:
+            path = Path(work) / f"{pre}.gguf"
+            write_gguf(path, vocab, pre)
+            tokenizer = load(Path(work), path.name)
+            ids = [tokenizer.encode(text, add_special_tokens=False) for text in TEXTS]
+            # A variant that tokenizes every text like the default would test nothing.
+            assert any(a != case["ids"] for a, case in zip(ids, default)), pre
+            variants[pre] = ids
+    return variants
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,21 +185,37 @@ def smollm2(gguf_path: Path) -> dict:
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
 
+def gguf_vocab(path: Path) -> dict:
+    """The tokenizer metadata of a GGUF file, under the names the fixtures use."""
+    reader = gguf.GGUFReader(str(path))
+
+    def scalar(key: str):
+        field = reader.fields.get(f"tokenizer.ggml.{key}")
+        return None if field is None else field.contents()
+
+    return {
+        "model": scalar("model"),
+        "tokens": scalar("tokens"),
+        "token_types": scalar("token_type"),
+        "merges": scalar("merges") or [],
+        "scores": scalar("scores") or [],
+        "bos_token_id": scalar("bos_token_id"),
+        "eos_token_id": scalar("eos_token_id"),
+        "unknown_token_id": scalar("unknown_token_id"),
+        "padding_token_id": scalar("padding_token_id"),
+        "add_bos_token": scalar("add_bos_token"),
+        "add_eos_token": scalar("add_eos_token"),
+    }
+
+
 def byte_level_vocab(smollm2_path: Path) -> dict:
     """The first tokens and merges of SmolLM2's vocabulary, plus tokens that exercise the converter."""
-    reader = gguf.GGUFReader(str(smollm2_path))
-
-    def strings(key: str) -> list[str]:
-        field = reader.fields[key]
-        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-
+    full = gguf_vocab(smollm2_path)
     keep = 700
-    tokens = strings("tokenizer.ggml.tokens")[:keep]
-    token_types = [NORMAL if i >= 17 else CONTROL for i in range(keep)]
+    tokens = full["tokens"][:keep]
+    token_types = full["token_types"][:keep]
     present = set(tokens)
-    merges = [
-        m for m in strings("tokenizer.ggml.merges") if all(p in present for p in m.split(" ")) and m.replace(" ", "") in present
-    ][:600]
+    merges = [m for m in full["merges"] if all(p in present for p in m.split(" ")) and m.replace(" ", "") in present]
     extra = [
         # Not in the byte alphabet, so transformers respells it as the bytes of its UTF-8.
         ("€uro", NORMAL),
@@ -193,18 +231,7 @@ def byte_level_vocab(smollm2_path: Path) -> dict:
     for token, token_type in extra:
         tokens.append(token)
         token_types.append(token_type)
-    return {
-        "model": "gpt2",
-        "tokens": tokens,
-        "token_types": token_types,
-        "merges": merges,
-        "scores": [],
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "unknown_token_id": 0,
-        "padding_token_id": 2,
-        "add_bos_token": False,
-    }
+    return dict(full, tokens=tokens, token_types=token_types, merges=merges)
 
 
 def sentencepiece_vocab() -> dict:
@@ -242,6 +269,7 @@ def sentencepiece_vocab() -> dict:
         "unknown_token_id": 0,
         "padding_token_id": None,
         "add_bos_token": None,
+        "add_eos_token": None,
     }
 
 
@@ -272,6 +300,7 @@ def write_gguf(path: Path, vocab: dict, pre: str | None) -> None:
         ("unknown_token_id", writer.add_unk_token_id),
         ("padding_token_id", writer.add_pad_token_id),
         ("add_bos_token", writer.add_add_bos_token),
+        ("add_eos_token", writer.add_add_eos_token),
     ]:
         if vocab[key] is not None:
             add(vocab[key])
@@ -295,6 +324,10 @@ SMALL_TEXTS = [
     "<think>reasoning</think> done",
     "<tool ☎> <tool>",
     "line\nbreak\n\n and\ttab",
+    "<|im_start|>user\nhi<|im_end|><|endoftext|>",
+    "It's HE'S we'RE they'll",
+    "a  \n\n  b   c\t\t d",
+    "x!!!???...\n\nyes",
     "",
 ]
 
@@ -302,7 +335,11 @@ SMALL_TEXTS = [
 def small_vocabularies(smollm2_path: Path) -> dict:
     cases = [
         ("byte_level", byte_level_vocab(smollm2_path), "smollm"),
-        ("byte_level_llama3_split", byte_level_vocab(smollm2_path), "llama-bpe"),
+        (
+            "byte_level_bos_eos",
+            dict(byte_level_vocab(smollm2_path), add_bos_token=True, add_eos_token=True),
+            "llama-bpe",
+        ),
         ("sentencepiece", sentencepiece_vocab(), None),
     ]
     out = []

@@ -39,6 +39,15 @@ pub enum Error {
         len: usize,
     },
 
+    /// A shape's size in bytes does not fit in the address space.
+    #[error("shape {shape} of {dtype} is too large to allocate")]
+    ShapeTooLarge {
+        /// The shape asked for.
+        shape: Shape,
+        /// The element type.
+        dtype: DType,
+    },
+
     /// A view reaches past the end of its storage.
     #[error("view needs {needed} elements but its storage holds {len}")]
     StorageTooSmall {

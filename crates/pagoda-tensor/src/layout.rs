@@ -97,11 +97,12 @@ impl Layout {
             .then(|| self.offset..self.offset + self.elem_count())
     }
 
-    /// One past the highest storage position this layout touches (`offset`
-    /// for an empty tensor): the storage must hold at least this many elements.
+    /// One past the highest storage position this layout touches (0 for an
+    /// empty tensor, which touches nothing): the storage must hold at least
+    /// this many elements.
     pub fn required_len(&self) -> usize {
         if self.elem_count() == 0 {
-            return self.offset;
+            return 0;
         }
         let last: usize = self
             .dims()

@@ -28,6 +28,9 @@ pub mod gguf;
 pub mod safetensors;
 
 pub use cuda::{CudaDevice, CudaStorage};
+/// The cudarc version this crate's CUDA types come from, so that kernels use the same one.
+#[cfg(feature = "cuda")]
+pub use cudarc;
 pub use device::Device;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

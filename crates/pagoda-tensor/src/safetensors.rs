@@ -74,6 +74,16 @@ pub struct SafeTensors {
     entries: BTreeMap<String, Entry>,
 }
 
+impl std::fmt::Debug for SafeTensors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafeTensors")
+            .field("location", &self.location)
+            .field("shards", &self.shards.len())
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
 fn format_error(path: &Path, message: impl Into<String>) -> Error {
     Error::SafeTensors {
         path: path.to_path_buf(),

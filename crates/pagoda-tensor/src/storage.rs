@@ -1,6 +1,7 @@
 //! The buffers behind tensors: host vectors, memory-mapped files, device memory.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::cuda::CudaStorage;
 use crate::mapped::MappedBytes;
@@ -12,6 +13,18 @@ pub enum Storage {
     Cpu(CpuStorage),
     /// Device memory.
     Cuda(CudaStorage),
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Storage<{}, {}>[{}]",
+            self.dtype(),
+            self.device(),
+            self.len()
+        )
+    }
 }
 
 impl Storage {
@@ -45,8 +58,8 @@ impl Storage {
     }
 }
 
-/// Runs `$body` with `$v` bound to the typed vector of an owned [`CpuStorage`]
-/// and `$t` to its element type; `$mapped` handles the memory-mapped case.
+/// Runs `$body` with `$v` bound to the typed vector of an owned [`CpuStorage`];
+/// `$mapped` handles the memory-mapped case with `$m` bound to its bytes.
 macro_rules! match_owned {
     ($storage:expr, $v:ident => $body:expr, $m:ident => $mapped:expr) => {
         match $storage {
@@ -120,21 +133,39 @@ fn from_bytes_of<T: Element>(bytes: &[u8]) -> Result<CpuStorage> {
     typed_vec::<T>(bytemuck::pod_collect_to_vec(bytes))
 }
 
+/// Converts one element; the branches are on constants and fold away.
+fn convert<S: Element, D: Element>(x: S) -> D {
+    if S::DTYPE.is_float() && D::DTYPE.is_float() {
+        // f32 holds every f16/bf16 value exactly, so this rounds only once.
+        D::from_f32(x.to_f32())
+    } else {
+        // f64 holds every value of every dtype here exactly.
+        D::from_f64(x.to_f64())
+    }
+}
+
+/// Contiguous conversions at least this long are split over the rayon pool
+/// (converting a checkpoint on load is the large case).
+const PARALLEL_CONVERT_LEN: usize = 1 << 16;
+
 /// Copies the elements of `layout` out of `src` in row-major order, converting each.
 fn gather_convert<S: Element, D: Element>(src: &[S], layout: &Layout) -> Vec<D> {
-    let mut out = Vec::with_capacity(layout.elem_count());
     let blocks = layout.strided_blocks();
     let block_len = blocks.block_len();
+    if let Some(range) = layout
+        .contiguous_range()
+        .filter(|r| r.len() >= PARALLEL_CONVERT_LEN)
+        && S::DTYPE != D::DTYPE
+    {
+        return src[range].par_iter().map(|&x| convert(x)).collect();
+    }
+    let mut out = Vec::with_capacity(layout.elem_count());
     for start in blocks {
         let run = &src[start..start + block_len];
         if S::DTYPE == D::DTYPE {
             out.extend_from_slice(bytemuck::cast_slice::<S, D>(run));
-        } else if S::DTYPE.is_float() && D::DTYPE.is_float() {
-            // f32 holds every f16/bf16 value exactly, so this rounds only once.
-            out.extend(run.iter().map(|&x| D::from_f32(x.to_f32())));
         } else {
-            // f64 holds every value of every dtype here exactly.
-            out.extend(run.iter().map(|&x| D::from_f64(x.to_f64())));
+            out.extend(run.iter().map(|&x| convert::<S, D>(x)));
         }
     }
     out

@@ -76,11 +76,16 @@ impl Tensor {
     /// A contiguous tensor of zeros.
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
+        // Allocations larger than isize::MAX bytes abort rather than fail.
         let len = shape
             .checked_elem_count()
-            .ok_or(Error::ElementCountMismatch {
+            .filter(|n| {
+                n.checked_mul(dtype.size_in_bytes())
+                    .is_some_and(|b| b <= isize::MAX as usize)
+            })
+            .ok_or_else(|| Error::ShapeTooLarge {
                 shape: shape.clone(),
-                len: usize::MAX,
+                dtype,
             })?;
         let storage = match *device {
             Device::Cpu => Storage::Cpu(CpuStorage::zeros(dtype, len)?),
@@ -173,6 +178,9 @@ impl Tensor {
 
     /// The elements, converted to `dtype`, in a new contiguous host buffer.
     fn to_cpu_storage(&self, dtype: DType) -> Result<CpuStorage> {
+        if self.elem_count() == 0 {
+            return CpuStorage::zeros(dtype, 0);
+        }
         match &*self.storage {
             Storage::Cpu(cpu) => cpu.copy_strided(&self.layout, dtype),
             Storage::Cuda(cuda) => {
@@ -233,9 +241,11 @@ impl Tensor {
         if *device == self.device() {
             return Ok(self.clone());
         }
-        if let (Device::Cuda(ordinal), Storage::Cpu(cpu), Some(range)) =
-            (*device, &*self.storage, self.layout.contiguous_range())
-        {
+        if let (Device::Cuda(ordinal), Storage::Cpu(cpu), Some(range)) = (
+            *device,
+            &*self.storage,
+            self.layout.contiguous_range().filter(|r| !r.is_empty()),
+        ) {
             // Upload straight from the source buffer (possibly a memory map), no staging copy.
             let size = self.dtype.size_in_bytes();
             let bytes = &cpu.as_bytes()[range.start * size..range.end * size];
@@ -246,6 +256,12 @@ impl Tensor {
             );
         }
         Tensor::upload(self.to_cpu_storage(self.dtype)?, self.shape(), *device)
+    }
+
+    /// The storage positions of a contiguous tensor's elements. An empty view
+    /// may sit past the end of its storage (e.g. `narrow(d, size, 0)`).
+    fn element_range(&self) -> std::ops::Range<usize> {
+        self.layout.offset()..self.layout.offset() + self.elem_count()
     }
 
     fn check_host_access<T: Element>(&self, op: &'static str) -> Result<()> {
@@ -277,8 +293,16 @@ impl Tensor {
                 device: self.device(),
             });
         };
-        let start = self.layout.offset();
-        Ok(&cpu.as_slice::<T>()?[start..start + self.elem_count()])
+        let elements = cpu.as_slice::<T>()?;
+        let range = self.element_range();
+        if range.is_empty() {
+            return Ok(&[]);
+        }
+        let len = elements.len();
+        elements.get(range).ok_or(Error::StorageTooSmall {
+            needed: self.layout.required_len(),
+            len,
+        })
     }
 
     /// The elements of a contiguous CPU tensor of element type `T`, mutably.
@@ -287,11 +311,18 @@ impl Tensor {
     /// is a read-only memory map.
     pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
         self.check_host_access::<T>("as_mut_slice")?;
-        let start = self.layout.offset();
-        let end = start + self.elem_count();
+        let range = self.element_range();
+        let needed = self.layout.required_len();
         let device = self.device();
         match self.storage_mut()? {
-            Storage::Cpu(cpu) => Ok(&mut cpu.as_mut_slice::<T>()?[start..end]),
+            Storage::Cpu(_) if range.is_empty() => Ok(&mut []),
+            Storage::Cpu(cpu) => {
+                let elements = cpu.as_mut_slice::<T>()?;
+                let len = elements.len();
+                elements
+                    .get_mut(range)
+                    .ok_or(Error::StorageTooSmall { needed, len })
+            }
             Storage::Cuda(_) => Err(Error::NotOnCpu {
                 op: "as_mut_slice",
                 device,
