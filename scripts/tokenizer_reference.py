@@ -7,15 +7,17 @@ Writes two fixtures under crates/pagoda-engine/tests/fixtures/:
 
 * smollm2_tokenizer.json -- SmolLM2-135M-Instruct's tokenizer as transformers builds it from the
   GGUF file (`AutoTokenizer.from_pretrained(dir, gguf_file=name)`): the ids of a set of texts, the
-  decoded text of those ids (with and without special tokens), and the chat template rendered by
-  `apply_chat_template(..., tokenize=False)`. The Rust test reads the vocabulary from the GGUF file
-  itself ($PAGODA_SMOLLM2_GGUF).
+  decoded text of those ids (with and without special tokens). The Rust test reads the vocabulary
+  from the GGUF file itself ($PAGODA_SMOLLM2_GGUF).
 * gguf_tokenizers.json -- small vocabularies written here into GGUF files of their own (one
   byte-level BPE, "gpt2", and one SentencePiece-style BPE with scores and no merges, "llama"),
   loaded back by transformers the same way. The fixture holds the vocabulary itself, so the Rust
   test needs no GGUF file; the vocabularies include the corner cases of transformers' converter
   (tokens respelled into the byte alphabet, control tokens skipped, user-defined tokens, merges
   derived from scores).
+* chat_templates.json -- SmolLM2's chat template and a few written here to cover what Hugging Face
+  templates use, rendered by `apply_chat_template(..., tokenize=False)` for a set of conversations
+  (or the message of the exception the template raised).
 
 Needs transformers (5.x), tokenizers and gguf; not torch.
 """
@@ -30,7 +32,9 @@ import tempfile
 from pathlib import Path
 
 import gguf
+from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = REPO_ROOT / "crates" / "pagoda-engine" / "tests" / "fixtures"
@@ -93,7 +97,103 @@ CHATS = [
         True,
     ),
     ([{"role": "user", "content": "  spaces and ünïcödé 😀  \n"}], True),
+    (
+        [
+            {"role": "system", "content": "  Think first.  "},
+            {"role": "user", "content": "/help me"},
+            {"role": "assistant", "content": "<think>\nreasoning here\n</think>\n\nThe answer."},
+            {"role": "user", "content": "/retry"},
+        ],
+        False,
+    ),
+    # Two user turns in a row: templates that insist on alternation refuse this one.
+    ([{"role": "user", "content": "one"}, {"role": "user", "content": "two"}], True),
 ]
+
+# Templates written for this test, each exercising what Hugging Face chat templates rely on:
+# trim_blocks/lstrip_blocks, `{%- -%}`, filters binding tighter than `+`, raise_exception,
+# loop variables and loop controls, namespace(), and Python string and dict methods.
+TEMPLATES = {
+    "block_whitespace": """{% for message in messages %}
+    {% if message.role == 'system' %}
+System: {{ message.content }}
+    {% else %}
+{{ message.role | upper }}: {{ message.content }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+ASSISTANT:
+{% endif %}
+""",
+    "header_ids": """{{- bos_token }}
+{%- if messages and messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+""",
+    "alternating": """{{- bos_token }}
+{%- for message in messages %}
+    {%- if message['role'] == 'system' %}
+        {%- continue %}
+    {%- endif %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == (1 if messages[0]['role'] == 'system' else 0)) %}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {{- '[INST] ' + message['content'] + ' [/INST]' }}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token }}
+    {%- else %}
+        {{- raise_exception('Unknown role: ' + message['role']) }}
+    {%- endif %}
+{%- endfor %}
+""",
+    "python_methods": """{%- set ns = namespace(last_user=-1, count=0) %}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}
+        {%- set ns.last_user = loop.index0 %}
+        {%- set ns.count = ns.count + 1 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = message.content %}
+    {%- if message.role == 'assistant' and '</think>' in content %}
+        {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\n' + content.strip() + '<|im_end|>\n' }}
+    {%- if content.startswith('/') %}
+        {{- '(command ' + content[1:].split(' ')[0].title() + ')' }}
+    {%- endif %}
+    {%- if loop.index0 == ns.last_user %}
+        {{- '<!-- last user message, ' + loop.index|string + ' of ' + loop.length|string + ' -->' }}
+    {%- endif %}
+    {%- if loop.index >= 3 %}
+        {%- break %}
+    {%- endif %}
+{%- endfor %}
+{%- if messages %}
+    {{- '[' + messages[0].content.upper().rstrip() + '|' + messages[0].content.replace(' ', '_') + ']' }}
+    {%- for key, value in messages[0].items() %}{{ key }}={{ value.endswith('!') }};{% endfor %}
+    {{- messages[-1].get('role') ~ messages[-1].get('name', '?') }}
+{%- endif %}
+{{- ns.count }}
+{%- if tools is none and documents is none and eos_token is defined and missing is not defined %}(no tools){% endif %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+""",
+}
 
 
 def versions() -> dict[str, str]:
@@ -130,17 +230,6 @@ def smollm2(gguf_path: Path) -> dict:
     partial = [
         {"ids": emoji_ids[:n], "decoded": tokenizer.decode(emoji_ids[:n])} for n in range(1, len(emoji_ids) + 1)
     ]
-    chats = []
-    for messages, add_generation_prompt in CHATS:
-        chats.append(
-            {
-                "messages": messages,
-                "add_generation_prompt": add_generation_prompt,
-                "rendered": tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=add_generation_prompt
-                ),
-            }
-        )
     return {
         "about": "SmolLM2-135M-Instruct's tokenizer as transformers builds it from the GGUF file; "
         "pre_tokenizer_variants: the same vocabulary under other `tokenizer.ggml.pre` values; "
@@ -153,7 +242,6 @@ def smollm2(gguf_path: Path) -> dict:
         "chat_template": tokenizer.chat_template,
         "encode": encode,
         "partial_decode": partial,
-        "chat": chats,
         "pre_tokenizer_variants": pre_tokenizer_variants(gguf_path, encode),
     }
 
@@ -176,6 +264,33 @@ def pre_tokenizer_variants(gguf_path: Path, default: list[dict]) -> dict:
             assert any(a != case["ids"] for a, case in zip(ids, default)), pre
             variants[pre] = ids
     return variants
+
+
+def chat_templates(gguf_path: Path) -> dict:
+    """SmolLM2's template and the test templates above, rendered by transformers for every chat."""
+    tokenizer = load(gguf_path.parent, gguf_path.name)
+    sources = {"smollm2": tokenizer.chat_template, **TEMPLATES}
+    templates = []
+    for name, source in sources.items():
+        cases = []
+        for messages, add_generation_prompt in CHATS:
+            case = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+            try:
+                case["rendered"] = tokenizer.apply_chat_template(
+                    messages, chat_template=source, tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            except TemplateError as error:
+                case["error"] = str(error)
+            cases.append(case)
+        templates.append({"name": name, "source": source, "cases": cases})
+    return {
+        "about": "chat templates rendered by transformers' apply_chat_template(..., tokenize=False) with "
+        "SmolLM2's special tokens; written by scripts/tokenizer_reference.py",
+        "versions": versions(),
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "templates": templates,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,6 +369,18 @@ def sentencepiece_vocab() -> dict:
         token_types.append(NORMAL)
         # SentencePiece scores fall with rank; two equal scores test the tie order.
         scores.append(-float(index // 2 * 2))
+    # Merges of equal score compete when they overlap: the longer left half wins, then the longer
+    # right half, then the token that comes first. "pqrs" -> "p" "qrs" (not "pq" "rs"),
+    # "vwxy" -> "vwx" "y" (not "vw" "xy"), "xabc" -> "x" "ab" "c" (not "x" "a" "bc").
+    for piece, score in [
+        ("q", -100.0), ("v", -100.0), ("x", -100.0), ("b", -100.0),
+        ("rs", -1.0), ("vw", -1.0),
+        ("pq", -50.0), ("xy", -50.0), ("qrs", -50.0), ("vwx", -50.0),
+        ("ab", -60.0), ("bc", -60.0),
+    ]:
+        tokens.append(piece)
+        token_types.append(NORMAL)
+        scores.append(score)
     for token, token_type in [("<|eot|>", CONTROL), ("<tool>", USER_DEFINED), ("<0x41>", NORMAL)]:
         tokens.append(token)
         token_types.append(token_type)
@@ -310,6 +437,45 @@ def write_gguf(path: Path, vocab: dict, pre: str | None) -> None:
     writer.close()
 
 
+def sentencepiece_vocab_from(smollm2_path: Path, count: int = 3000) -> dict:
+    """SmolLM2's most frequent tokens respelled SentencePiece-style (`▁` for a space), scored by rank
+    with ties in threes, and no merges: enough pieces that the order of the merges derived from
+    the scores decides how words split."""
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    full = gguf_vocab(smollm2_path)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    token_types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256
+    scores = [0.0] * len(tokens)
+    seen = set(tokens)
+    for token, token_type in zip(full["tokens"], full["token_types"]):
+        if len(tokens) >= count or token_type != NORMAL:
+            continue
+        try:
+            text = bytes(byte_of[c] for c in token).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            continue
+        piece = text.replace(" ", "\u2581")
+        if piece in seen or not piece.isprintable():
+            continue
+        seen.add(piece)
+        tokens.append(piece)
+        token_types.append(NORMAL)
+        scores.append(-float((len(tokens) // 3) * 3))
+    return {
+        "model": "llama",
+        "tokens": tokens,
+        "token_types": token_types,
+        "merges": [],
+        "scores": scores,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "unknown_token_id": 0,
+        "padding_token_id": None,
+        "add_bos_token": False,
+        "add_eos_token": None,
+    }
+
+
 SMALL_TEXTS = [
     "Hello world",
     "hello world, the world is not special!",
@@ -328,8 +494,17 @@ SMALL_TEXTS = [
     "It's HE'S we'RE they'll",
     "a  \n\n  b   c\t\t d",
     "x!!!???...\n\nyes",
+    "pqrs vwxy xabc",
     "",
 ]
+
+
+def token_cases(tokenizer, count: int) -> list[dict]:
+    """How single ids are spelled and decoded: the first ones, some in the middle, the last ones."""
+    ids = sorted(set(range(12)) | set(range(count // 2, count // 2 + 4)) | set(range(count - 12, count)))
+    return [
+        {"id": i, "token": tokenizer.convert_ids_to_tokens(i), "decoded": tokenizer.decode([i])} for i in ids
+    ]
 
 
 def small_vocabularies(smollm2_path: Path) -> dict:
@@ -341,6 +516,7 @@ def small_vocabularies(smollm2_path: Path) -> dict:
             "llama-bpe",
         ),
         ("sentencepiece", sentencepiece_vocab(), None),
+        ("sentencepiece_scored", sentencepiece_vocab_from(smollm2_path), None),
     ]
     out = []
     with tempfile.TemporaryDirectory() as work:
@@ -353,7 +529,8 @@ def small_vocabularies(smollm2_path: Path) -> dict:
                     "name": name,
                     "vocab": dict(vocab, pre=pre),
                     "vocab_size": len(tokenizer),
-                    "encode": encode_cases(tokenizer, SMALL_TEXTS),
+                    "encode": encode_cases(tokenizer, SMALL_TEXTS + TEXTS),
+                    "tokens": token_cases(tokenizer, len(vocab["tokens"])),
                 }
             )
     return {
@@ -380,6 +557,7 @@ def main() -> None:
     args = parser.parse_args()
     write(FIXTURES / "smollm2_tokenizer.json", smollm2(args.smollm2_gguf))
     write(FIXTURES / "gguf_tokenizers.json", small_vocabularies(args.smollm2_gguf))
+    write(FIXTURES / "chat_templates.json", chat_templates(args.smollm2_gguf))
 
 
 if __name__ == "__main__":

@@ -473,7 +473,9 @@ fn parse_merges(merges: &[String]) -> Result<Vec<(String, String)>> {
 /// The merges a SentencePiece vocabulary implies, as transformers' `generate_merges` derives
 /// them: every split of a token into two tokens of the vocabulary, ordered by the score of the
 /// merged token (highest first), then by the lengths of the two halves in characters (longest
-/// first); ties keep vocabulary order.
+/// first), then by the merged token's place in the vocabulary. (transformers also orders the
+/// splits of one token by the ids of their halves, but two splits of one token never tie on the
+/// left half's length.)
 fn merges_from_scores(tokens: &[String], scores: &[f32], ids: &Vocab) -> Vec<(String, String)> {
     // One entry per distinct token, in order of first appearance, with the score of its last one.
     let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
@@ -494,23 +496,18 @@ fn merges_from_scores(tokens: &[String], scores: &[f32], ids: &Vocab) -> Vec<(St
     let mut merges = Vec::new();
     for token in order {
         let score = score_of[token];
-        let mut splits: Vec<(u32, u32, Candidate)> = token
-            .char_indices()
-            .skip(1)
-            .filter_map(|(at, _)| {
-                let (left, right) = token.split_at(at);
-                let candidate = Candidate {
+        for (at, _) in token.char_indices().skip(1) {
+            let (left, right) = token.split_at(at);
+            if ids.contains_key(left) && ids.contains_key(right) {
+                merges.push(Candidate {
                     left,
                     right,
                     score,
                     left_chars: left.chars().count(),
                     right_chars: right.chars().count(),
-                };
-                Some((*ids.get(left)?, *ids.get(right)?, candidate))
-            })
-            .collect();
-        splits.sort_by_key(|&(left, right, _)| (left, right));
-        merges.extend(splits.into_iter().map(|(_, _, candidate)| candidate));
+                });
+            }
+        }
     }
     // Stable, so equal keys keep the order above.
     merges.sort_by(|a, b| {

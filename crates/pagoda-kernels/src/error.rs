@@ -10,6 +10,24 @@ pub enum Error {
     InvalidParameter { op: &'static str, message: String },
     #[error("invalid sampling parameter: {0}")]
     InvalidSampling(String),
+    /// A tensor given to `op` has a dtype the op does not take, or one that disagrees with
+    /// another input's.
+    #[error("{op}: {message}")]
+    DType { op: &'static str, message: String },
+    /// A tensor given to `op` lives on a device the op cannot use (the host, or another GPU than
+    /// the other inputs).
+    #[error("{op}: {message}")]
+    Device { op: &'static str, message: String },
+    /// A CUDA launcher was given a strided view; kernels read rows densely, and copying a
+    /// view through the host behind the caller's back would hide a slow path.
+    #[error("{op}: {name} is not contiguous; call `contiguous()` first")]
+    NotContiguous { op: &'static str, name: String },
+    /// The CUDA driver or cuBLAS failed while `op` ran; the message names the call and device.
+    #[error("CUDA error in {op}: {message}")]
+    Cuda { op: &'static str, message: String },
+    /// NVRTC could not compile the kernel source `module` for `target`; `log` is the compiler's.
+    #[error("NVRTC failed to compile kernels/{module}.cu for {target}:\n{log}")]
+    Nvrtc { module: &'static str, target: String, log: String },
     #[error(transparent)]
     Tensor(#[from] pagoda_tensor::Error),
 }
@@ -19,6 +37,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub(crate) fn shape(op: &'static str, message: impl Into<String>) -> Self {
         Error::Shape { op, message: message.into() }
+    }
+
+    pub(crate) fn dtype(op: &'static str, message: impl Into<String>) -> Self {
+        Error::DType { op, message: message.into() }
+    }
+
+    pub(crate) fn device(op: &'static str, message: impl Into<String>) -> Self {
+        Error::Device { op, message: message.into() }
+    }
+
+    pub(crate) fn cuda(op: &'static str, message: impl std::fmt::Display) -> Self {
+        Error::Cuda { op, message: message.to_string() }
     }
 }
 

@@ -2,6 +2,13 @@
 //! clarity: it is the oracle that the CUDA kernels are tested against.
 
 pub mod cpu;
+/// CUDA launchers, one per `kernels/<name>.cu`; without the `cuda` feature the same functions
+/// exist and return [`pagoda_tensor::Error::CudaNotCompiled`].
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub/mod.rs"]
+pub mod cuda;
 mod error;
 
 pub use error::{Error, Result};

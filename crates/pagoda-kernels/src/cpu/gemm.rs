@@ -3,7 +3,6 @@
 //! accumulate in f32.
 
 use gemm::Parallelism;
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -56,9 +55,55 @@ impl Weights<'_> {
         let range = start..start + out.len();
         match self {
             Weights::F32(w) => out.copy_from_slice(&w[range]),
-            Weights::F16(w) => w[range].convert_to_f32_slice(out),
-            Weights::BF16(w) => w[range].convert_to_f32_slice(out),
+            Weights::F16(w) => convert(&w[range], out),
+            Weights::BF16(w) => convert(&w[range], out),
         }
+    }
+}
+
+/// A weight storage type, widened to f32 where it is used.
+///
+/// The conversions are branch-free bit manipulation, so that loops over them vectorize with the
+/// baseline instruction set; `half`'s own conversions test for F16C at run time on each call.
+trait Element: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for bf16 {
+    /// A bf16 is the upper half of the f32 with the same value.
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+impl Element for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // IEEE 754 binary16: 1 sign, 5 exponent (bias 15), 10 mantissa bits.
+        let bits = u32::from(self.to_bits());
+        let sign = (bits & 0x8000) << 16;
+        let magnitude = bits & 0x7fff;
+        // Exponent and mantissa moved into f32 position read as a number 2^(127 - 15) times too
+        // small: one multiplication rebiases normal numbers and turns subnormal ones (an f32
+        // subnormal after the shift) into the right normal f32.
+        let finite = f32::from_bits(magnitude << 13) * f32::from_bits((127 + 112) << 23);
+        // An all-ones exponent (infinity, NaN) must stay all ones, mantissa (NaN payload) kept.
+        let value = if magnitude >= 0x7c00 { (magnitude << 13) | 0x7f80_0000 } else { finite.to_bits() };
+        f32::from_bits(value | sign)
+    }
+}
+
+fn convert<T: Element>(src: &[T], dst: &mut [f32]) {
+    for (dst, &src) in dst.iter_mut().zip(src) {
+        *dst = src.to_f32();
     }
 }
 
@@ -144,22 +189,27 @@ pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32
     Ok(())
 }
 
-/// Dot product of two equally long slices.
+/// Dot product of two equally long f32 slices.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_widened(a, b)
+}
+
+/// Dot product of `x` with `w` widened to f32.
 ///
 /// Sixteen independent partial sums let the compiler keep them in SIMD registers: a single running
 /// sum is a serial chain of additions that it may not reorder.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot_widened<T: Element>(x: &[f32], w: &[T]) -> f32 {
     const LANES: usize = 16;
-    debug_assert_eq!(a.len(), b.len());
-    let (a_blocks, a_tail) = a.as_chunks::<LANES>();
-    let (b_blocks, b_tail) = b.as_chunks::<LANES>();
+    debug_assert_eq!(x.len(), w.len());
+    let (x_blocks, x_tail) = x.as_chunks::<LANES>();
+    let (w_blocks, w_tail) = w.as_chunks::<LANES>();
     let mut partial = [0.0f32; LANES];
-    for (a, b) in a_blocks.iter().zip(b_blocks) {
+    for (x, w) in x_blocks.iter().zip(w_blocks) {
         for lane in 0..LANES {
-            partial[lane] += a[lane] * b[lane];
+            partial[lane] += x[lane] * w[lane].to_f32();
         }
     }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(a, b)| a * b).sum();
+    let tail: f32 = x_tail.iter().zip(w_tail).map(|(&x, &w)| x * w.to_f32()).sum();
     partial.iter().sum::<f32>() + tail
 }
 
@@ -169,29 +219,27 @@ const GEMV_ELEMENTS_PER_TASK: usize = 1 << 15;
 
 /// `out[n] = w[n, k] · x[k] (+ bias)` for `k > 0`, parallel over chunks of rows of `w`.
 fn gemv(x: &[f32], w: Weights<'_>, k: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+    match w {
+        Weights::F32(w) => gemv_typed(x, w, k, bias, out),
+        Weights::F16(w) => gemv_typed(x, w, k, bias, out),
+        Weights::BF16(w) => gemv_typed(x, w, k, bias, out),
+    }
+}
+
+fn gemv_typed<T: Element>(x: &[f32], w: &[T], k: usize, bias: Option<&[f32]>, out: &mut [f32]) {
     let rows_per_task = (GEMV_ELEMENTS_PER_TASK / k).max(1);
-    out.par_chunks_mut(rows_per_task).enumerate().for_each(|(task, out)| {
-        let first_row = task * rows_per_task;
-        match w {
-            Weights::F32(w) => {
-                for (out, row) in out.iter_mut().zip(w[first_row * k..].chunks_exact(k)) {
-                    *out = dot(x, row);
+    out.par_chunks_mut(rows_per_task).zip(w.par_chunks(rows_per_task * k)).enumerate().for_each(
+        |(task, (out, w))| {
+            for (out, row) in out.iter_mut().zip(w.chunks_exact(k)) {
+                *out = dot_widened(x, row);
+            }
+            if let Some(bias) = bias {
+                for (out, b) in out.iter_mut().zip(&bias[task * rows_per_task..]) {
+                    *out += b;
                 }
             }
-            Weights::F16(_) | Weights::BF16(_) => {
-                let mut row = vec![0.0f32; k];
-                for (i, out) in out.iter_mut().enumerate() {
-                    w.row_to_f32(first_row + i, k, &mut row);
-                    *out = dot(x, &row);
-                }
-            }
-        }
-        if let Some(bias) = bias {
-            for (out, b) in out.iter_mut().zip(&bias[first_row..]) {
-                *out += b;
-            }
-        }
-    });
+        },
+    );
 }
 
 /// Weight elements in one panel of `w` rows: its f32 copy (256 KiB) stays in a core's L2 cache
@@ -434,6 +482,22 @@ mod tests {
             let b = random_vec(&mut rng, len);
             let expected: f64 = a.iter().zip(&b).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
             assert!((f64::from(dot(&a, &b)) - expected).abs() < 1e-5, "len {len}");
+        }
+    }
+
+    #[test]
+    fn half_conversions_match_the_half_crate_for_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            for (ours, reference) in [
+                (Element::to_f32(f16::from_bits(bits)), f16::from_bits(bits).to_f32()),
+                (Element::to_f32(bf16::from_bits(bits)), bf16::from_bits(bits).to_f32()),
+            ] {
+                if reference.is_nan() {
+                    assert!(ours.is_nan(), "{bits:#06x}: {ours} is not NaN");
+                } else {
+                    assert_eq!(ours.to_bits(), reference.to_bits(), "{bits:#06x}: {ours} vs {reference}");
+                }
+            }
         }
     }
 

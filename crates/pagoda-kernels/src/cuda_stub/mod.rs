@@ -1,0 +1,9 @@
+pub mod activation;
+pub mod embedding;
+pub mod gemm;
+pub mod kv_write;
+pub mod norm;
+pub mod paged_attention;
+pub mod rope;
+pub mod sampling;
+pub mod softmax;

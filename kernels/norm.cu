@@ -1,0 +1,119 @@
+// Row normalisation: RMSNorm (Llama) and LayerNorm (GPT-NeoX), each plain and fused with the
+// residual add that precedes it in a transformer block (residual += x; out = norm(residual)).
+//
+// One block per row; blockDim.x is a multiple of 32. Statistics are float; LayerNorm takes the
+// mean first and the variance around it in a second pass (not E[x^2] - E[x]^2, which cancels
+// catastrophically for rows with a large mean). Passes after the first re-read the row, which
+// the first pass brought into L1/L2.
+//
+// Kernel names: <op>_<x dtype>_<weight dtype>, e.g. rms_norm_f16_f32 (f16 activations, f32
+// weight). The bias of LayerNorm has the weight's dtype.
+
+#include "common.cuh"
+
+// Normalises one row of `hidden` elements. With ADD, `residual` is updated to the rounded sum
+// residual + x first and the statistics describe the stored values; with CENTER (LayerNorm)
+// the mean is subtracted and `bias` added. V is the vector width (VEC_WIDTH or 1); `hidden`
+// must be a multiple of V.
+template <int V, bool ADD, bool CENTER, typename T, typename W>
+__device__ void norm_row(const T* __restrict__ x, T* __restrict__ residual, const W* __restrict__ weight,
+                         const W* __restrict__ bias, T* __restrict__ out, unsigned hidden, float eps) {
+    const unsigned chunks = hidden / V;
+    const float inv_hidden = 1.0f / static_cast<float>(hidden);
+    const T* src = ADD ? residual : x;
+
+    float sum = 0.0f;
+    for (unsigned c = threadIdx.x; c < chunks; c += blockDim.x) {
+        const unsigned i = c * V;
+        float v[V];
+        load_vec<V>(x + i, v);
+        if constexpr (ADD) {
+            float r[V];
+            load_vec<V>(residual + i, r);
+#pragma unroll
+            for (int k = 0; k < V; ++k) v[k] = round_to<T>(v[k] + r[k]);
+            store_vec<V>(residual + i, v);
+        }
+#pragma unroll
+        for (int k = 0; k < V; ++k) sum += CENTER ? v[k] : v[k] * v[k];
+    }
+    // Later passes re-read `src` at the indices this same thread wrote, so no barrier is needed
+    // for the residual; block_sum synchronises the block anyway.
+    sum = block_sum(sum);
+
+    float mean = 0.0f;
+    float inv_std;
+    if constexpr (CENTER) {
+        mean = sum * inv_hidden;
+        float squares = 0.0f;
+        for (unsigned c = threadIdx.x; c < chunks; c += blockDim.x) {
+            float v[V];
+            load_vec<V>(src + c * V, v);
+#pragma unroll
+            for (int k = 0; k < V; ++k) squares += (v[k] - mean) * (v[k] - mean);
+        }
+        inv_std = rsqrtf(block_sum(squares) * inv_hidden + eps);
+    } else {
+        inv_std = rsqrtf(sum * inv_hidden + eps);
+    }
+
+    for (unsigned c = threadIdx.x; c < chunks; c += blockDim.x) {
+        const unsigned i = c * V;
+        float v[V], w[V];
+        load_vec<V>(src + i, v);
+        load_vec<V>(weight + i, w);
+        if constexpr (CENTER) {
+            float b[V];
+            load_vec<V>(bias + i, b);
+#pragma unroll
+            for (int k = 0; k < V; ++k) v[k] = (v[k] - mean) * inv_std * w[k] + b[k];
+        } else {
+#pragma unroll
+            for (int k = 0; k < V; ++k) v[k] = v[k] * inv_std * w[k];
+        }
+        store_vec<V>(out + i, v);
+    }
+}
+
+// Picks the vector width for this launch (uniform across the grid) and normalises row blockIdx.x.
+template <bool ADD, bool CENTER, typename T, typename W>
+__device__ void norm(const T* x, T* residual, const W* weight, const W* bias, T* out, unsigned hidden, float eps) {
+    const unsigned long long offset = static_cast<unsigned long long>(blockIdx.x) * hidden;
+    x += offset;
+    out += offset;
+    if (ADD) residual += offset;
+    // With hidden a multiple of VEC_WIDTH, every row starts 16-byte aligned iff row 0 does.
+    const bool vectorised = hidden % VEC_WIDTH == 0 && is_aligned16(x) && is_aligned16(out) &&
+                            is_aligned16(weight) && (!ADD || is_aligned16(residual)) &&
+                            (!CENTER || is_aligned16(bias));
+    if (vectorised) {
+        norm_row<VEC_WIDTH, ADD, CENTER>(x, residual, weight, bias, out, hidden, eps);
+    } else {
+        norm_row<1, ADD, CENTER>(x, residual, weight, bias, out, hidden, eps);
+    }
+}
+
+#define NORM_KERNELS(XS, T, WS, W)                                                                    \
+    extern "C" __global__ void rms_norm_##XS##_##WS(const T* x, const W* weight, T* out,              \
+                                                    unsigned hidden, float eps) {                      \
+        norm<false, false, T, W>(x, nullptr, weight, nullptr, out, hidden, eps);                       \
+    }                                                                                                  \
+    extern "C" __global__ void add_rms_norm_##XS##_##WS(const T* x, T* residual, const W* weight,     \
+                                                        T* out, unsigned hidden, float eps) {          \
+        norm<true, false, T, W>(x, residual, weight, nullptr, out, hidden, eps);                       \
+    }                                                                                                  \
+    extern "C" __global__ void layer_norm_##XS##_##WS(const T* x, const W* weight, const W* bias,     \
+                                                      T* out, unsigned hidden, float eps) {            \
+        norm<false, true, T, W>(x, nullptr, weight, bias, out, hidden, eps);                           \
+    }                                                                                                  \
+    extern "C" __global__ void add_layer_norm_##XS##_##WS(const T* x, T* residual, const W* weight,   \
+                                                          const W* bias, T* out, unsigned hidden,      \
+                                                          float eps) {                                 \
+        norm<true, true, T, W>(x, residual, weight, bias, out, hidden, eps);                           \
+    }
+
+NORM_KERNELS(f32, float, f32, float)
+NORM_KERNELS(f16, half_t, f16, half_t)
+NORM_KERNELS(f16, half_t, f32, float)
+NORM_KERNELS(bf16, bf16_t, bf16, bf16_t)
+NORM_KERNELS(bf16, bf16_t, f32, float)

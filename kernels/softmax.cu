@@ -1,0 +1,310 @@
+// Row-wise softmax: y[r, :] = exp(x[r, :] - max) / sum(exp(x[r, :] - max)), f32 math for every dtype.
+//
+// Three forms, chosen by the launcher (crates/pagoda-kernels/src/cuda/softmax.rs) from the row length:
+// - softmax_row_e{8,16,32}: one thread block per row, the row held in registers (E f32 values per
+//   thread): one read and one write of the row, one exp per element.
+// - softmax_cluster{2,4,8} (sm_90+): a thread block cluster per row, each block holding a segment in
+//   registers; the blocks exchange their max and sum through distributed shared memory, so rows too
+//   long for one block still cost one read and one write.
+// - softmax_online: rows longer than fit on chip. A running (max, sum) per thread, merged across the
+//   block, then a second pass that re-reads the row (back to front, so the most recently read part is
+//   still in L2) and writes it.
+//
+// A row whose maximum is -inf (all -inf) or that holds NaN or +inf comes out as NaN, as on the CPU.
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int MAX_THREADS = 1024;
+
+// Loads the 16-byte vector at element `base` of a row, or element by element (padding with -inf past
+// `end`) where the vector is not fully inside the row or the row is not 16-byte aligned.
+template <typename T, int N>
+__device__ __forceinline__ void load_or_pad(const T* __restrict__ row, long long base, long long end,
+                                            bool aligned, float (&out)[N]) {
+    if (aligned && base + N <= end) {
+        load_pack<T>(row + base, out);
+    } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            out[e] = base + e < end ? to_float(row[base + e]) : NEG_INF;
+        }
+    }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_or_clip(T* __restrict__ row, long long base, long long end,
+                                              bool aligned, const float (&in)[N]) {
+    if (aligned && base + N <= end) {
+        store_pack<T>(row + base, in);
+    } else {
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+            if (base + e < end) {
+                row[base + e] = from_float<T>(in[e]);
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ bool both_aligned16(const void* a, const void* b) {
+    return ((reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b)) & 15) == 0;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Thread block cluster primitives (PTX ISA 7.8, sm_90): the rank of this block in its cluster, a
+// barrier over the whole cluster that orders shared-memory writes before it against reads after it,
+// and a read of another block's shared memory.
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    return rank;
+}
+
+__device__ __forceinline__ void cluster_barrier() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ float load_from_cluster_block(const float* local, unsigned rank) {
+    unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(local));
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
+    float value;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(value) : "r"(remote) : "memory");
+    return value;
+}
+#endif
+
+// Softmax of rows held in registers: CLUSTER blocks per row, each holding `segment` columns (a
+// multiple of the 16-byte vector width, so every segment starts aligned when the row does) as
+// E values per thread. Vector slot j of thread t is vector j * blockDim.x + t of the segment, so
+// each load instruction of a warp covers 512 contiguous bytes.
+template <typename T, int E, int CLUSTER>
+__device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T* __restrict__ y,
+                                                     unsigned long long rows, long long cols,
+                                                     long long segment) {
+    constexpr int V = Pack<T>::N;
+    static_assert(E % V == 0, "elements per thread must be whole 16-byte vectors");
+    constexpr int SLOTS = E / V;
+    unsigned rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    __shared__ float cluster_max;
+    __shared__ float cluster_sum;
+    if (CLUSTER > 1) {
+        rank = cluster_rank();
+    }
+#endif
+    const long long start = segment * rank;
+    const long long end = min(cols, start + segment);
+    for (unsigned long long r = blockIdx.x / CLUSTER; r < rows; r += gridDim.x / CLUSTER) {
+        const T* x_row = x + r * cols;
+        T* y_row = y + r * cols;
+        const bool aligned = both_aligned16(x_row, y_row);
+
+        float v[SLOTS][V];
+#pragma unroll
+        for (int j = 0; j < SLOTS; ++j) {
+            const long long base = start + (static_cast<long long>(j) * blockDim.x + threadIdx.x) * V;
+            load_or_pad<T, V>(x_row, base, end, aligned, v[j]);
+        }
+
+        float max = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < SLOTS; ++j) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                max = fmaxf(max, v[j][e]);
+            }
+        }
+        max = block_max(max);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if (CLUSTER > 1) {
+            if (threadIdx.x == 0) {
+                cluster_max = max;
+            }
+            cluster_barrier();
+#pragma unroll
+            for (unsigned b = 0; b < CLUSTER; ++b) {
+                max = fmaxf(max, load_from_cluster_block(&cluster_max, b));
+            }
+        }
+#endif
+
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < SLOTS; ++j) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                v[j][e] = expf(v[j][e] - max);
+                sum += v[j][e];
+            }
+        }
+        sum = block_sum(sum);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if (CLUSTER > 1) {
+            if (threadIdx.x == 0) {
+                cluster_sum = sum;
+            }
+            cluster_barrier();
+            sum = 0.0f;
+#pragma unroll
+            for (unsigned b = 0; b < CLUSTER; ++b) {
+                sum += load_from_cluster_block(&cluster_sum, b);
+            }
+        }
+#endif
+
+        const float inv_sum = 1.0f / sum;
+#pragma unroll
+        for (int j = 0; j < SLOTS; ++j) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                v[j][e] *= inv_sum;
+            }
+            const long long base = start + (static_cast<long long>(j) * blockDim.x + threadIdx.x) * V;
+            store_or_clip<T, V>(y_row, base, end, aligned, v[j]);
+        }
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (CLUSTER > 1) {
+        // No block may exit while another still reads its shared memory.
+        cluster_barrier();
+    }
+#endif
+}
+
+// exp(x - max) where an x of -inf contributes exactly 0 even when max is -inf too (a row that starts
+// with -inf entries), while NaN (and +inf against a max of +inf) still poison the sum as on the CPU.
+__device__ __forceinline__ float exp_shifted(float x, float max) {
+    return x == NEG_INF ? 0.0f : expf(x - max);
+}
+
+// Merges a running (max, sum) with another: sums are rescaled to the larger maximum.
+__device__ __forceinline__ void merge_online(float& max, float& sum, float other_max, float other_sum) {
+    const float m = fmaxf(max, other_max);
+    sum = sum * exp_shifted(max, m) + other_sum * exp_shifted(other_max, m);
+    max = m;
+}
+
+template <typename T>
+__device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,
+                                               long long cols) {
+    constexpr int V = Pack<T>::N;
+    __shared__ float scratch_max[32];
+    __shared__ float scratch_sum[32];
+    const unsigned lane = threadIdx.x % 32;
+    const unsigned warp = threadIdx.x / 32;
+    const unsigned warps = blockDim.x / 32;
+    const long long vectors = (cols + V - 1) / V;
+    for (unsigned long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* x_row = x + r * cols;
+        T* y_row = y + r * cols;
+        const bool aligned = both_aligned16(x_row, y_row);
+
+        float max = NEG_INF;
+        float sum = 0.0f;
+        for (long long i = threadIdx.x; i < vectors; i += blockDim.x) {
+            float v[V];
+            load_or_pad<T, V>(x_row, i * V, cols, aligned, v);
+            float vector_max = NEG_INF;
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                vector_max = fmaxf(vector_max, v[e]);
+            }
+            float vector_sum = 0.0f;
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                vector_sum += exp_shifted(v[e], vector_max);
+            }
+            merge_online(max, sum, vector_max, vector_sum);
+        }
+
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) {
+            const float other_max = __shfl_xor_sync(0xffffffffu, max, offset);
+            const float other_sum = __shfl_xor_sync(0xffffffffu, sum, offset);
+            merge_online(max, sum, other_max, other_sum);
+        }
+        __syncthreads();  // the scratch of the previous row has been read by every thread
+        if (lane == 0) {
+            scratch_max[warp] = max;
+            scratch_sum[warp] = sum;
+        }
+        __syncthreads();
+        max = lane < warps ? scratch_max[lane] : NEG_INF;
+        sum = lane < warps ? scratch_sum[lane] : 0.0f;
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) {
+            const float other_max = __shfl_xor_sync(0xffffffffu, max, offset);
+            const float other_sum = __shfl_xor_sync(0xffffffffu, sum, offset);
+            merge_online(max, sum, other_max, other_sum);
+        }
+
+        const float inv_sum = 1.0f / sum;
+        // Back to front: the end of the row was read last and is the part most likely still in L2.
+        const long long stride = blockDim.x;
+        const long long first = threadIdx.x;
+        if (first < vectors) {
+            for (long long i = first + (vectors - 1 - first) / stride * stride; i >= 0; i -= stride) {
+                float v[V];
+                load_or_pad<T, V>(x_row, i * V, cols, aligned, v);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    v[e] = exp_shifted(v[e], max) * inv_sum;
+                }
+                store_or_clip<T, V>(y_row, i * V, cols, aligned, v);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// Arguments of every kernel: x and y [rows, cols] (contiguous, distinct), rows, cols, and for the
+// register forms the columns each block of a row holds (`segment`, a multiple of 16 / sizeof(T)).
+#define PAGODA_SOFTMAX_KERNELS(T, SUFFIX)                                                                     \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
+        softmax_row_e8_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,          \
+                                long long cols, long long segment) {                                          \
+        softmax_in_registers<T, 8, 1>(x, y, rows, cols, segment);                                             \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
+        softmax_row_e16_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,         \
+                                 long long cols, long long segment) {                                         \
+        softmax_in_registers<T, 16, 1>(x, y, rows, cols, segment);                                            \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
+        softmax_row_e32_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,         \
+                                 long long cols, long long segment) {                                         \
+        softmax_in_registers<T, 32, 1>(x, y, rows, cols, segment);                                            \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
+        softmax_online_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,          \
+                                long long cols) {                                                             \
+        softmax_online<T>(x, y, rows, cols);                                                                  \
+    }
+
+#define PAGODA_SOFTMAX_CLUSTER_KERNEL(T, SUFFIX, CLUSTER)                                                     \
+    extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(MAX_THREADS)                 \
+        softmax_cluster##CLUSTER##_##SUFFIX(const T* __restrict__ x, T* __restrict__ y,                       \
+                                            unsigned long long rows, long long cols, long long segment) {     \
+        softmax_in_registers<T, 32, CLUSTER>(x, y, rows, cols, segment);                                      \
+    }
+
+PAGODA_SOFTMAX_KERNELS(float, f32)
+PAGODA_SOFTMAX_KERNELS(half_t, f16)
+PAGODA_SOFTMAX_KERNELS(bf16_t, bf16)
+
+// Clusters exist from sm_90 on; the launcher asks for these kernels only there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+PAGODA_SOFTMAX_CLUSTER_KERNEL(float, f32, 2)
+PAGODA_SOFTMAX_CLUSTER_KERNEL(float, f32, 4)
+PAGODA_SOFTMAX_CLUSTER_KERNEL(float, f32, 8)
+PAGODA_SOFTMAX_CLUSTER_KERNEL(half_t, f16, 2)
+PAGODA_SOFTMAX_CLUSTER_KERNEL(half_t, f16, 4)
+PAGODA_SOFTMAX_CLUSTER_KERNEL(half_t, f16, 8)
+PAGODA_SOFTMAX_CLUSTER_KERNEL(bf16_t, bf16, 2)
+PAGODA_SOFTMAX_CLUSTER_KERNEL(bf16_t, bf16, 4)
+PAGODA_SOFTMAX_CLUSTER_KERNEL(bf16_t, bf16, 8)
+#endif
