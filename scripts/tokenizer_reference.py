@@ -3,15 +3,15 @@
 
 Run from anywhere:  python3 scripts/tokenizer_reference.py [--smollm2-gguf PATH]
 
-Writes two fixtures under crates/pagoda-engine/tests/fixtures/:
+Writes three fixtures under crates/pagoda-engine/tests/fixtures/:
 
 * smollm2_tokenizer.json -- SmolLM2-135M-Instruct's tokenizer as transformers builds it from the
   GGUF file (`AutoTokenizer.from_pretrained(dir, gguf_file=name)`): the ids of a set of texts, the
   decoded text of those ids (with and without special tokens). The Rust test reads the vocabulary
   from the GGUF file itself ($PAGODA_SMOLLM2_GGUF).
-* gguf_tokenizers.json -- small vocabularies written here into GGUF files of their own (one
-  byte-level BPE, "gpt2", and one SentencePiece-style BPE with scores and no merges, "llama"),
-  loaded back by transformers the same way. The fixture holds the vocabulary itself, so the Rust
+* gguf_tokenizers.json -- small vocabularies written here into GGUF files of their own (byte-level
+  BPE, "gpt2", and SentencePiece-style BPE with scores and no merges, "llama"), loaded back by
+  transformers the same way. The fixture holds the vocabulary itself, so the Rust
   test needs no GGUF file; the vocabularies include the corner cases of transformers' converter
   (tokens respelled into the byte alphabet, control tokens skipped, user-defined tokens, merges
   derived from scores).
@@ -63,6 +63,8 @@ TEXTS = [
     "中文测试：你好，世界！",
     "한국어 텍스트",
     "Привет, мир!",
+    "नमस्ते दुनिया",
+    "cafe\u0301 decomposed",
     "مرحبا بالعالم",
     "emoji: 😀🎉👍🏽 and 🇯🇵 flags",
     "family: 👨‍👩‍👧‍👦",
@@ -247,7 +249,7 @@ def smollm2(gguf_path: Path) -> dict:
 
 
 # `tokenizer.ggml.pre` values whose split regexes differ from GPT-2's, each a family in transformers.
-PRE_VARIANTS = ("llama-bpe", "qwen2", "tekken", "gpt-4o")
+PRE_VARIANTS = ("llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o")
 
 
 def pre_tokenizer_variants(gguf_path: Path, default: list[dict]) -> dict:

@@ -22,12 +22,17 @@ use crate::{Error, Result};
 pub struct ChatMessage {
     /// `"system"`, `"user"`, `"assistant"`, or whatever else the template knows.
     pub role: String,
+    /// The message's text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message from `role`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -71,8 +76,14 @@ impl ChatTemplate {
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned(TEMPLATE_NAME, source.to_owned()).map_err(template_error)?;
-        Ok(Self { env, source: source.to_owned(), bos_token, eos_token })
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+            .map_err(template_error)?;
+        Ok(Self {
+            env,
+            source: source.to_owned(),
+            bos_token,
+            eos_token,
+        })
     }
 
     /// The ChatML template, for models that ship none.
@@ -88,9 +99,10 @@ impl ChatTemplate {
     /// `bos_token` and `eos_token`.
     pub fn from_tokenizer_config(path: &Path) -> Result<Option<Self>> {
         let config: Option<Json> = match std::fs::read_to_string(path) {
-            Ok(text) => {
-                Some(serde_json::from_str(&text).map_err(|e| Error::Template(format!("{}: {e}", path.display())))?)
-            }
+            Ok(text) => Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| Error::Template(format!("{}: {e}", path.display())))?,
+            ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::Template(format!("{}: {e}", path.display()))),
         };
@@ -111,7 +123,9 @@ impl ChatTemplate {
             },
             Err(e) => return Err(Error::Template(format!("{}: {e}", jinja.display()))),
         };
-        source.map(|source| Self::new(&source, token("bos_token"), token("eos_token"))).transpose()
+        source
+            .map(|source| Self::new(&source, token("bos_token"), token("eos_token")))
+            .transpose()
     }
 
     /// The template's source text.
@@ -124,11 +138,18 @@ impl ChatTemplate {
     /// template's own message when it calls `raise_exception`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         if messages.is_empty() {
-            return Err(Error::Template("cannot render an empty conversation".into()));
+            return Err(Error::Template(
+                "cannot render an empty conversation".into(),
+            ));
         }
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
-        let messages: Value =
-            messages.iter().map(|message| Value::from_object(MessageValue(message.clone()))).collect();
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(template_error)?;
+        let messages: Value = messages
+            .iter()
+            .map(|message| Value::from_object(MessageValue(message.clone())))
+            .collect();
         let mut context = vec![
             ("messages", messages),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
@@ -136,13 +157,18 @@ impl ChatTemplate {
             ("documents", Value::from(())),
         ];
         // Absent special tokens stay undefined, as in transformers, rather than rendering "none".
-        for (name, token) in [("bos_token", &self.bos_token), ("eos_token", &self.eos_token)] {
+        for (name, token) in [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+        ] {
             if let Some(token) = token {
                 context.push((name, Value::from(token.as_str())));
             }
         }
         let context: std::collections::BTreeMap<&str, Value> = context.into_iter().collect();
-        template.render(Value::from_object(context)).map_err(template_error)
+        template
+            .render(Value::from_object(context))
+            .map_err(template_error)
     }
 }
 
@@ -152,7 +178,9 @@ fn template_in_config(config: &Json, path: &Path) -> Result<Option<String>> {
         None | Some(Json::Null) => Ok(None),
         Some(Json::String(source)) => Ok(Some(source.clone())),
         Some(Json::Array(named)) => {
-            let default = named.iter().find(|entry| entry.get("name").and_then(Json::as_str) == Some("default"));
+            let default = named
+                .iter()
+                .find(|entry| entry.get("name").and_then(Json::as_str) == Some("default"));
             match default.and_then(|entry| entry.get("template")?.as_str()) {
                 Some(source) => Ok(Some(source.to_owned())),
                 None => Err(Error::Template(format!(
@@ -209,31 +237,61 @@ mod tests {
 
     #[test]
     fn chatml_renders_each_message_and_the_generation_prompt() {
-        let messages = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")];
+        let messages = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
+        ];
         let text = ChatTemplate::chatml().render(&messages, true).unwrap();
         assert_eq!(
             text,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        let text = ChatTemplate::chatml().render(&messages[1..], false).unwrap();
+        let text = ChatTemplate::chatml()
+            .render(&messages[1..], false)
+            .unwrap();
         assert_eq!(text, "<|im_start|>user\nHi<|im_end|>\n");
     }
 
     #[test]
     fn missing_special_tokens_are_undefined() {
-        let template = ChatTemplate::new("[{{ bos_token }}|{{ eos_token is defined }}]", None, None).unwrap();
-        assert_eq!(template.render(&[ChatMessage::new("user", "x")], false).unwrap(), "[|false]");
         let template =
-            ChatTemplate::new("[{{ bos_token }}|{{ eos_token }}]", Some("<s>".into()), Some("</s>".into())).unwrap();
-        assert_eq!(template.render(&[ChatMessage::new("user", "x")], false).unwrap(), "[<s>|</s>]");
+            ChatTemplate::new("[{{ bos_token }}|{{ eos_token is defined }}]", None, None).unwrap();
+        assert_eq!(
+            template
+                .render(&[ChatMessage::new("user", "x")], false)
+                .unwrap(),
+            "[|False]"
+        );
+        let template = ChatTemplate::new(
+            "[{{ bos_token }}|{{ eos_token }}]",
+            Some("<s>".into()),
+            Some("</s>".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            template
+                .render(&[ChatMessage::new("user", "x")], false)
+                .unwrap(),
+            "[<s>|</s>]"
+        );
     }
 
     #[test]
     fn errors_are_reported() {
-        let message = ChatTemplate::new("{% for %}", None, None).unwrap_err().to_string();
+        let message = ChatTemplate::new("{% for %}", None, None)
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("syntax"), "{message}");
-        let template = ChatTemplate::new("{{ raise_exception('no system messages, please') }}", None, None).unwrap();
-        let message = template.render(&[ChatMessage::new("system", "x")], true).unwrap_err().to_string();
+        let template = ChatTemplate::new(
+            "{{ raise_exception('no system messages, please') }}",
+            None,
+            None,
+        )
+        .unwrap();
+        let message = template
+            .render(&[ChatMessage::new("system", "x")], true)
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("no system messages, please"), "{message}");
         assert!(ChatTemplate::chatml().render(&[], true).is_err());
     }

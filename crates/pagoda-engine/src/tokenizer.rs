@@ -67,11 +67,17 @@ impl Tokenizer {
         let model_config = read_json_if_present(&dir.join("config.json"))?;
 
         let config_token = |key: &str| {
-            let token = tokenizer_config.as_ref().and_then(|config| token_content(config.get(key)?))?;
+            let token = tokenizer_config
+                .as_ref()
+                .and_then(|config| token_content(config.get(key)?))?;
             inner.token_to_id(&token).map(|id| (token, id))
         };
         let config_ids = |config: &Option<Json>, key: &str| -> Vec<u32> {
-            config.as_ref().and_then(|config| config.get(key)).map(token_ids).unwrap_or_default()
+            config
+                .as_ref()
+                .and_then(|config| config.get(key))
+                .map(token_ids)
+                .unwrap_or_default()
         };
 
         let bos = config_token("bos_token");
@@ -92,7 +98,11 @@ impl Tokenizer {
             }
         }
 
-        let flag = |key: &str| tokenizer_config.as_ref().and_then(|config| config.get(key)?.as_bool());
+        let flag = |key: &str| {
+            tokenizer_config
+                .as_ref()
+                .and_then(|config| config.get(key)?.as_bool())
+        };
         let (add_bos, add_eos) = (flag("add_bos_token"), flag("add_eos_token"));
         if add_bos.is_some() || add_eos.is_some() {
             let bos = bos.filter(|_| add_bos == Some(true));
@@ -139,16 +149,23 @@ impl Tokenizer {
         let eos = named("eos_token_id", vocab.eos_token_id)?;
         let unk = named("unknown_token_id", vocab.unknown_token_id)?;
         let pad = named("padding_token_id", vocab.padding_token_id)?;
-        let added: HashSet<String> = inner.get_added_tokens_decoder().into_values().map(|t| t.content).collect();
+        let added: HashSet<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|t| t.content)
+            .collect();
         let mut missing: Vec<AddedToken> = Vec::new();
         for token in [&bos, &eos, &unk, &pad].into_iter().flatten() {
             if !added.contains(token) && !missing.iter().any(|t| &t.content == token) {
                 missing.push(AddedToken::from(token.clone(), true).normalized(false));
             }
         }
-        inner.add_tokens(missing).map_err(|e| Error::Tokenizer(format!("adding special tokens: {e}")))?;
+        inner
+            .add_tokens(missing)
+            .map_err(|e| Error::Tokenizer(format!("adding special tokens: {e}")))?;
 
-        let lookup = |token: Option<String>| token.and_then(|t| inner.token_to_id(&t).map(|id| (t, id)));
+        let lookup =
+            |token: Option<String>| token.and_then(|t| inner.token_to_id(&t).map(|id| (t, id)));
         let (bos, eos) = (lookup(bos), lookup(eos));
         let add_bos = vocab.add_bos_token.unwrap_or(add_bos_default);
         let add_eos = vocab.add_eos_token.unwrap_or(false);
@@ -161,8 +178,17 @@ impl Tokenizer {
         Self::finish(inner, bos_token_id, eos_token_ids)
     }
 
-    fn finish(inner: tokenizers::Tokenizer, bos_token_id: Option<u32>, eos_token_ids: Vec<u32>) -> Result<Self> {
-        let mut tokenizer = Self { inner, bos_token_id, eos_token_ids, add_bos_token: false };
+    fn finish(
+        inner: tokenizers::Tokenizer,
+        bos_token_id: Option<u32>,
+        eos_token_ids: Vec<u32>,
+    ) -> Result<Self> {
+        let mut tokenizer = Self {
+            inner,
+            bos_token_id,
+            eos_token_ids,
+            add_bos_token: false,
+        };
         // Whatever the post-processor adds around a sequence, it adds around the empty one.
         let empty = tokenizer.encode("", true)?;
         tokenizer.add_bos_token = bos_token_id.is_some() && empty.first().copied() == bos_token_id;
@@ -226,8 +252,9 @@ impl Tokenizer {
 pub struct GgufVocab {
     /// `tokenizer.ggml.model`: `"gpt2"` (byte-level BPE) or `"llama"` (SentencePiece-style).
     pub model: String,
-    /// `tokenizer.ggml.pre`: llama.cpp's name for the pre-tokenizer (`"llama-bpe"`, `"qwen2"`, ...).
+    /// `tokenizer.ggml.pre`: llama.cpp's name for the pre-tokenizer (`"llama-bpe"`, `"qwen2"`).
     pub pre: Option<String>,
+    /// `tokenizer.ggml.tokens`: every token's text; a token's id is its index.
     pub tokens: Vec<String>,
     /// llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
     pub token_types: Vec<i32>,
@@ -235,11 +262,15 @@ pub struct GgufVocab {
     pub merges: Vec<String>,
     /// SentencePiece scores, one per token.
     pub scores: Vec<f32>,
+    /// `tokenizer.ggml.bos_token_id` and the three keys after it.
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub unknown_token_id: Option<u32>,
     pub padding_token_id: Option<u32>,
+    /// `tokenizer.ggml.add_bos_token`; when absent, "llama" vocabularies add BOS and "gpt2" ones
+    /// do not (as in transformers).
     pub add_bos_token: Option<bool>,
+    /// `tokenizer.ggml.add_eos_token`; when absent, no EOS is added.
     pub add_eos_token: Option<bool>,
     /// `tokenizer.chat_template`.
     pub chat_template: Option<String>,
@@ -254,8 +285,12 @@ impl GgufVocab {
     /// Reads the `tokenizer.ggml.*` keys and `tokenizer.chat_template` of a GGUF file.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let required = |key: &str| {
-            file.get(key)
-                .ok_or_else(|| Error::Tokenizer(format!("{}: the GGUF metadata has no {key}", file.path().display())))
+            file.get(key).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{}: the GGUF metadata has no {key}",
+                    file.path().display()
+                ))
+            })
         };
         let mismatch = |key: &str, expected: &str, value: &GgufValue| {
             Error::Tokenizer(format!(
@@ -265,22 +300,45 @@ impl GgufVocab {
             ))
         };
         let string = |key: &str, value: &GgufValue| -> Result<String> {
-            value.as_str().map(str::to_owned).ok_or_else(|| mismatch(key, "a string", value))
+            value
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| mismatch(key, "a string", value))
         };
         let optional_string = |key: &str| file.get(key).map(|value| string(key, value)).transpose();
         let array = |key: &str| -> Result<Option<&[GgufValue]>> {
-            file.get(key).map(|value| value.as_array().ok_or_else(|| mismatch(key, "an array", value))).transpose()
+            file.get(key)
+                .map(|value| {
+                    value
+                        .as_array()
+                        .ok_or_else(|| mismatch(key, "an array", value))
+                })
+                .transpose()
         };
         let strings = |key: &str| -> Result<Vec<String>> {
-            array(key)?.unwrap_or_default().iter().map(|value| string(key, value)).collect()
+            array(key)?
+                .unwrap_or_default()
+                .iter()
+                .map(|value| string(key, value))
+                .collect()
         };
         let id = |key: &str| -> Result<Option<u32>> {
             file.get(key)
-                .map(|value| value.as_u32().ok_or_else(|| mismatch(key, "a token id", value)))
+                .map(|value| {
+                    value
+                        .as_u32()
+                        .ok_or_else(|| mismatch(key, "a token id", value))
+                })
                 .transpose()
         };
         let flag = |key: &str| -> Result<Option<bool>> {
-            file.get(key).map(|value| value.as_bool().ok_or_else(|| mismatch(key, "a bool", value))).transpose()
+            file.get(key)
+                .map(|value| {
+                    value
+                        .as_bool()
+                        .ok_or_else(|| mismatch(key, "a bool", value))
+                })
+                .transpose()
         };
 
         const TOKENS: &str = "tokenizer.ggml.tokens";
@@ -300,7 +358,11 @@ impl GgufVocab {
         let scores = array("tokenizer.ggml.scores")?
             .unwrap_or_default()
             .iter()
-            .map(|value| value.as_f32().ok_or_else(|| mismatch("tokenizer.ggml.scores", "an array of f32", value)))
+            .map(|value| {
+                value
+                    .as_f32()
+                    .ok_or_else(|| mismatch("tokenizer.ggml.scores", "an array of f32", value))
+            })
             .collect::<Result<_>>()?;
         Ok(Self {
             model,
@@ -324,7 +386,10 @@ impl GgufVocab {
         if tokens == 0 {
             return Err(Error::Tokenizer("tokenizer.ggml.tokens is empty".into()));
         }
-        for (key, len) in [("token_type", self.token_types.len()), ("scores", self.scores.len())] {
+        for (key, len) in [
+            ("token_type", self.token_types.len()),
+            ("scores", self.scores.len()),
+        ] {
             if len != 0 && len != tokens {
                 return Err(Error::Tokenizer(format!(
                     "tokenizer.ggml.{key} has {len} entries for {tokens} tokens"
@@ -332,7 +397,9 @@ impl GgufVocab {
             }
         }
         if u32::try_from(tokens).is_err() {
-            return Err(Error::Tokenizer(format!("{tokens} tokens do not fit in u32 token ids")));
+            return Err(Error::Tokenizer(format!(
+                "{tokens} tokens do not fit in u32 token ids"
+            )));
         }
         Ok(())
     }
@@ -379,8 +446,8 @@ fn split_pattern(pre: &str) -> Option<&'static str> {
         r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     );
     Some(match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-        | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3,
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2,
         "qwen35" => QWEN35,
         "tekken" => TEKKEN,
@@ -413,9 +480,22 @@ fn byte_level_bpe(vocab: &GgufVocab) -> Result<tokenizers::Tokenizer> {
     let mut tokenizer = tokenizers::Tokenizer::new(model);
     let pre_tokenizer: PreTokenizerWrapper = match vocab.pre.as_deref().and_then(split_pattern) {
         Some(pattern) => {
-            let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| Error::Tokenizer(format!("split regex for pre-tokenizer {:?}: {e}", vocab.pre)))?;
-            PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+            let split = Split::new(
+                SplitPattern::Regex(pattern.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| {
+                Error::Tokenizer(format!(
+                    "split regex for pre-tokenizer {:?}: {e}",
+                    vocab.pre
+                ))
+            })?;
+            PreTokenizerSequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into()
         }
         None => ByteLevel::new(false, true, true).into(),
     };
@@ -434,7 +514,8 @@ fn sentencepiece_bpe(vocab: &GgufVocab) -> Result<tokenizers::Tokenizer> {
     let merges = if vocab.merges.is_empty() {
         if vocab.scores.is_empty() {
             return Err(Error::Tokenizer(
-                "a \"llama\" GGUF vocabulary needs tokenizer.ggml.merges or tokenizer.ggml.scores".into(),
+                "a \"llama\" GGUF vocabulary needs tokenizer.ggml.merges or tokenizer.ggml.scores"
+                    .into(),
             ));
         }
         merges_from_scores(&vocab.tokens, &vocab.scores, &ids)
@@ -446,13 +527,19 @@ fn sentencepiece_bpe(vocab: &GgufVocab) -> Result<tokenizers::Tokenizer> {
         .fuse_unk(true)
         .byte_fallback(true)
         .build()
-        .map_err(|e| Error::Tokenizer(format!("SentencePiece BPE from the GGUF vocabulary: {e}")))?;
+        .map_err(|e| {
+            Error::Tokenizer(format!("SentencePiece BPE from the GGUF vocabulary: {e}"))
+        })?;
 
     let mut tokenizer = tokenizers::Tokenizer::new(model);
     tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
     let replace = Replace::new("▁", " ").map_err(|e| Error::Tokenizer(format!("decoder: {e}")))?;
-    let decoders: Vec<DecoderWrapper> =
-        vec![replace.into(), ByteFallback::new().into(), Fuse::new().into(), Strip::new(' ', 1, 0).into()];
+    let decoders: Vec<DecoderWrapper> = vec![
+        replace.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+        Strip::new(' ', 1, 0).into(),
+    ];
     tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
     Ok(tokenizer)
 }
@@ -517,7 +604,10 @@ fn merges_from_scores(tokens: &[String], scores: &[f32], ids: &Vocab) -> Vec<(St
             .then(b.left_chars.cmp(&a.left_chars))
             .then(b.right_chars.cmp(&a.right_chars))
     });
-    merges.into_iter().map(|m| (m.left.to_owned(), m.right.to_owned())).collect()
+    merges
+        .into_iter()
+        .map(|m| (m.left.to_owned(), m.right.to_owned()))
+        .collect()
 }
 
 /// Control tokens become special added tokens and user-defined tokens plain added tokens, so
@@ -525,13 +615,20 @@ fn merges_from_scores(tokens: &[String], scores: &[f32], ids: &Vocab) -> Vec<(St
 fn add_gguf_added_tokens(tokenizer: &mut tokenizers::Tokenizer, vocab: &GgufVocab) -> Result<()> {
     // In a byte-level vocabulary every real token is spelled in the byte alphabet; a control
     // token that is not is mislabelled, and transformers leaves it out.
-    let alphabet: Option<HashSet<char>> = (vocab.model == "gpt2").then(|| bytes_to_unicode().into_iter().collect());
-    let in_alphabet = |token: &str| alphabet.as_ref().is_none_or(|a| token.chars().all(|c| a.contains(&c)));
+    let alphabet: Option<HashSet<char>> =
+        (vocab.model == "gpt2").then(|| bytes_to_unicode().into_iter().collect());
+    let in_alphabet = |token: &str| {
+        alphabet
+            .as_ref()
+            .is_none_or(|a| token.chars().all(|c| a.contains(&c)))
+    };
     let control: Vec<AddedToken> = vocab
         .tokens
         .iter()
         .enumerate()
-        .filter(|&(id, token)| vocab.token_type(id) == Some(TOKEN_TYPE_CONTROL) && in_alphabet(token))
+        .filter(|&(id, token)| {
+            vocab.token_type(id) == Some(TOKEN_TYPE_CONTROL) && in_alphabet(token)
+        })
         .map(|(_, token)| AddedToken::from(token.clone(), true).normalized(false))
         .collect();
     tokenizer
@@ -543,7 +640,9 @@ fn add_gguf_added_tokens(tokenizer: &mut tokenizers::Tokenizer, vocab: &GgufVoca
         .tokens
         .iter()
         .enumerate()
-        .filter(|&(id, token)| vocab.token_type(id) == Some(TOKEN_TYPE_USER_DEFINED) && known.contains_key(token))
+        .filter(|&(id, token)| {
+            vocab.token_type(id) == Some(TOKEN_TYPE_USER_DEFINED) && known.contains_key(token)
+        })
         .map(|(_, token)| AddedToken::from(token.clone(), false).normalized(false))
         .collect();
     tokenizer
@@ -553,7 +652,10 @@ fn add_gguf_added_tokens(tokenizer: &mut tokenizers::Tokenizer, vocab: &GgufVoca
 }
 
 /// A post-processor that puts `bos` before and `eos` after a sequence (either may be absent).
-fn bos_eos_template(bos: Option<(String, u32)>, eos: Option<(String, u32)>) -> Result<TemplateProcessing> {
+fn bos_eos_template(
+    bos: Option<(String, u32)>,
+    eos: Option<(String, u32)>,
+) -> Result<TemplateProcessing> {
     // The names in a template are keys into its special tokens, not the tokens' text, so that a
     // token containing ':' or ' ' cannot break the template syntax.
     let mut single = Vec::new();
@@ -599,7 +701,9 @@ fn read_json_if_present(path: &Path) -> Result<Option<Json>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::Tokenizer(format!("{}: {e}", path.display()))),
     };
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
 }
 
 /// A special token in `tokenizer_config.json`: a string, or an `AddedToken` object with `content`.

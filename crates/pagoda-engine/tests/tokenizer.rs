@@ -8,7 +8,9 @@ use pagoda_tensor::gguf::GgufFile;
 use serde::Deserialize;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn read_fixture<T: for<'de> Deserialize<'de>>(name: &str) -> T {
@@ -66,19 +68,27 @@ struct Smollm2 {
 fn check_cases(what: &str, tokenizer: &Tokenizer, cases: &[EncodeCase]) {
     for case in cases {
         let text = &case.text;
-        assert_eq!(tokenizer.encode(text, false).unwrap(), case.ids, "{what}: encode({text:?}, false)");
+        assert_eq!(
+            tokenizer.encode(text, false).unwrap(),
+            case.ids,
+            "{what}: encode({text:?}, false)"
+        );
         assert_eq!(
             tokenizer.encode(text, true).unwrap(),
             case.ids_with_special_tokens,
             "{what}: encode({text:?}, true)"
         );
         assert_eq!(
-            tokenizer.decode(&case.ids_with_special_tokens, false).unwrap(),
+            tokenizer
+                .decode(&case.ids_with_special_tokens, false)
+                .unwrap(),
             case.decoded,
             "{what}: decode of {text:?}"
         );
         assert_eq!(
-            tokenizer.decode(&case.ids_with_special_tokens, true).unwrap(),
+            tokenizer
+                .decode(&case.ids_with_special_tokens, true)
+                .unwrap(),
             case.decoded_skip_special_tokens,
             "{what}: decode of {text:?} skipping special tokens"
         );
@@ -91,19 +101,37 @@ fn small_gguf_vocabularies_match_transformers() {
     assert!(fixture.vocabularies.len() >= 3);
     for vocabulary in &fixture.vocabularies {
         let tokenizer = Tokenizer::from_gguf(&vocabulary.vocab).unwrap();
-        assert_eq!(tokenizer.vocab_size(), vocabulary.vocab_size, "{}", vocabulary.name);
+        assert_eq!(
+            tokenizer.vocab_size(),
+            vocabulary.vocab_size,
+            "{}",
+            vocabulary.name
+        );
         check_cases(&vocabulary.name, &tokenizer, &vocabulary.encode);
         for case in &vocabulary.tokens {
             let what = format!("{}: token {}", vocabulary.name, case.id);
-            assert_eq!(tokenizer.id_to_token(case.id).as_deref(), Some(case.token.as_str()), "{what}");
-            assert_eq!(tokenizer.decode(&[case.id], false).unwrap(), case.decoded, "{what}");
+            assert_eq!(
+                tokenizer.id_to_token(case.id).as_deref(),
+                Some(case.token.as_str()),
+                "{what}"
+            );
+            assert_eq!(
+                tokenizer.decode(&[case.id], false).unwrap(),
+                case.decoded,
+                "{what}"
+            );
         }
     }
 }
 
 fn small_vocabulary(name: &str) -> GgufVocab {
     let fixture: SmallVocabularies = read_fixture("gguf_tokenizers.json");
-    fixture.vocabularies.into_iter().find(|v| v.name == name).unwrap().vocab
+    fixture
+        .vocabularies
+        .into_iter()
+        .find(|v| v.name == name)
+        .unwrap()
+        .vocab
 }
 
 #[test]
@@ -124,7 +152,10 @@ fn special_token_ids_and_bos_from_gguf() {
     let space_t = byte_level.token_to_id("Ġt").unwrap();
     assert_eq!(byte_level.decode(&[space_t], false).unwrap(), " t");
     // Ids outside the vocabulary decode to nothing, as in transformers.
-    assert_eq!(byte_level.decode(&[space_t, 1_000_000], false).unwrap(), " t");
+    assert_eq!(
+        byte_level.decode(&[space_t, 1_000_000], false).unwrap(),
+        " t"
+    );
 }
 
 #[test]
@@ -215,13 +246,23 @@ fn put_string(bytes: &mut Vec<u8>, s: &str) {
 }
 
 fn metadata_of(vocab: &GgufVocab) -> Vec<(&'static str, Value)> {
-    let strings = |values: &[String]| Value::Array(8, values.iter().map(|s| Value::Str(s.clone())).collect());
+    let strings =
+        |values: &[String]| Value::Array(8, values.iter().map(|s| Value::Str(s.clone())).collect());
     let mut metadata = vec![
         ("general.architecture", Value::Str("llama".into())),
         ("tokenizer.ggml.model", Value::Str(vocab.model.clone())),
         ("tokenizer.ggml.tokens", strings(&vocab.tokens)),
-        ("tokenizer.ggml.token_type", Value::Array(5, vocab.token_types.iter().map(|&t| Value::I32(t)).collect())),
-        ("tokenizer.chat_template", Value::Str("{{ messages }}".into())),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(
+                5,
+                vocab.token_types.iter().map(|&t| Value::I32(t)).collect(),
+            ),
+        ),
+        (
+            "tokenizer.chat_template",
+            Value::Str("{{ messages }}".into()),
+        ),
     ];
     if let Some(pre) = &vocab.pre {
         metadata.push(("tokenizer.ggml.pre", Value::Str(pre.clone())));
@@ -230,7 +271,10 @@ fn metadata_of(vocab: &GgufVocab) -> Vec<(&'static str, Value)> {
         metadata.push(("tokenizer.ggml.merges", strings(&vocab.merges)));
     }
     if !vocab.scores.is_empty() {
-        metadata.push(("tokenizer.ggml.scores", Value::Array(6, vocab.scores.iter().map(|&s| Value::F32(s)).collect())));
+        metadata.push((
+            "tokenizer.ggml.scores",
+            Value::Array(6, vocab.scores.iter().map(|&s| Value::F32(s)).collect()),
+        ));
     }
     for (key, id) in [
         ("tokenizer.ggml.bos_token_id", vocab.bos_token_id),
@@ -257,7 +301,13 @@ fn gguf_metadata_converts_to_a_vocabulary() {
         write_gguf(&path, &metadata_of(&expected));
         let file = GgufFile::open(&path).unwrap();
         let vocab = GgufVocab::from_gguf(&file).unwrap();
-        assert_eq!(vocab, GgufVocab { chat_template: Some("{{ messages }}".into()), ..expected });
+        assert_eq!(
+            vocab,
+            GgufVocab {
+                chat_template: Some("{{ messages }}".into()),
+                ..expected
+            }
+        );
     }
 }
 
@@ -268,30 +318,48 @@ fn gguf_metadata_errors_name_the_key() {
     let vocab = small_vocabulary("byte_level");
     let open = |metadata: &[(&str, Value)]| {
         write_gguf(&path, metadata);
-        GgufVocab::from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err().to_string()
+        GgufVocab::from_gguf(&GgufFile::open(&path).unwrap())
+            .unwrap_err()
+            .to_string()
     };
 
-    let without_model: Vec<_> = metadata_of(&vocab).into_iter().filter(|(k, _)| *k != "tokenizer.ggml.model").collect();
+    let without_model: Vec<_> = metadata_of(&vocab)
+        .into_iter()
+        .filter(|(k, _)| *k != "tokenizer.ggml.model")
+        .collect();
     assert!(open(&without_model).contains("tokenizer.ggml.model"));
-    let without_tokens: Vec<_> = metadata_of(&vocab).into_iter().filter(|(k, _)| *k != "tokenizer.ggml.tokens").collect();
+    let without_tokens: Vec<_> = metadata_of(&vocab)
+        .into_iter()
+        .filter(|(k, _)| *k != "tokenizer.ggml.tokens")
+        .collect();
     assert!(open(&without_tokens).contains("tokenizer.ggml.tokens"));
 
     let mut wrong_type = metadata_of(&vocab);
     wrong_type.retain(|(k, _)| *k != "tokenizer.ggml.bos_token_id");
     wrong_type.push(("tokenizer.ggml.bos_token_id", Value::Str("1".into())));
     let message = open(&wrong_type);
-    assert!(message.contains("tokenizer.ggml.bos_token_id") && message.contains("string"), "{message}");
+    assert!(
+        message.contains("tokenizer.ggml.bos_token_id") && message.contains("string"),
+        "{message}"
+    );
 
     let mut wrong_element = metadata_of(&vocab);
     wrong_element.retain(|(k, _)| *k != "tokenizer.ggml.token_type");
-    wrong_element.push(("tokenizer.ggml.token_type", Value::Array(6, vec![Value::F32(1.0)])));
+    wrong_element.push((
+        "tokenizer.ggml.token_type",
+        Value::Array(6, vec![Value::F32(1.0)]),
+    ));
     assert!(open(&wrong_element).contains("tokenizer.ggml.token_type"));
 }
 
 /// A `tokenizer.json` for the small byte-level vocabulary, without a post-processor.
 fn write_tokenizer_json(dir: &Path, vocab: &GgufVocab) {
-    let model_vocab: serde_json::Map<String, serde_json::Value> =
-        vocab.tokens.iter().enumerate().map(|(id, token)| (token.clone(), id.into())).collect();
+    let model_vocab: serde_json::Map<String, serde_json::Value> = vocab
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.clone(), id.into()))
+        .collect();
     let added_tokens: Vec<serde_json::Value> = (0..17)
         .map(|id| {
             serde_json::json!({
@@ -333,8 +401,16 @@ fn tokenizer_json_with_sibling_configs() {
     assert_eq!(hello, bare.encode("Hello world", false).unwrap());
     // It tokenizes like the GGUF vocabulary it was written from.
     let from_gguf = Tokenizer::from_gguf(&vocab).unwrap();
-    for text in ["Hello world", "<|im_start|>user\nhi 😀<|im_end|>", "  tabs\tand 12345"] {
-        assert_eq!(bare.encode(text, false).unwrap(), from_gguf.encode(text, false).unwrap(), "{text:?}");
+    for text in [
+        "Hello world",
+        "<|im_start|>user\nhi 😀<|im_end|>",
+        "  tabs\tand 12345",
+    ] {
+        assert_eq!(
+            bare.encode(text, false).unwrap(),
+            from_gguf.encode(text, false).unwrap(),
+            "{text:?}"
+        );
     }
 
     std::fs::write(
@@ -343,26 +419,45 @@ fn tokenizer_json_with_sibling_configs() {
             "add_bos_token": true, "chat_template": "{{ bos_token }}"}"#,
     )
     .unwrap();
-    std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
-    std::fs::write(dir.path().join("config.json"), r#"{"bos_token_id": 1, "eos_token_id": 5}"#).unwrap();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [2, 0]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"bos_token_id": 1, "eos_token_id": 5}"#,
+    )
+    .unwrap();
     let tokenizer = Tokenizer::from_file(&path).unwrap();
     assert_eq!(tokenizer.bos_token_id(), Some(1));
     assert_eq!(tokenizer.eos_token_ids(), [2, 0, 5]);
     assert!(tokenizer.add_bos_token());
-    assert_eq!(tokenizer.encode("Hello world", true).unwrap(), [&[1][..], &hello].concat());
+    assert_eq!(
+        tokenizer.encode("Hello world", true).unwrap(),
+        [&[1][..], &hello].concat()
+    );
     assert_eq!(tokenizer.encode("Hello world", false).unwrap(), hello);
 
     // add_eos_token alone turns BOS off, as in transformers.
-    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"eos_token": "<|im_end|>", "add_eos_token": true}"#)
-        .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"eos_token": "<|im_end|>", "add_eos_token": true}"#,
+    )
+    .unwrap();
     let tokenizer = Tokenizer::from_file(&path).unwrap();
     assert!(!tokenizer.add_bos_token());
-    assert_eq!(tokenizer.encode("Hello world", true).unwrap(), [&hello[..], &[2]].concat());
+    assert_eq!(
+        tokenizer.encode("Hello world", true).unwrap(),
+        [&hello[..], &[2]].concat()
+    );
 
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
     let message = Tokenizer::from_file(&path).unwrap_err().to_string();
     assert!(message.contains("config.json"), "{message}");
-    let message = Tokenizer::from_file(&dir.path().join("missing.json")).unwrap_err().to_string();
+    let message = Tokenizer::from_file(&dir.path().join("missing.json"))
+        .unwrap_err()
+        .to_string();
     assert!(message.contains("missing.json"), "{message}");
 }
 
@@ -385,7 +480,10 @@ fn smollm2_gguf_matches_transformers() {
     let vocab = GgufVocab::from_gguf(&file).unwrap();
     assert_eq!(vocab.model, "gpt2");
     assert_eq!(vocab.pre.as_deref(), Some("smollm"));
-    assert_eq!(vocab.chat_template.as_deref(), Some(fixture.chat_template.as_str()));
+    assert_eq!(
+        vocab.chat_template.as_deref(),
+        Some(fixture.chat_template.as_str())
+    );
 
     let tokenizer = Tokenizer::from_gguf(&vocab).unwrap();
     assert_eq!(tokenizer.vocab_size(), fixture.vocab_size);
@@ -394,13 +492,27 @@ fn smollm2_gguf_matches_transformers() {
     assert!(!tokenizer.add_bos_token());
     check_cases("SmolLM2", &tokenizer, &fixture.encode);
     for case in &fixture.partial_decode {
-        assert_eq!(tokenizer.decode(&case.ids, false).unwrap(), case.decoded, "{:?}", case.ids);
+        assert_eq!(
+            tokenizer.decode(&case.ids, false).unwrap(),
+            case.decoded,
+            "{:?}",
+            case.ids
+        );
     }
 
     for (pre, expected) in &fixture.pre_tokenizer_variants {
-        let variant = Tokenizer::from_gguf(&GgufVocab { pre: Some(pre.clone()), ..vocab.clone() }).unwrap();
+        let variant = Tokenizer::from_gguf(&GgufVocab {
+            pre: Some(pre.clone()),
+            ..vocab.clone()
+        })
+        .unwrap();
         for (case, ids) in fixture.encode.iter().zip(expected) {
-            assert_eq!(&variant.encode(&case.text, false).unwrap(), ids, "pre {pre}: {:?}", case.text);
+            assert_eq!(
+                &variant.encode(&case.text, false).unwrap(),
+                ids,
+                "pre {pre}: {:?}",
+                case.text
+            );
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::{bf16, f16};
-use pagoda_kernels::cpu::gemm::{Weights, linear};
+use pagoda_kernels::cpu::gemm::{Weights, linear, matmul};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -23,15 +23,23 @@ fn bench_linear(c: &mut Criterion, group_name: &str, m: usize, ns: &[usize]) {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let k = HIDDEN;
     let mut group = c.benchmark_group(group_name);
-    group.sample_size(20).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3));
     for &n in ns {
         let x = random_vec(&mut rng, m * k);
         let w = random_vec(&mut rng, n * k);
         let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
         let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let mut out = vec![0.0f32; m * n];
-        for (dtype, weights) in [("f32", Weights::F32(&w)), ("f16", Weights::F16(&w_f16)), ("bf16", Weights::BF16(&w_bf16))] {
-            group.throughput(Throughput::Bytes((weights.len() * weights.element_size()) as u64));
+        for (dtype, weights) in [
+            ("f32", Weights::F32(&w)),
+            ("f16", Weights::F16(&w_f16)),
+            ("bf16", Weights::BF16(&w_bf16)),
+        ] {
+            group.throughput(Throughput::Bytes(
+                (weights.len() * weights.element_size()) as u64,
+            ));
             group.bench_function(BenchmarkId::new(dtype, format!("m{m}_k{k}_n{n}")), |b| {
                 b.iter(|| linear(black_box(&x), m, k, weights, n, None, black_box(&mut out)))
             });
@@ -45,9 +53,40 @@ fn linear_decode(c: &mut Criterion) {
     bench_linear(c, "linear_decode", 1, &[1536, 49152]);
 }
 
+/// The `gemm` crate's own single-row path (through [`matmul`], weights transposed to `[k, n]`),
+/// for comparison with `linear`'s threaded row-dot-product at the same shapes.
+fn matmul_decode(c: &mut Criterion) {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let k = HIDDEN;
+    let mut group = c.benchmark_group("matmul_decode");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3));
+    for n in [1536, 49152] {
+        let x = random_vec(&mut rng, k);
+        let w = random_vec(&mut rng, k * n);
+        let mut out = vec![0.0f32; n];
+        group.throughput(Throughput::Bytes((w.len() * size_of::<f32>()) as u64));
+        group.bench_function(BenchmarkId::new("f32", format!("m1_k{k}_n{n}")), |b| {
+            b.iter(|| matmul(black_box(&x), black_box(&w), 1, k, n, black_box(&mut out)))
+        });
+    }
+    group.finish();
+}
+
+fn linear_decode_batch(c: &mut Criterion) {
+    bench_linear(c, "linear_decode_batch", 4, &[1536, 49152]);
+}
+
 fn linear_prefill(c: &mut Criterion) {
     bench_linear(c, "linear_prefill", 128, &[1536]);
 }
 
-criterion_group!(benches, linear_decode, linear_prefill);
+criterion_group!(
+    benches,
+    linear_decode,
+    matmul_decode,
+    linear_decode_batch,
+    linear_prefill
+);
 criterion_main!(benches);

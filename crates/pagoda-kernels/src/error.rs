@@ -27,7 +27,11 @@ pub enum Error {
     Cuda { op: &'static str, message: String },
     /// NVRTC could not compile the kernel source `module` for `target`; `log` is the compiler's.
     #[error("NVRTC failed to compile kernels/{module}.cu for {target}:\n{log}")]
-    Nvrtc { module: &'static str, target: String, log: String },
+    Nvrtc {
+        module: &'static str,
+        target: String,
+        log: String,
+    },
     #[error(transparent)]
     Tensor(#[from] pagoda_tensor::Error),
 }
@@ -36,19 +40,35 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn shape(op: &'static str, message: impl Into<String>) -> Self {
-        Error::Shape { op, message: message.into() }
+        Error::Shape {
+            op,
+            message: message.into(),
+        }
     }
 
+    // The next three are raised only by the CUDA launchers.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn dtype(op: &'static str, message: impl Into<String>) -> Self {
-        Error::DType { op, message: message.into() }
+        Error::DType {
+            op,
+            message: message.into(),
+        }
     }
 
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn device(op: &'static str, message: impl Into<String>) -> Self {
-        Error::Device { op, message: message.into() }
+        Error::Device {
+            op,
+            message: message.into(),
+        }
     }
 
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn cuda(op: &'static str, message: impl std::fmt::Display) -> Self {
-        Error::Cuda { op, message: message.to_string() }
+        Error::Cuda {
+            op,
+            message: message.to_string(),
+        }
     }
 }
 
@@ -59,8 +79,15 @@ pub(crate) fn expect_len(op: &'static str, name: &str, len: usize, dims: &[usize
     if len == expected {
         return Ok(());
     }
-    let dims = dims.iter().map(ToString::to_string).collect::<Vec<_>>().join(" x ");
-    Err(Error::shape(op, format!("{name} has {len} elements, expected {expected} = {dims}")))
+    let dims = dims
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" x ");
+    Err(Error::shape(
+        op,
+        format!("{name} has {len} elements, expected {expected} = {dims}"),
+    ))
 }
 
 /// The product of `dims`, or a shape error when it does not fit in `usize`.

@@ -1,17 +1,18 @@
 //! Elementwise activations: exact and tanh-approximated GELU (GPT-NeoX), and the SwiGLU gate
 //! `silu(gate) * up` (Llama). Each element is evaluated in f64 and rounded once to f32.
 
-use std::f64::consts::{FRAC_2_SQRT_PI, FRAC_1_SQRT_2};
+use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
 
 use rayon::prelude::*;
 
-use crate::error::expect_len;
 use crate::Result;
+use crate::error::expect_len;
 
 /// Elements one task covers at least: the functions are cheap, so small inputs stay on one thread.
 const ELEMENTS_PER_TASK: usize = 1 << 12;
 
-/// `x = 0.5 x (1 + erf(x / √2))` in place: GELU as `torch.nn.functional.gelu` computes it by default.
+/// `x = 0.5 x (1 + erf(x / √2))` in place: GELU as `torch.nn.functional.gelu` computes it by
+/// default.
 pub fn gelu_exact(x: &mut [f32]) {
     // 1 + erf(x/√2) written as erfc(-x/√2), which keeps its relative accuracy for very negative x.
     map_in_place(x, |v| 0.5 * v * erfc(-v * FRAC_1_SQRT_2));
@@ -21,7 +22,9 @@ pub fn gelu_exact(x: &mut [f32]) {
 /// (Hendrycks & Gimpel, "Gaussian Error Linear Units", 2016, section 2).
 pub fn gelu_tanh(x: &mut [f32]) {
     const SQRT_2_OVER_PI: f64 = FRAC_2_SQRT_PI * FRAC_1_SQRT_2;
-    map_in_place(x, |v| 0.5 * v * (1.0 + (SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)).tanh()));
+    map_in_place(x, |v| {
+        0.5 * v * (1.0 + (SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)).tanh())
+    });
 }
 
 /// `out = silu(gate) * up` with `silu(g) = g / (1 + e^-g)`: the gated MLP of Llama.
@@ -29,15 +32,21 @@ pub fn silu_and_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
     const OP: &str = "silu_and_mul";
     expect_len(OP, "up", up.len(), &[gate.len()])?;
     expect_len(OP, "out", out.len(), &[gate.len()])?;
-    out.par_iter_mut().zip(gate).zip(up).with_min_len(ELEMENTS_PER_TASK).for_each(|((out, &g), &u)| {
-        let g = f64::from(g);
-        *out = (g / (1.0 + (-g).exp()) * f64::from(u)) as f32;
-    });
+    out.par_iter_mut()
+        .zip(gate)
+        .zip(up)
+        .with_min_len(ELEMENTS_PER_TASK)
+        .for_each(|((out, &g), &u)| {
+            let g = f64::from(g);
+            *out = (g / (1.0 + (-g).exp()) * f64::from(u)) as f32;
+        });
     Ok(())
 }
 
 fn map_in_place(x: &mut [f32], f: impl Fn(f64) -> f64 + Sync) {
-    x.par_iter_mut().with_min_len(ELEMENTS_PER_TASK).for_each(|v| *v = f(f64::from(*v)) as f32);
+    x.par_iter_mut()
+        .with_min_len(ELEMENTS_PER_TASK)
+        .for_each(|v| *v = f(f64::from(*v)) as f32);
 }
 
 /// Where [`erf`] switches from its power series to the continued fraction of `erfc`: both are
@@ -124,7 +133,11 @@ mod tests {
     #[test]
     fn erf_matches_known_values() {
         for (x, expected) in ERF_VALUES {
-            assert!((erf(x) - expected).abs() < 1e-14, "erf({x}) = {} vs {expected}", erf(x));
+            assert!(
+                (erf(x) - expected).abs() < 1e-14,
+                "erf({x}) = {} vs {expected}",
+                erf(x)
+            );
         }
         assert!(erf(f64::NAN).is_nan());
         assert_eq!(erf(f64::INFINITY), 1.0);
@@ -137,7 +150,10 @@ mod tests {
             let x = 2.0 + f64::from(i) * 0.015;
             let series = erf_series(x);
             let fraction = 1.0 - erfc_continued_fraction(x);
-            assert!((series - fraction).abs() < 1e-14, "x = {x}: {series} vs {fraction}");
+            assert!(
+                (series - fraction).abs() < 1e-14,
+                "x = {x}: {series} vs {fraction}"
+            );
         }
     }
 
@@ -154,7 +170,10 @@ mod tests {
         ];
         for (x, expected) in cases {
             let value = erfc(x);
-            assert!(((value - expected) / expected).abs() < 1e-11, "erfc({x}) = {value} vs {expected}");
+            assert!(
+                ((value - expected) / expected).abs() < 1e-11,
+                "erfc({x}) = {value} vs {expected}"
+            );
         }
     }
 
@@ -173,7 +192,10 @@ mod tests {
         gelu_exact(&mut x);
         for (value, (input, expected)) in x.iter().zip(cases) {
             let error = (f64::from(*value) - expected).abs();
-            assert!(error <= 1e-7 * expected.abs(), "gelu({input}) = {value} vs {expected}");
+            assert!(
+                error <= 1e-7 * expected.abs(),
+                "gelu({input}) = {value} vs {expected}"
+            );
         }
     }
 
@@ -189,7 +211,10 @@ mod tests {
             let x = f64::from(x);
             let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3));
             let expected = 0.5 * x * (1.0 + inner.tanh());
-            assert!((f64::from(a) - expected).abs() <= 1e-6 * expected.abs().max(1e-3), "x = {x}");
+            assert!(
+                (f64::from(a) - expected).abs() <= 1e-6 * expected.abs().max(1e-3),
+                "x = {x}"
+            );
             // The approximation's own error is below 1e-3 (the paper's figure).
             assert!((a - e).abs() < 1e-3, "x = {x}: tanh form {a} vs exact {e}");
         }

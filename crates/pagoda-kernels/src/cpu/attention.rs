@@ -54,7 +54,12 @@ pub fn paged_attention(
 ) -> Result<()> {
     const OP: &str = "paged_attention";
     let row_owners = validate(OP, q, seqs, params, geometry, k_pages, v_pages, out)?;
-    let AttentionParams { num_heads, num_kv_heads, head_dim, scale } = *params;
+    let AttentionParams {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        scale,
+    } = *params;
     if q.is_empty() {
         return Ok(());
     }
@@ -63,35 +68,37 @@ pub fn paged_attention(
     let token_len = geometry.token_len();
 
     // One task per (query row, head), so a single decoding sequence still spreads over threads.
-    out.par_chunks_exact_mut(head_dim).enumerate().for_each_init(Vec::new, |scores, (index, out)| {
-        let (row, head) = (index / num_heads, index % num_heads);
-        let Some(RowOwner { seq, query_index }) = row_owners[row] else {
-            return;
-        };
-        let seq = &seqs[seq];
-        let position = seq.context_len - seq.query_len + query_index;
-        let query = &q[index * head_dim..(index + 1) * head_dim];
-        let kv_offset = (head / group_size) * head_dim;
-        let page_offset = |token: usize| {
-            let block = seq.block_table[token / block_size] as usize;
-            (block * block_size + token % block_size) * token_len + kv_offset
-        };
+    out.par_chunks_exact_mut(head_dim)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (index, out)| {
+            let (row, head) = (index / num_heads, index % num_heads);
+            let Some(RowOwner { seq, query_index }) = row_owners[row] else {
+                return;
+            };
+            let seq = &seqs[seq];
+            let position = seq.context_len - seq.query_len + query_index;
+            let query = &q[index * head_dim..(index + 1) * head_dim];
+            let kv_offset = (head / group_size) * head_dim;
+            let page_offset = |token: usize| {
+                let block = seq.block_table[token / block_size] as usize;
+                (block * block_size + token % block_size) * token_len + kv_offset
+            };
 
-        scores.clear();
-        scores.extend((0..=position).map(|token| {
-            let start = page_offset(token);
-            scale * dot(query, &k_pages[start..start + head_dim])
-        }));
-        softmax_in_place(scores);
+            scores.clear();
+            scores.extend((0..=position).map(|token| {
+                let start = page_offset(token);
+                scale * dot(query, &k_pages[start..start + head_dim])
+            }));
+            softmax_in_place(scores);
 
-        out.fill(0.0);
-        for (token, &weight) in scores.iter().enumerate() {
-            let start = page_offset(token);
-            for (out, &value) in out.iter_mut().zip(&v_pages[start..start + head_dim]) {
-                *out += weight * value;
+            out.fill(0.0);
+            for (token, &weight) in scores.iter().enumerate() {
+                let start = page_offset(token);
+                for (out, &value) in out.iter_mut().zip(&v_pages[start..start + head_dim]) {
+                    *out += weight * value;
+                }
             }
-        }
-    });
+        });
     Ok(())
 }
 
@@ -114,7 +121,12 @@ fn validate(
     v_pages: &[f32],
     out: &[f32],
 ) -> Result<Vec<Option<RowOwner>>> {
-    let AttentionParams { num_heads, num_kv_heads, head_dim, .. } = *params;
+    let AttentionParams {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        ..
+    } = *params;
     if num_heads == 0 || num_kv_heads == 0 || head_dim == 0 {
         return Err(Error::shape(op, format!("{params:?} has a zero dimension")));
     }
@@ -137,10 +149,13 @@ fn validate(
     geometry.expect_pages(op, "k_pages", k_pages.len())?;
     geometry.expect_pages(op, "v_pages", v_pages.len())?;
     let row_len = checked_product(op, &[num_heads, head_dim])?;
-    if q.len() % row_len != 0 {
+    if !q.len().is_multiple_of(row_len) {
         return Err(Error::shape(
             op,
-            format!("q has {} elements, not a multiple of {num_heads} heads x {head_dim}", q.len()),
+            format!(
+                "q has {} elements, not a multiple of {num_heads} heads x {head_dim}",
+                q.len()
+            ),
         ));
     }
     let num_tokens = q.len() / row_len;
@@ -148,15 +163,25 @@ fn validate(
 
     let mut owners: Vec<Option<RowOwner>> = vec![None; num_tokens];
     for (index, seq) in seqs.iter().enumerate() {
-        let SequenceSpan { query_start, query_len, context_len, block_table } = *seq;
+        let SequenceSpan {
+            query_start,
+            query_len,
+            context_len,
+            block_table,
+        } = *seq;
         let fail = |message: String| Err(Error::shape(op, format!("sequence {index}: {message}")));
         if query_len > context_len {
-            return fail(format!("query_len {query_len} exceeds context_len {context_len}"));
+            return fail(format!(
+                "query_len {query_len} exceeds context_len {context_len}"
+            ));
         }
-        let query_end = query_start.checked_add(query_len).filter(|&end| end <= num_tokens);
+        let query_end = query_start
+            .checked_add(query_len)
+            .filter(|&end| end <= num_tokens);
         let Some(query_end) = query_end else {
             return fail(format!(
-                "query rows {query_start}..{query_start}+{query_len} exceed the batch's {num_tokens} tokens"
+                "query rows {query_start}..{query_start}+{query_len} exceed the batch's \
+                 {num_tokens} tokens"
             ));
         };
         let blocks_needed = context_len.div_ceil(geometry.block_size);
@@ -166,14 +191,27 @@ fn validate(
                 block_table.len()
             ));
         }
-        if let Some(block) = block_table[..blocks_needed].iter().find(|&&b| b as usize >= geometry.num_blocks) {
-            return fail(format!("block {block} is outside the {} pages", geometry.num_blocks));
+        if let Some(block) = block_table[..blocks_needed]
+            .iter()
+            .find(|&&b| b as usize >= geometry.num_blocks)
+        {
+            return fail(format!(
+                "block {block} is outside the {} pages",
+                geometry.num_blocks
+            ));
         }
         for (query_index, owner) in owners[query_start..query_end].iter_mut().enumerate() {
             if let Some(other) = owner {
-                return fail(format!("query row {} also belongs to sequence {}", query_start + query_index, other.seq));
+                return fail(format!(
+                    "query row {} also belongs to sequence {}",
+                    query_start + query_index,
+                    other.seq
+                ));
             }
-            *owner = Some(RowOwner { seq: index, query_index });
+            *owner = Some(RowOwner {
+                seq: index,
+                query_index,
+            });
         }
     }
     Ok(owners)
@@ -197,7 +235,12 @@ mod tests {
     /// Plain causal attention over contiguous K/V in f64: row `i` of `q` (`[query_len, num_heads,
     /// head_dim]`) sits at position `context_len - query_len + i`.
     fn naive_attention(q: &[f32], context: &Context, params: &AttentionParams) -> Vec<f32> {
-        let AttentionParams { num_heads, num_kv_heads, head_dim, scale } = *params;
+        let AttentionParams {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale,
+        } = *params;
         let row_len = num_heads * head_dim;
         let kv_len = num_kv_heads * head_dim;
         let query_len = q.len() / row_len;
@@ -211,7 +254,11 @@ mod tests {
                 let scores: Vec<f64> = (0..=position)
                     .map(|j| {
                         let key = &context.keys[j * kv_len + kv_head * head_dim..][..head_dim];
-                        let dot: f64 = query.iter().zip(key).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                        let dot: f64 = query
+                            .iter()
+                            .zip(key)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum();
                         dot * f64::from(scale)
                     })
                     .collect();
@@ -220,7 +267,10 @@ mod tests {
                 let total: f64 = weights.iter().sum();
                 for d in 0..head_dim {
                     let value: f64 = (0..=position)
-                        .map(|j| weights[j] * f64::from(context.values[j * kv_len + kv_head * head_dim + d]))
+                        .map(|j| {
+                            weights[j]
+                                * f64::from(context.values[j * kv_len + kv_head * head_dim + d])
+                        })
                         .sum();
                     out[i * row_len + h * head_dim + d] = (value / total) as f32;
                 }
@@ -253,10 +303,17 @@ mod tests {
                 let keys = random_vec(rng, context_len * geometry.token_len());
                 let values = random_vec(rng, context_len * geometry.token_len());
                 let slots: Vec<u32> = (0..context_len)
-                    .map(|j| block_table[j / geometry.block_size] * geometry.block_size as u32 + (j % geometry.block_size) as u32)
+                    .map(|j| {
+                        block_table[j / geometry.block_size] * geometry.block_size as u32
+                            + (j % geometry.block_size) as u32
+                    })
                     .collect();
                 write_kv(&keys, &values, &slots, geometry, &mut k_pages, &mut v_pages).unwrap();
-                Context { keys, values, block_table }
+                Context {
+                    keys,
+                    values,
+                    block_table,
+                }
             })
             .collect();
         (contexts, k_pages, v_pages)
@@ -275,8 +332,18 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(50);
         // (num_heads, num_kv_heads, head_dim): grouped-query, multi-query, multi-head.
         for (num_heads, num_kv_heads, head_dim) in [(6, 2, 8), (4, 1, 5), (3, 3, 64)] {
-            let geometry = PageGeometry { num_blocks: 40, block_size: 4, num_kv_heads, head_dim };
-            let params = AttentionParams { num_heads, num_kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt() };
+            let geometry = PageGeometry {
+                num_blocks: 40,
+                block_size: 4,
+                num_kv_heads,
+                head_dim,
+            };
+            let params = AttentionParams {
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+            };
             // (query_len, context_len): a whole prompt, a single decoding token, a prefill chunk
             // after cached context, a one-token prompt; no context is a multiple of block_size
             // except the last, which fills its blocks exactly.
@@ -303,12 +370,14 @@ mod tests {
                 .iter()
                 .zip(&contexts)
                 .zip(query_starts)
-                .map(|((&(query_len, context_len), context), query_start)| SequenceSpan {
-                    query_start,
-                    query_len,
-                    context_len,
-                    block_table: &context.block_table,
-                })
+                .map(
+                    |((&(query_len, context_len), context), query_start)| SequenceSpan {
+                        query_start,
+                        query_len,
+                        context_len,
+                        block_table: &context.block_table,
+                    },
+                )
                 .collect();
             let mut out = vec![f32::NAN; q.len()];
             paged_attention(&q, &seqs, &params, &geometry, &k_pages, &v_pages, &mut out).unwrap();
@@ -319,30 +388,77 @@ mod tests {
                 assert_close(&out[rows], &expected, 1e-5);
             }
             let gap = query_starts[order[2]] - 1;
-            assert!(out[gap * row_len..(gap + 1) * row_len].iter().all(|v| v.is_nan()), "gap row untouched");
+            assert!(
+                out[gap * row_len..(gap + 1) * row_len]
+                    .iter()
+                    .all(|v| v.is_nan()),
+                "gap row untouched"
+            );
         }
     }
 
     #[test]
     fn single_position_returns_its_value() {
-        let geometry = PageGeometry { num_blocks: 2, block_size: 2, num_kv_heads: 1, head_dim: 2 };
+        let geometry = PageGeometry {
+            num_blocks: 2,
+            block_size: 2,
+            num_kv_heads: 1,
+            head_dim: 2,
+        };
         let mut k_pages = vec![0.0; 8];
         let mut v_pages = vec![0.0; 8];
         // Token 0 of a sequence whose first block is block 1: slot 1 * block_size + 0.
-        write_kv(&[1.0, 2.0], &[3.0, -4.0], &[2], &geometry, &mut k_pages, &mut v_pages).unwrap();
-        let params = AttentionParams { num_heads: 2, num_kv_heads: 1, head_dim: 2, scale: 0.5 };
-        let seqs = [SequenceSpan { query_start: 0, query_len: 1, context_len: 1, block_table: &[1, 7] }];
+        write_kv(
+            &[1.0, 2.0],
+            &[3.0, -4.0],
+            &[2],
+            &geometry,
+            &mut k_pages,
+            &mut v_pages,
+        )
+        .unwrap();
+        let params = AttentionParams {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 2,
+            scale: 0.5,
+        };
+        let seqs = [SequenceSpan {
+            query_start: 0,
+            query_len: 1,
+            context_len: 1,
+            block_table: &[1, 7],
+        }];
         let mut out = [0.0; 4];
         // The block table's unused tail (block 7 does not exist) is not looked at.
-        paged_attention(&[9.0, 9.0, -1.0, 5.0], &seqs, &params, &geometry, &k_pages, &v_pages, &mut out).unwrap();
+        paged_attention(
+            &[9.0, 9.0, -1.0, 5.0],
+            &seqs,
+            &params,
+            &geometry,
+            &k_pages,
+            &v_pages,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out, [3.0, -4.0, 3.0, -4.0]);
     }
 
     #[test]
     fn rejects_invalid_batches() {
-        let geometry = PageGeometry { num_blocks: 4, block_size: 2, num_kv_heads: 2, head_dim: 2 };
+        let geometry = PageGeometry {
+            num_blocks: 4,
+            block_size: 2,
+            num_kv_heads: 2,
+            head_dim: 2,
+        };
         let pages = vec![0.0; 32];
-        let params = AttentionParams { num_heads: 4, num_kv_heads: 2, head_dim: 2, scale: 1.0 };
+        let params = AttentionParams {
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 2,
+            scale: 1.0,
+        };
         let q = vec![0.0; 3 * 8];
         let mut out = vec![0.0; 3 * 8];
         let run = |seqs: &[SequenceSpan<'_>], params: &AttentionParams, out: &mut [f32]| {
@@ -354,27 +470,49 @@ mod tests {
             context_len,
             block_table,
         };
-        assert!(run(&[span(0, 2, 3, &[0, 1]), span(2, 1, 4, &[2, 3])], &params, &mut out).is_ok());
+        assert!(
+            run(
+                &[span(0, 2, 3, &[0, 1]), span(2, 1, 4, &[2, 3])],
+                &params,
+                &mut out
+            )
+            .is_ok()
+        );
 
         let cases: [(&[SequenceSpan<'_>], &str); 6] = [
             (&[span(0, 3, 2, &[0])], "exceeds context_len"),
             (&[span(2, 2, 3, &[0, 1])], "exceed the batch"),
             (&[span(0, 1, 5, &[0, 1])], "needs 3 blocks"),
             (&[span(0, 1, 3, &[0, 4])], "block 4"),
-            (&[span(0, 2, 2, &[0]), span(1, 1, 1, &[1])], "also belongs to sequence 0"),
+            (
+                &[span(0, 2, 2, &[0]), span(1, 1, 1, &[1])],
+                "also belongs to sequence 0",
+            ),
             (&[span(usize::MAX, 2, 2, &[0])], "exceed the batch"),
         ];
         for (seqs, expected) in cases {
             let error = run(seqs, &params, &mut out).unwrap_err();
-            assert!(error.to_string().contains(expected), "{error} lacks {expected:?}");
+            assert!(
+                error.to_string().contains(expected),
+                "{error} lacks {expected:?}"
+            );
         }
 
-        let uneven = AttentionParams { num_heads: 3, ..params };
+        let uneven = AttentionParams {
+            num_heads: 3,
+            ..params
+        };
         assert!(run(&[], &uneven, &mut out).is_err());
-        let mismatched = AttentionParams { num_heads: 2, num_kv_heads: 1, head_dim: 4, scale: 1.0 };
+        let mismatched = AttentionParams {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            scale: 1.0,
+        };
         assert!(run(&[], &mismatched, &mut out).is_err());
         assert!(run(&[], &params, &mut out[..8]).is_err());
-        let short_pages = paged_attention(&q, &[], &params, &geometry, &pages[..31], &pages, &mut out);
+        let short_pages =
+            paged_attention(&q, &[], &params, &geometry, &pages[..31], &pages, &mut out);
         assert!(short_pages.is_err());
     }
 }

@@ -15,10 +15,13 @@ pub fn embedding(table: Weights<'_>, hidden: usize, ids: &[u32], out: &mut [f32]
     if hidden == 0 {
         return Err(Error::shape(OP, "hidden size must be positive"));
     }
-    if table.len() % hidden != 0 {
+    if !table.len().is_multiple_of(hidden) {
         return Err(Error::shape(
             OP,
-            format!("table has {} elements, not a multiple of hidden size {hidden}", table.len()),
+            format!(
+                "table has {} elements, not a multiple of hidden size {hidden}",
+                table.len()
+            ),
         ));
     }
     let rows = table.len() / hidden;
@@ -47,7 +50,11 @@ mod tests {
         let table_bf16: Vec<bf16> = table.iter().map(|&v| bf16::from_f32(v)).collect();
         let ids = [3, 0, 3, 1];
         let expected = [4.5, 5.0, 5.5, 0.0, 0.5, 1.0, 4.5, 5.0, 5.5, 1.5, 2.0, 2.5];
-        for table in [Weights::F32(&table), Weights::F16(&table_f16), Weights::BF16(&table_bf16)] {
+        for table in [
+            Weights::F32(&table),
+            Weights::F16(&table_f16),
+            Weights::BF16(&table_bf16),
+        ] {
             let mut out = [f32::NAN; 12];
             embedding(table, 3, &ids, &mut out).unwrap();
             assert_eq!(out, expected, "{table:?}");
@@ -59,9 +66,18 @@ mod tests {
         let table = [0.0f32; 8];
         let mut out = [f32::NAN; 4];
         let error = embedding(Weights::F32(&table), 2, &[1, 4], &mut out).unwrap_err();
-        assert!(matches!(error, Error::Shape { op: "embedding", .. }));
+        assert!(matches!(
+            error,
+            Error::Shape {
+                op: "embedding",
+                ..
+            }
+        ));
         assert!(error.to_string().contains("id 4"), "{error}");
-        assert!(out.iter().all(|v| v.is_nan()), "nothing is written on error");
+        assert!(
+            out.iter().all(|v| v.is_nan()),
+            "nothing is written on error"
+        );
     }
 
     #[test]

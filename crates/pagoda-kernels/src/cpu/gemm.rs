@@ -46,7 +46,11 @@ impl Weights<'_> {
     ///
     /// Panics if `out.len() != width` or the row lies past the end of the matrix.
     pub fn row_to_f32(&self, row: usize, width: usize, out: &mut [f32]) {
-        assert_eq!(out.len(), width, "row_to_f32: output length must equal the row width");
+        assert_eq!(
+            out.len(),
+            width,
+            "row_to_f32: output length must equal the row width"
+        );
         self.range_to_f32(row * width, out);
     }
 
@@ -96,7 +100,11 @@ impl Element for f16 {
         // subnormal after the shift) into the right normal f32.
         let finite = f32::from_bits(magnitude << 13) * f32::from_bits((127 + 112) << 23);
         // An all-ones exponent (infinity, NaN) must stay all ones, mantissa (NaN payload) kept.
-        let value = if magnitude >= 0x7c00 { (magnitude << 13) | 0x7f80_0000 } else { finite.to_bits() };
+        let value = if magnitude >= 0x7c00 {
+            (magnitude << 13) | 0x7f80_0000
+        } else {
+            finite.to_bits()
+        };
         f32::from_bits(value | sign)
     }
 }
@@ -107,7 +115,8 @@ fn convert<T: Element>(src: &[T], dst: &mut [f32]) {
     }
 }
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias[n])`: the `nn.Linear` convention, `w` row-major `[n, k]`.
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias[n])`: the `nn.Linear` convention, `w` row-major
+/// `[n, k]`.
 ///
 /// A single row (decode) is a matrix-vector product over the rows of `w`, split across threads;
 /// more rows go through the `gemm` crate in panels of `w` rows converted to f32.
@@ -198,6 +207,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 ///
 /// Sixteen independent partial sums let the compiler keep them in SIMD registers: a single running
 /// sum is a serial chain of additions that it may not reorder.
+#[inline(always)]
 fn dot_widened<T: Element>(x: &[f32], w: &[T]) -> f32 {
     const LANES: usize = 16;
     debug_assert_eq!(x.len(), w.len());
@@ -209,8 +219,38 @@ fn dot_widened<T: Element>(x: &[f32], w: &[T]) -> f32 {
             partial[lane] += x[lane] * w[lane].to_f32();
         }
     }
-    let tail: f32 = x_tail.iter().zip(w_tail).map(|(&x, &w)| x * w.to_f32()).sum();
+    let tail: f32 = x_tail
+        .iter()
+        .zip(w_tail)
+        .map(|(&x, &w)| x * w.to_f32())
+        .sum();
     partial.iter().sum::<f32>() + tail
+}
+
+/// `out[j] = x · w[j]` for each row `w[j]` of `x.len()` elements.
+#[inline(always)]
+fn dot_rows<T: Element>(x: &[f32], w: &[T], out: &mut [f32]) {
+    for (out, row) in out.iter_mut().zip(w.chunks_exact(x.len())) {
+        *out = dot_widened(x, row);
+    }
+}
+
+/// [`dot_rows`] compiled for AVX2: twice the SIMD width of the x86-64 baseline, which the f16
+/// conversion needs to keep up with memory.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot_rows_avx2<T: Element>(x: &[f32], w: &[T], out: &mut [f32]) {
+    dot_rows(x, w, out);
+}
+
+/// [`dot_rows`] with the widest instruction set the CPU offers.
+fn dot_rows_dispatch<T: Element>(x: &[f32], w: &[T], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, as just checked.
+        return unsafe { dot_rows_avx2(x, w, out) };
+    }
+    dot_rows(x, w, out);
 }
 
 /// Weight elements one task of the matrix-vector product covers: enough that scheduling is noise,
@@ -228,18 +268,17 @@ fn gemv(x: &[f32], w: Weights<'_>, k: usize, bias: Option<&[f32]>, out: &mut [f3
 
 fn gemv_typed<T: Element>(x: &[f32], w: &[T], k: usize, bias: Option<&[f32]>, out: &mut [f32]) {
     let rows_per_task = (GEMV_ELEMENTS_PER_TASK / k).max(1);
-    out.par_chunks_mut(rows_per_task).zip(w.par_chunks(rows_per_task * k)).enumerate().for_each(
-        |(task, (out, w))| {
-            for (out, row) in out.iter_mut().zip(w.chunks_exact(k)) {
-                *out = dot_widened(x, row);
-            }
+    out.par_chunks_mut(rows_per_task)
+        .zip(w.par_chunks(rows_per_task * k))
+        .enumerate()
+        .for_each(|(task, (out, w))| {
+            dot_rows_dispatch(x, w, out);
             if let Some(bias) = bias {
                 for (out, b) in out.iter_mut().zip(&bias[task * rows_per_task..]) {
                     *out += b;
                 }
             }
-        },
-    );
+        });
 }
 
 /// Weight elements in one panel of `w` rows: its f32 copy (256 KiB) stays in a core's L2 cache
@@ -264,49 +303,59 @@ fn panel_gemm(
         }
     }
     let panel_rows = (PANEL_ELEMENTS / k).clamp(1, n);
+    let panels = n.div_ceil(panel_rows);
+    // Each task takes a run of consecutive panels and converts them into one buffer of its own;
+    // a few tasks per thread even out threads that fall behind.
+    let panels_per_task = panels.div_ceil(4 * rayon::current_num_threads()).max(1);
     let out = SharedOutput(out.as_mut_ptr());
-    (0..n.div_ceil(panel_rows)).into_par_iter().for_each_init(Vec::new, |scratch, panel| {
-        let first_row = panel * panel_rows;
-        let rows = panel_rows.min(n - first_row);
-        let elements = first_row * k..(first_row + rows) * k;
-        let panel_f32: &[f32] = match w {
-            Weights::F32(w) => &w[elements],
-            Weights::F16(_) | Weights::BF16(_) => {
-                scratch.resize(elements.len(), 0.0);
-                w.range_to_f32(elements.start, scratch);
-                scratch
+    (0..panels.div_ceil(panels_per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            let mut scratch = Vec::new();
+            for panel in task * panels_per_task..((task + 1) * panels_per_task).min(panels) {
+                let first_row = panel * panel_rows;
+                let rows = panel_rows.min(n - first_row);
+                let elements = first_row * k..(first_row + rows) * k;
+                let panel_f32: &[f32] = match w {
+                    Weights::F32(w) => &w[elements],
+                    Weights::F16(_) | Weights::BF16(_) => {
+                        scratch.resize(elements.len(), 0.0);
+                        w.range_to_f32(elements.start, &mut scratch);
+                        &scratch
+                    }
+                };
+                // SAFETY: `x` holds m x k elements with strides (k, 1); `panel_f32` holds
+                // `rows` rows of `w`, read as the k x rows right-hand side with strides (1, k).
+                // The destination is the m x rows block of `out` (m x n, strides (n, 1), length
+                // checked by `linear`) starting at column `first_row`: inside `out`, and disjoint
+                // from every other panel's block, so the concurrent writes through the shared
+                // pointer never touch the same element. With a bias the block was filled with it
+                // above and is read back (`read_dst`), otherwise only written.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        rows,
+                        k,
+                        out.get().add(first_row),
+                        1,
+                        n as isize,
+                        bias.is_some(),
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        panel_f32.as_ptr(),
+                        k as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
             }
-        };
-        // SAFETY: `x` holds m x k elements with strides (k, 1); `panel_f32` holds `rows` rows of
-        // `w`, read as the k x rows right-hand side with strides (1, k). The destination is the
-        // m x rows block of `out` (m x n, strides (n, 1), length checked by `linear`) starting at
-        // column `first_row`: inside `out`, and disjoint from every other panel's block, so the
-        // concurrent writes through the shared pointer never touch the same element. With a bias
-        // the block was filled with it above and is read back (`read_dst`), otherwise only written.
-        unsafe {
-            gemm::gemm(
-                m,
-                rows,
-                k,
-                out.get().add(first_row),
-                1,
-                n as isize,
-                bias.is_some(),
-                x.as_ptr(),
-                1,
-                k as isize,
-                panel_f32.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
-        }
-    });
+        });
 }
 
 /// The output matrix, shared by the panel tasks of [`panel_gemm`], each of which writes only its
@@ -338,7 +387,14 @@ mod tests {
     }
 
     /// Naive triple loop in f64, the reference for every product below.
-    fn naive_linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    fn naive_linear(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
         let mut out = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -359,7 +415,10 @@ mod tests {
         let scale = expected.iter().fold(1e-6f32, |acc, v| acc.max(v.abs()));
         for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
             let error = (a - e).abs() / scale;
-            assert!(error <= tolerance, "element {i}: {a} vs {e} (relative error {error:e})");
+            assert!(
+                error <= tolerance,
+                "element {i}: {a} vs {e} (relative error {error:e})"
+            );
         }
     }
 
@@ -399,9 +458,10 @@ mod tests {
                     let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
                     let w_f16_as_f32: Vec<f32> = w_f16.iter().map(|v| v.to_f32()).collect();
                     let w_bf16_as_f32: Vec<f32> = w_bf16.iter().map(|v| v.to_f32()).collect();
-                    for (weights, reference) in
-                        [(Weights::F16(&w_f16), &w_f16_as_f32), (Weights::BF16(&w_bf16), &w_bf16_as_f32)]
-                    {
+                    for (weights, reference) in [
+                        (Weights::F16(&w_f16), &w_f16_as_f32),
+                        (Weights::BF16(&w_bf16), &w_bf16_as_f32),
+                    ] {
                         let mut out = vec![f32::NAN; m * n];
                         linear(&x, m, k, weights, n, Some(&bias), &mut out).unwrap();
                         let expected = naive_linear(&x, m, k, reference, n, Some(&bias));
@@ -428,15 +488,17 @@ mod tests {
         let x = [0.0; 6];
         let w = [0.0; 12];
         let mut out = [0.0; 8];
-        let cases: [(&[f32], &[f32], Option<&[f32]>, usize); 4] = [
-            (&x[..5], &w, None, 8),
-            (&x, &w[..11], None, 8),
-            (&x, &w, Some(&[0.0; 3]), 8),
-            (&x, &w, None, 7),
+        let results = [
+            linear(&x[..5], 2, 3, Weights::F32(&w), 4, None, &mut out),
+            linear(&x, 2, 3, Weights::F32(&w[..11]), 4, None, &mut out),
+            linear(&x, 2, 3, Weights::F32(&w), 4, Some(&[0.0; 3]), &mut out),
+            linear(&x, 2, 3, Weights::F32(&w), 4, None, &mut out[..7]),
         ];
-        for (x, w, bias, out_len) in cases {
-            let result = linear(x, 2, 3, Weights::F32(w), 4, bias, &mut out[..out_len]);
-            assert!(matches!(result, Err(Error::Shape { op: "linear", .. })), "{result:?}");
+        for result in results {
+            assert!(
+                matches!(result, Err(Error::Shape { op: "linear", .. })),
+                "{result:?}"
+            );
         }
         let overflow = linear(&x, usize::MAX, 3, Weights::F32(&w), 4, None, &mut out);
         assert!(matches!(overflow, Err(Error::Shape { .. })));
@@ -468,7 +530,10 @@ mod tests {
     fn matmul_rejects_mismatched_lengths() {
         let mut out = [0.0; 4];
         let result = matmul(&[0.0; 6], &[0.0; 5], 2, 3, 2, &mut out);
-        assert!(matches!(result, Err(Error::Shape { op: "matmul", .. })), "{result:?}");
+        assert!(
+            matches!(result, Err(Error::Shape { op: "matmul", .. })),
+            "{result:?}"
+        );
         let mut out = [f32::NAN; 4];
         matmul(&[], &[], 2, 0, 2, &mut out).unwrap();
         assert_eq!(out, [0.0; 4]);
@@ -480,8 +545,15 @@ mod tests {
         for len in 0..40 {
             let a = random_vec(&mut rng, len);
             let b = random_vec(&mut rng, len);
-            let expected: f64 = a.iter().zip(&b).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
-            assert!((f64::from(dot(&a, &b)) - expected).abs() < 1e-5, "len {len}");
+            let expected: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum();
+            assert!(
+                (f64::from(dot(&a, &b)) - expected).abs() < 1e-5,
+                "len {len}"
+            );
         }
     }
 
@@ -489,13 +561,23 @@ mod tests {
     fn half_conversions_match_the_half_crate_for_every_bit_pattern() {
         for bits in 0..=u16::MAX {
             for (ours, reference) in [
-                (Element::to_f32(f16::from_bits(bits)), f16::from_bits(bits).to_f32()),
-                (Element::to_f32(bf16::from_bits(bits)), bf16::from_bits(bits).to_f32()),
+                (
+                    Element::to_f32(f16::from_bits(bits)),
+                    f16::from_bits(bits).to_f32(),
+                ),
+                (
+                    Element::to_f32(bf16::from_bits(bits)),
+                    bf16::from_bits(bits).to_f32(),
+                ),
             ] {
                 if reference.is_nan() {
                     assert!(ours.is_nan(), "{bits:#06x}: {ours} is not NaN");
                 } else {
-                    assert_eq!(ours.to_bits(), reference.to_bits(), "{bits:#06x}: {ours} vs {reference}");
+                    assert_eq!(
+                        ours.to_bits(),
+                        reference.to_bits(),
+                        "{bits:#06x}: {ours} vs {reference}"
+                    );
                 }
             }
         }

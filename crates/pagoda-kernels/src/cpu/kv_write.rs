@@ -3,8 +3,9 @@
 use crate::error::{checked_product, expect_len};
 use crate::{Error, Result};
 
-/// The layout of one layer's K (or V) pages: `[num_blocks, block_size, num_kv_heads, head_dim]` f32.
-/// A token's slot is `block * block_size + offset`, its index among all `num_blocks * block_size`.
+/// The layout of one layer's K (or V) pages: f32 `[num_blocks, block_size, num_kv_heads,
+/// head_dim]`. A token's slot is `block * block_size + offset`, its index among all
+/// `num_blocks * block_size`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageGeometry {
     pub num_blocks: usize,
@@ -22,9 +23,17 @@ impl PageGeometry {
     /// Checks that the dimensions are positive and the pages' element count fits in `usize`, and
     /// returns the number of slots.
     pub(crate) fn validate(&self, op: &'static str) -> Result<usize> {
-        let PageGeometry { num_blocks, block_size, num_kv_heads, head_dim } = *self;
+        let PageGeometry {
+            num_blocks,
+            block_size,
+            num_kv_heads,
+            head_dim,
+        } = *self;
         if block_size == 0 || num_kv_heads == 0 || head_dim == 0 {
-            return Err(Error::shape(op, format!("page geometry {self:?} has a zero dimension")));
+            return Err(Error::shape(
+                op,
+                format!("page geometry {self:?} has a zero dimension"),
+            ));
         }
         // A block is at least one token long, so a valid block length bounds `token_len` too.
         let block_len = checked_product(op, &[block_size, num_kv_heads, head_dim])?;
@@ -34,7 +43,17 @@ impl PageGeometry {
 
     /// Checks that a page tensor named `name` has exactly the geometry's element count.
     pub(crate) fn expect_pages(&self, op: &'static str, name: &str, len: usize) -> Result<()> {
-        expect_len(op, name, len, &[self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim])
+        expect_len(
+            op,
+            name,
+            len,
+            &[
+                self.num_blocks,
+                self.block_size,
+                self.num_kv_heads,
+                self.head_dim,
+            ],
+        )
     }
 }
 
@@ -54,11 +73,25 @@ pub fn write_kv(
     const OP: &str = "write_kv";
     let num_slots = geometry.validate(OP)?;
     let token_len = geometry.token_len();
-    expect_len(OP, "k", k.len(), &[slots.len(), geometry.num_kv_heads, geometry.head_dim])?;
-    expect_len(OP, "v", v.len(), &[slots.len(), geometry.num_kv_heads, geometry.head_dim])?;
+    expect_len(
+        OP,
+        "k",
+        k.len(),
+        &[slots.len(), geometry.num_kv_heads, geometry.head_dim],
+    )?;
+    expect_len(
+        OP,
+        "v",
+        v.len(),
+        &[slots.len(), geometry.num_kv_heads, geometry.head_dim],
+    )?;
     geometry.expect_pages(OP, "k_pages", k_pages.len())?;
     geometry.expect_pages(OP, "v_pages", v_pages.len())?;
-    if let Some((token, slot)) = slots.iter().enumerate().find(|(_, slot)| **slot as usize >= num_slots) {
+    if let Some((token, slot)) = slots
+        .iter()
+        .enumerate()
+        .find(|(_, slot)| **slot as usize >= num_slots)
+    {
         return Err(Error::shape(
             OP,
             format!("token {token} has slot {slot}, but the pages hold {num_slots} slots"),
@@ -66,7 +99,11 @@ pub fn write_kv(
     }
     // A plain copy bound by memory bandwidth: threads would not speed it up, and keeping it in
     // token order defines what duplicate slots do.
-    for ((&slot, k), v) in slots.iter().zip(k.chunks_exact(token_len)).zip(v.chunks_exact(token_len)) {
+    for ((&slot, k), v) in slots
+        .iter()
+        .zip(k.chunks_exact(token_len))
+        .zip(v.chunks_exact(token_len))
+    {
         let range = slot as usize * token_len..(slot as usize + 1) * token_len;
         k_pages[range.clone()].copy_from_slice(k);
         v_pages[range].copy_from_slice(v);
@@ -78,7 +115,12 @@ pub fn write_kv(
 mod tests {
     use super::*;
 
-    const GEOMETRY: PageGeometry = PageGeometry { num_blocks: 3, block_size: 4, num_kv_heads: 2, head_dim: 3 };
+    const GEOMETRY: PageGeometry = PageGeometry {
+        num_blocks: 3,
+        block_size: 4,
+        num_kv_heads: 2,
+        head_dim: 3,
+    };
 
     #[test]
     fn writes_each_token_into_its_slot_and_nothing_else() {
@@ -117,11 +159,17 @@ mod tests {
         let k = [1.0; 12];
         let error = write_kv(&k, &k, &[0, 12], &GEOMETRY, &mut k_pages, &mut v_pages).unwrap_err();
         assert!(error.to_string().contains("slot 12"), "{error}");
-        assert!(k_pages.iter().all(|&v| v == 0.0), "nothing is written on error");
+        assert!(
+            k_pages.iter().all(|&v| v == 0.0),
+            "nothing is written on error"
+        );
         assert!(write_kv(&k[..6], &k, &[0, 1], &GEOMETRY, &mut k_pages, &mut v_pages).is_err());
         assert!(write_kv(&k, &k, &[0], &GEOMETRY, &mut k_pages, &mut v_pages).is_err());
         assert!(write_kv(&k, &k, &[0, 1], &GEOMETRY, &mut k_pages[..71], &mut v_pages).is_err());
-        let empty = PageGeometry { block_size: 0, ..GEOMETRY };
+        let empty = PageGeometry {
+            block_size: 0,
+            ..GEOMETRY
+        };
         assert!(write_kv(&[], &[], &[], &empty, &mut [], &mut []).is_err());
     }
 }

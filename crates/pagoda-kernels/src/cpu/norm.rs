@@ -15,22 +15,31 @@ fn rows_per_task(hidden: usize) -> usize {
 }
 
 /// The shape checks both norms share.
-fn check_shapes(op: &'static str, x: &[f32], hidden: usize, weight: &[f32], out: &[f32]) -> Result<()> {
+fn check_shapes(
+    op: &'static str,
+    x: &[f32],
+    hidden: usize,
+    weight: &[f32],
+    out: &[f32],
+) -> Result<()> {
     if hidden == 0 {
         return Err(Error::shape(op, "hidden size must be positive"));
     }
-    if x.len() % hidden != 0 {
+    if !x.len().is_multiple_of(hidden) {
         return Err(Error::shape(
             op,
-            format!("x has {} elements, not a multiple of hidden size {hidden}", x.len()),
+            format!(
+                "x has {} elements, not a multiple of hidden size {hidden}",
+                x.len()
+            ),
         ));
     }
     expect_len(op, "weight", weight.len(), &[hidden])?;
     expect_len(op, "out", out.len(), &[x.len()])
 }
 
-/// `out = (x - mean) / sqrt(var + eps) * weight + bias` over each row of `hidden` elements, with the
-/// biased variance (as `torch.nn.LayerNorm`).
+/// `out = (x - mean) / sqrt(var + eps) * weight + bias` over each row of `hidden` elements, with
+/// the biased variance (as `torch.nn.LayerNorm`).
 pub fn layer_norm(
     x: &[f32],
     hidden: usize,
@@ -48,7 +57,11 @@ pub fn layer_norm(
         .for_each(|(out, x)| {
             let count = hidden as f64;
             let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / count;
-            let variance = x.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / count;
+            let variance = x
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / count;
             let inv_std = (variance + f64::from(eps)).sqrt().recip();
             for (((out, &x), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
                 *out = ((f64::from(x) - mean) * inv_std) as f32 * w + b;
@@ -88,7 +101,10 @@ mod tests {
         assert_eq!(actual.len(), expected.len());
         for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
             let error = (f64::from(a) - e).abs() / e.abs().max(1.0);
-            assert!(error <= tolerance, "element {i}: {a} vs {e} (relative error {error:e})");
+            assert!(
+                error <= tolerance,
+                "element {i}: {a} vs {e} (relative error {error:e})"
+            );
         }
     }
 
@@ -100,7 +116,10 @@ mod tests {
         for hidden in HIDDEN_SIZES {
             for rows in [1, 5] {
                 // An offset mean checks that the variance is taken around it.
-                let x: Vec<f32> = random_vec(&mut rng, rows * hidden, 3.0).iter().map(|v| v + 10.0).collect();
+                let x: Vec<f32> = random_vec(&mut rng, rows * hidden, 3.0)
+                    .iter()
+                    .map(|v| v + 10.0)
+                    .collect();
                 let weight = random_vec(&mut rng, hidden, 2.0);
                 let bias = random_vec(&mut rng, hidden, 1.0);
                 let eps = 1e-5;
@@ -111,7 +130,11 @@ mod tests {
                 for row in x.chunks(hidden) {
                     let n = hidden as f64;
                     let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-                    let var = row.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / n;
+                    let var = row
+                        .iter()
+                        .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+                        .sum::<f64>()
+                        / n;
                     for (j, &v) in row.iter().enumerate() {
                         let normalised = (v as f64 - mean) / (var + eps as f64).sqrt();
                         expected.push(normalised * weight[j] as f64 + bias[j] as f64);
@@ -135,9 +158,14 @@ mod tests {
 
                 let mut expected = Vec::new();
                 for row in x.chunks(hidden) {
-                    let mean_square = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / hidden as f64;
+                    let mean_square =
+                        row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / hidden as f64;
                     let rms = (mean_square + eps as f64).sqrt();
-                    expected.extend(row.iter().zip(&weight).map(|(&v, &w)| v as f64 / rms * w as f64));
+                    expected.extend(
+                        row.iter()
+                            .zip(&weight)
+                            .map(|(&v, &w)| v as f64 / rms * w as f64),
+                    );
                 }
                 assert_close(&out, &expected, 1e-5);
             }
@@ -151,11 +179,20 @@ mod tests {
         let mut out = [0.0; 4];
         layer_norm(&x, 4, &[1.0; 4], &[0.5; 4], 0.0, &mut out).unwrap();
         let inv_std = 1.25f32.sqrt().recip();
-        let expected = [-1.5 * inv_std + 0.5, -0.5 * inv_std + 0.5, 0.5 * inv_std + 0.5, 1.5 * inv_std + 0.5];
+        let expected = [
+            -1.5 * inv_std + 0.5,
+            -0.5 * inv_std + 0.5,
+            0.5 * inv_std + 0.5,
+            1.5 * inv_std + 0.5,
+        ];
         assert_close(&out, &expected.map(f64::from), 1e-6);
         rms_norm(&x, 4, &[2.0; 4], 0.0, &mut out).unwrap();
         let inv_rms = 7.5f64.sqrt().recip();
-        assert_close(&out, &[2.0 * inv_rms, 4.0 * inv_rms, 6.0 * inv_rms, 8.0 * inv_rms], 1e-6);
+        assert_close(
+            &out,
+            &[2.0 * inv_rms, 4.0 * inv_rms, 6.0 * inv_rms, 8.0 * inv_rms],
+            1e-6,
+        );
     }
 
     #[test]

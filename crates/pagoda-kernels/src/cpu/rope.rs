@@ -21,11 +21,22 @@ pub struct Llama3RopeScaling {
 
 impl Llama3RopeScaling {
     fn validate(&self) -> Result<()> {
-        let invalid = |message: String| Err(Error::InvalidParameter { op: "rope_table", message });
+        let invalid = |message: String| {
+            Err(Error::InvalidParameter {
+                op: "rope_table",
+                message,
+            })
+        };
         if !(self.factor.is_finite() && self.factor > 0.0) {
-            return invalid(format!("llama3 scaling factor must be positive and finite, got {}", self.factor));
+            return invalid(format!(
+                "llama3 scaling factor must be positive and finite, got {}",
+                self.factor
+            ));
         }
-        if !(self.low_freq_factor > 0.0 && self.low_freq_factor < self.high_freq_factor && self.high_freq_factor.is_finite()) {
+        if !(self.low_freq_factor > 0.0
+            && self.low_freq_factor < self.high_freq_factor
+            && self.high_freq_factor.is_finite())
+        {
             return invalid(format!(
                 "llama3 scaling needs 0 < low_freq_factor < high_freq_factor, got {} and {}",
                 self.low_freq_factor, self.high_freq_factor
@@ -56,7 +67,8 @@ impl Llama3RopeScaling {
     }
 }
 
-/// Precomputed `cos` and `sin` of every (position, frequency) pair, `[max_positions, rotary_dim / 2]`.
+/// Precomputed `cos` and `sin` of every (position, frequency) pair, each
+/// `[max_positions, rotary_dim / 2]`.
 #[derive(Clone, Debug)]
 pub struct RopeTable {
     rotary_dim: usize,
@@ -79,11 +91,17 @@ impl RopeTable {
         scaling: Option<Llama3RopeScaling>,
     ) -> Result<Self> {
         const OP: &str = "rope_table";
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
-            return Err(Error::shape(OP, format!("rotary_dim must be even and positive, got {rotary_dim}")));
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            return Err(Error::shape(
+                OP,
+                format!("rotary_dim must be even and positive, got {rotary_dim}"),
+            ));
         }
         if !(base.is_finite() && base > 0.0) {
-            return Err(Error::InvalidParameter { op: OP, message: format!("base must be positive and finite, got {base}") });
+            return Err(Error::InvalidParameter {
+                op: OP,
+                message: format!("base must be positive and finite, got {base}"),
+            });
         }
         if let Some(scaling) = &scaling {
             scaling.validate()?;
@@ -98,16 +116,23 @@ impl RopeTable {
             .collect();
         let mut cos = vec![0.0; table_len];
         let mut sin = vec![0.0; table_len];
-        cos.par_chunks_exact_mut(half).zip(sin.par_chunks_exact_mut(half)).enumerate().for_each(
-            |(position, (cos, sin))| {
+        cos.par_chunks_exact_mut(half)
+            .zip(sin.par_chunks_exact_mut(half))
+            .enumerate()
+            .for_each(|(position, (cos, sin))| {
                 for ((cos, sin), &inv_freq) in cos.iter_mut().zip(sin.iter_mut()).zip(&inv_freq) {
                     let angle = position as f32 * inv_freq;
                     *cos = angle.cos();
                     *sin = angle.sin();
                 }
-            },
-        );
-        Ok(RopeTable { rotary_dim, max_positions, inv_freq, cos, sin })
+            });
+        Ok(RopeTable {
+            rotary_dim,
+            max_positions,
+            inv_freq,
+            cos,
+            sin,
+        })
     }
 
     /// Leading dimensions of each head that are rotated.
@@ -152,31 +177,43 @@ pub fn apply_rope(
     const OP: &str = "apply_rope";
     let rotary_dim = table.rotary_dim;
     if rotary_dim > head_dim {
-        return Err(Error::shape(OP, format!("rotary_dim {rotary_dim} exceeds head_dim {head_dim}")));
+        return Err(Error::shape(
+            OP,
+            format!("rotary_dim {rotary_dim} exceeds head_dim {head_dim}"),
+        ));
     }
     expect_len(OP, "x", x.len(), &[positions.len(), num_heads, head_dim])?;
-    if let Some((token, position)) =
-        positions.iter().enumerate().find(|(_, position)| **position as usize >= table.max_positions)
+    if let Some((token, position)) = positions
+        .iter()
+        .enumerate()
+        .find(|(_, position)| **position as usize >= table.max_positions)
     {
         return Err(Error::shape(
             OP,
-            format!("token {token} has position {position}, but the table covers {}", table.max_positions),
+            format!(
+                "token {token} has position {position}, but the table covers {}",
+                table.max_positions
+            ),
         ));
     }
     if x.is_empty() {
         return Ok(());
     }
     let half = rotary_dim / 2;
-    x.par_chunks_exact_mut(num_heads * head_dim).zip(positions).for_each(|(token, &position)| {
-        let row = position as usize * half..(position as usize + 1) * half;
-        let (cos, sin) = (&table.cos[row.clone()], &table.sin[row]);
-        for head in token.chunks_exact_mut(head_dim) {
-            let (first, second) = head[..rotary_dim].split_at_mut(half);
-            for (((a, b), &cos), &sin) in first.iter_mut().zip(second.iter_mut()).zip(cos).zip(sin) {
-                (*a, *b) = (*a * cos - *b * sin, *b * cos + *a * sin);
+    x.par_chunks_exact_mut(num_heads * head_dim)
+        .zip(positions)
+        .for_each(|(token, &position)| {
+            let row = position as usize * half..(position as usize + 1) * half;
+            let (cos, sin) = (&table.cos[row.clone()], &table.sin[row]);
+            for head in token.chunks_exact_mut(head_dim) {
+                let (first, second) = head[..rotary_dim].split_at_mut(half);
+                for (((a, b), &cos), &sin) in
+                    first.iter_mut().zip(second.iter_mut()).zip(cos).zip(sin)
+                {
+                    (*a, *b) = (*a * cos - *b * sin, *b * cos + *a * sin);
+                }
             }
-        }
-    });
+        });
     Ok(())
 }
 
@@ -187,7 +224,13 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     /// The straightforward formula, angles in f64 from f32 inverse frequencies.
-    fn naive_rope(x: &[f32], num_heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Vec<f32> {
+    fn naive_rope(
+        x: &[f32],
+        num_heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        inv_freq: &[f32],
+    ) -> Vec<f32> {
         let half = inv_freq.len();
         let mut out = x.to_vec();
         for (t, &position) in positions.iter().enumerate() {
@@ -218,13 +261,15 @@ mod tests {
         for (head_dim, rotary_dim) in [(64, 64), (64, 16), (6, 2), (10, 6)] {
             let base = 10000.0f32;
             let table = RopeTable::new(rotary_dim, base, 300, None).unwrap();
-            let inv_freq: Vec<f32> =
-                (0..rotary_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / rotary_dim as f32)).collect();
+            let inv_freq: Vec<f32> = (0..rotary_dim / 2)
+                .map(|i| 1.0 / base.powf((2 * i) as f32 / rotary_dim as f32))
+                .collect();
             assert_eq!(table.inv_freq(), inv_freq);
             let num_heads = 3;
             let positions = [0, 7, 299, 1, 150];
-            let x: Vec<f32> =
-                (0..positions.len() * num_heads * head_dim).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let x: Vec<f32> = (0..positions.len() * num_heads * head_dim)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
             let mut rotated = x.clone();
             apply_rope(&mut rotated, num_heads, head_dim, &positions, &table).unwrap();
             let expected = naive_rope(&x, num_heads, head_dim, &positions, &inv_freq);
@@ -233,7 +278,11 @@ mod tests {
             for (t, token) in rotated.chunks(num_heads * head_dim).enumerate() {
                 for (h, head) in token.chunks(head_dim).enumerate() {
                     let start = (t * num_heads + h) * head_dim;
-                    assert_eq!(head[rotary_dim..], x[start + rotary_dim..start + head_dim], "tail untouched");
+                    assert_eq!(
+                        head[rotary_dim..],
+                        x[start + rotary_dim..start + head_dim],
+                        "tail untouched"
+                    );
                 }
             }
         }
@@ -243,11 +292,17 @@ mod tests {
     fn small_positions_match_tightly_and_position_zero_is_identity() {
         let mut rng = ChaCha8Rng::seed_from_u64(41);
         let table = RopeTable::new(64, 100000.0, 8, None).unwrap();
-        let x: Vec<f32> = (0..8 * 2 * 64).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let x: Vec<f32> = (0..8 * 2 * 64)
+            .map(|_| rng.random_range(-2.0f32..2.0))
+            .collect();
         let positions: Vec<u32> = (0..8).collect();
         let mut rotated = x.clone();
         apply_rope(&mut rotated, 2, 64, &positions, &table).unwrap();
-        assert_close(&rotated, &naive_rope(&x, 2, 64, &positions, table.inv_freq()), 1e-5);
+        assert_close(
+            &rotated,
+            &naive_rope(&x, 2, 64, &positions, table.inv_freq()),
+            1e-5,
+        );
         assert_eq!(rotated[..128], x[..128]);
     }
 
@@ -265,7 +320,7 @@ mod tests {
         // Llama 3.1 8B: head_dim 128, rope_theta 500000, factor 8, low 1, high 4, original 8192.
         // (index, inv_freq) from transformers' `_compute_llama3_parameters`: indices below 29 are
         // unchanged, 29..=34 interpolated, 35 and above divided by the factor.
-        let expected: [(usize, f32); 10] = [
+        let expected: [(usize, f64); 10] = [
             (0, 1.0),
             (10, 0.12868738174438477),
             (28, 0.0032114461064338684),
@@ -285,8 +340,12 @@ mod tests {
         };
         let table = RopeTable::new(128, 500000.0, 4, Some(scaling)).unwrap();
         for (i, value) in expected {
-            let error = (table.inv_freq()[i] - value).abs() / value;
-            assert!(error < 1e-6, "inv_freq[{i}] = {} vs {value}", table.inv_freq()[i]);
+            let error = (f64::from(table.inv_freq()[i]) - value).abs() / value;
+            assert!(
+                error < 1e-6,
+                "inv_freq[{i}] = {} vs {value}",
+                table.inv_freq()[i]
+            );
         }
         let angle = 3.0 * table.inv_freq()[30];
         assert_eq!(table.cos()[3 * 64 + 30], angle.cos());
@@ -295,19 +354,41 @@ mod tests {
 
     #[test]
     fn rejects_bad_arguments() {
-        assert!(matches!(RopeTable::new(0, 10000.0, 8, None), Err(Error::Shape { .. })));
-        assert!(matches!(RopeTable::new(7, 10000.0, 8, None), Err(Error::Shape { .. })));
-        assert!(matches!(RopeTable::new(8, -1.0, 8, None), Err(Error::InvalidParameter { .. })));
-        let scaling =
-            Llama3RopeScaling { factor: 8.0, low_freq_factor: 4.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
-        assert!(matches!(RopeTable::new(8, 10000.0, 8, Some(scaling)), Err(Error::InvalidParameter { .. })));
+        assert!(matches!(
+            RopeTable::new(0, 10000.0, 8, None),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            RopeTable::new(7, 10000.0, 8, None),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            RopeTable::new(8, -1.0, 8, None),
+            Err(Error::InvalidParameter { .. })
+        ));
+        let scaling = Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 4.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        assert!(matches!(
+            RopeTable::new(8, 10000.0, 8, Some(scaling)),
+            Err(Error::InvalidParameter { .. })
+        ));
 
         let table = RopeTable::new(8, 10000.0, 16, None).unwrap();
         let mut x = [0.0; 16];
         let error = apply_rope(&mut x, 1, 8, &[3, 16], &table).unwrap_err();
         assert!(error.to_string().contains("position 16"), "{error}");
-        assert!(apply_rope(&mut x, 1, 8, &[3], &table).is_err(), "x too long");
-        assert!(apply_rope(&mut x, 2, 4, &[3, 4], &table).is_err(), "rotary_dim > head_dim");
+        assert!(
+            apply_rope(&mut x, 1, 8, &[3], &table).is_err(),
+            "x too long"
+        );
+        assert!(
+            apply_rope(&mut x, 2, 4, &[3, 4], &table).is_err(),
+            "rotary_dim > head_dim"
+        );
         assert!(apply_rope(&mut [], 0, 8, &[3], &table).is_ok());
     }
 }

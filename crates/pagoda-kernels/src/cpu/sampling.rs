@@ -44,7 +44,12 @@ impl Default for SamplingConfig {
 impl SamplingConfig {
     /// Greedy decoding: temperature 0, every filter off.
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+        }
     }
 
     /// Whether this configuration always picks the most likely token.
@@ -62,10 +67,16 @@ impl SamplingConfig {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::InvalidSampling(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(Error::InvalidSampling(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         if !(self.min_p >= 0.0 && self.min_p <= 1.0) {
-            return Err(Error::InvalidSampling(format!("min_p must be in [0, 1], got {}", self.min_p)));
+            return Err(Error::InvalidSampling(format!(
+                "min_p must be in [0, 1], got {}",
+                self.min_p
+            )));
         }
         Ok(())
     }
@@ -87,7 +98,10 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
         }
     }
     let (index, _) = best.ok_or_else(|| {
-        Error::InvalidSampling(format!("argmax over {} logits, none of them a number", logits.len()))
+        Error::InvalidSampling(format!(
+            "argmax over {} logits, none of them a number",
+            logits.len()
+        ))
     })?;
     token_id(index)
 }
@@ -95,7 +109,9 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
 /// A token that survived filtering, with its renormalised probability.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenProb {
+    /// The token's id: its index in the row of logits.
     pub id: u32,
+    /// Its probability after filtering; the probabilities of one distribution sum to 1.
     pub prob: f64,
 }
 
@@ -108,13 +124,19 @@ pub struct TokenProb {
 pub fn distribution(logits: &[f32], config: &SamplingConfig) -> Result<Vec<TokenProb>> {
     config.validate()?;
     if config.is_greedy() {
-        return Ok(vec![TokenProb { id: argmax(logits)?, prob: 1.0 }]);
+        return Ok(vec![TokenProb {
+            id: argmax(logits)?,
+            prob: 1.0,
+        }]);
     }
 
     let mut candidates = Vec::with_capacity(logits.len());
     for (index, &logit) in logits.iter().enumerate() {
         if !logit.is_nan() {
-            candidates.push(Candidate { id: token_id(index)?, logit });
+            candidates.push(Candidate {
+                id: token_id(index)?,
+                logit,
+            });
         }
     }
     top_k(&mut candidates, config.top_k);
@@ -143,7 +165,10 @@ impl Sampler {
     /// A sampler for `config` (validated here) whose random stream starts from `seed`.
     pub fn new(config: SamplingConfig, seed: u64) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config, rng: ChaCha20Rng::seed_from_u64(seed) })
+        Ok(Self {
+            config,
+            rng: ChaCha20Rng::seed_from_u64(seed),
+        })
     }
 
     /// The configuration this sampler was built with.
@@ -184,13 +209,19 @@ struct Candidate {
 impl Candidate {
     /// Descending logit, then ascending id: the order in which top-p accumulates mass.
     fn most_likely_first(a: &Self, b: &Self) -> Ordering {
-        b.logit.partial_cmp(&a.logit).unwrap_or(Ordering::Equal).then(a.id.cmp(&b.id))
+        b.logit
+            .partial_cmp(&a.logit)
+            .unwrap_or(Ordering::Equal)
+            .then(a.id.cmp(&b.id))
     }
 }
 
 fn token_id(index: usize) -> Result<u32> {
-    u32::try_from(index)
-        .map_err(|_| Error::InvalidSampling(format!("token index {index} does not fit in a u32 token id")))
+    u32::try_from(index).map_err(|_| {
+        Error::InvalidSampling(format!(
+            "token index {index} does not fit in a u32 token id"
+        ))
+    })
 }
 
 /// Keeps the `k` largest logits and every logit tied with the k-th.
@@ -222,8 +253,13 @@ fn softmax(candidates: &[Candidate], temperature: f32, vocab: usize) -> Result<V
             ((f64::from(logit) - f64::from(max)) / temperature).exp()
         }
     };
-    let mut probs: Vec<TokenProb> =
-        candidates.iter().map(|c| TokenProb { id: c.id, prob: weight(c.logit) }).collect();
+    let mut probs: Vec<TokenProb> = candidates
+        .iter()
+        .map(|c| TokenProb {
+            id: c.id,
+            prob: weight(c.logit),
+        })
+        .collect();
     let total: f64 = probs.iter().map(|token| token.prob).sum();
     for token in &mut probs {
         token.prob /= total;
@@ -264,7 +300,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn config(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplingConfig {
-        SamplingConfig { temperature, top_k, top_p, min_p }
+        SamplingConfig {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+        }
     }
 
     fn ids(probs: &[TokenProb]) -> Vec<u32> {
@@ -288,7 +329,10 @@ mod tests {
     #[test]
     fn argmax_rejects_rows_without_numbers() {
         assert!(matches!(argmax(&[]), Err(Error::InvalidSampling(_))));
-        assert!(matches!(argmax(&[f32::NAN, f32::NAN]), Err(Error::InvalidSampling(_))));
+        assert!(matches!(
+            argmax(&[f32::NAN, f32::NAN]),
+            Err(Error::InvalidSampling(_))
+        ));
     }
 
     #[test]
@@ -358,7 +402,10 @@ mod tests {
         assert_eq!(kept(0.96), [1, 3, 4, 0, 2]);
         assert_eq!(kept(1.0), [1, 3, 4, 0, 2]);
         // A single token above the mass on its own is still kept.
-        assert_eq!(ids(&distribution(&logits_of(&[0.01, 0.99]), &config(1.0, 0, 0.001, 0.0)).unwrap()), [1]);
+        assert_eq!(
+            ids(&distribution(&logits_of(&[0.01, 0.99]), &config(1.0, 0, 0.001, 0.0)).unwrap()),
+            [1]
+        );
     }
 
     #[test]
@@ -389,11 +436,17 @@ mod tests {
         let logits = [0.0, 1.0, 2.0];
         for temperature in [0.25f32, 1.0, 3.0] {
             let probs = distribution(&logits, &config(temperature, 0, 1.0, 0.0)).unwrap();
-            let weights: Vec<f64> = logits.iter().map(|&l| (f64::from(l) / f64::from(temperature)).exp()).collect();
+            let weights: Vec<f64> = logits
+                .iter()
+                .map(|&l| (f64::from(l) / f64::from(temperature)).exp())
+                .collect();
             let total: f64 = weights.iter().sum();
             for token in &probs {
                 let expected = weights[token.id as usize] / total;
-                assert!((token.prob - expected).abs() < 1e-12, "T={temperature}: {token:?} vs {expected}");
+                assert!(
+                    (token.prob - expected).abs() < 1e-12,
+                    "T={temperature}: {token:?} vs {expected}"
+                );
             }
         }
         // A temperature tiny enough to overflow a naive division still leaves a distribution.
@@ -403,10 +456,30 @@ mod tests {
 
     #[test]
     fn special_values_in_logits() {
-        let probs = distribution(&[f32::NAN, 0.0, f32::NEG_INFINITY, 0.0], &config(1.0, 0, 1.0, 0.0)).unwrap();
-        assert_eq!(probs, [TokenProb { id: 1, prob: 0.5 }, TokenProb { id: 3, prob: 0.5 }]);
-        let probs = distribution(&[f32::INFINITY, 0.0, f32::INFINITY], &config(1.0, 0, 1.0, 0.0)).unwrap();
-        assert_eq!(probs, [TokenProb { id: 0, prob: 0.5 }, TokenProb { id: 2, prob: 0.5 }]);
+        let probs = distribution(
+            &[f32::NAN, 0.0, f32::NEG_INFINITY, 0.0],
+            &config(1.0, 0, 1.0, 0.0),
+        )
+        .unwrap();
+        assert_eq!(
+            probs,
+            [
+                TokenProb { id: 1, prob: 0.5 },
+                TokenProb { id: 3, prob: 0.5 }
+            ]
+        );
+        let probs = distribution(
+            &[f32::INFINITY, 0.0, f32::INFINITY],
+            &config(1.0, 0, 1.0, 0.0),
+        )
+        .unwrap();
+        assert_eq!(
+            probs,
+            [
+                TokenProb { id: 0, prob: 0.5 },
+                TokenProb { id: 2, prob: 0.5 }
+            ]
+        );
         assert!(distribution(&[f32::NEG_INFINITY, f32::NAN], &config(1.0, 0, 1.0, 0.0)).is_err());
         assert!(distribution(&[], &config(1.0, 0, 1.0, 0.0)).is_err());
         let mut sampler = Sampler::new(config(1.0, 0, 1.0, 0.0), 0).unwrap();
@@ -419,7 +492,9 @@ mod tests {
         let cfg = config(0.9, 20, 0.95, 0.01);
         let draw = |seed| {
             let mut sampler = Sampler::new(cfg.clone(), seed).unwrap();
-            (0..64).map(|_| sampler.sample(&logits).unwrap()).collect::<Vec<_>>()
+            (0..64)
+                .map(|_| sampler.sample(&logits).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(42), draw(42));
         assert_ne!(draw(42), draw(43));
@@ -454,7 +529,10 @@ mod tests {
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap());
         let top6 = &order[..6];
-        let weights: Vec<f64> = top6.iter().map(|&i| (f64::from(logits[i]) / temperature).exp()).collect();
+        let weights: Vec<f64> = top6
+            .iter()
+            .map(|&i| (f64::from(logits[i]) / temperature).exp())
+            .collect();
         let total: f64 = weights.iter().sum();
         let mut mass = 0.0;
         let mut nucleus = Vec::new();
@@ -472,7 +550,10 @@ mod tests {
         for &(i, p) in &nucleus {
             expected[i] = p / kept_total;
         }
-        assert!(nucleus.len() >= 3 && nucleus.len() < 6, "the filters should bite: {nucleus:?}");
+        assert!(
+            nucleus.len() >= 3 && nucleus.len() < 6,
+            "the filters should bite: {nucleus:?}"
+        );
         for token in &probs {
             assert!((token.prob - expected[token.id as usize]).abs() < 1e-12);
         }
@@ -487,7 +568,10 @@ mod tests {
         // Degrees of freedom = kept tokens - 1 (at most 4); 25 is far beyond the 99.99th
         // percentile of chi-square with 4 degrees of freedom (~23.5).
         let fit = chi_square(&counts, &expected, draws);
-        assert!(fit < 25.0, "chi-square {fit} for counts {counts:?} against {expected:?}");
+        assert!(
+            fit < 25.0,
+            "chi-square {fit} for counts {counts:?} against {expected:?}"
+        );
 
         // The same counts against the distribution without top-p/min-p must be rejected, or this
         // test could not catch a filter that keeps too much.
@@ -530,7 +614,10 @@ mod tests {
         }
 
         #[test]
-        fn greedy_sampling_is_argmax(logits in proptest::collection::vec(-5.0f32..5.0, 1..100), seed: u64) {
+        fn greedy_sampling_is_argmax(
+            logits in proptest::collection::vec(-5.0f32..5.0, 1..100),
+            seed: u64,
+        ) {
             let mut sampler = Sampler::new(SamplingConfig::greedy(), seed).unwrap();
             prop_assert_eq!(sampler.sample(&logits).unwrap(), argmax(&logits).unwrap());
         }

@@ -14,11 +14,19 @@ pub fn softmax_rows(x: &mut [f32], cols: usize) -> Result<()> {
     if cols == 0 {
         return Err(Error::shape(OP, "row length must be positive"));
     }
-    if x.len() % cols != 0 {
-        return Err(Error::shape(OP, format!("x has {} elements, not a multiple of {cols} columns", x.len())));
+    if !x.len().is_multiple_of(cols) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "x has {} elements, not a multiple of {cols} columns",
+                x.len()
+            ),
+        ));
     }
     let rows_per_task = ((1 << 14) / cols).max(1);
-    x.par_chunks_exact_mut(cols).with_min_len(rows_per_task).for_each(softmax_in_place);
+    x.par_chunks_exact_mut(cols)
+        .with_min_len(rows_per_task)
+        .for_each(softmax_in_place);
     Ok(())
 }
 
@@ -47,7 +55,9 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(30);
         for cols in [1, 3, 67, 129, 1000] {
             for rows in [1, 5] {
-                let input: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-30.0f32..30.0)).collect();
+                let input: Vec<f32> = (0..rows * cols)
+                    .map(|_| rng.random_range(-30.0f32..30.0))
+                    .collect();
                 let mut x = input.clone();
                 softmax_rows(&mut x, cols).unwrap();
                 for (row, input) in x.chunks(cols).zip(input.chunks(cols)) {

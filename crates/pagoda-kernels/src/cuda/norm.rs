@@ -10,8 +10,8 @@ use pagoda_tensor::{CudaDevice, DType, Tensor};
 
 use super::registry::{KernelModule, function};
 use super::tensor_access::{
-    FLOAT_DTYPES, alloc_output, arg_u32, common_device, device_view, device_view_mut, dtype_suffix, expect_dims,
-    expect_dtype, expect_same_dtype, into_tensor, launch_error,
+    FLOAT_DTYPES, alloc_output, arg_u32, common_device, device_view, device_view_mut, dtype_suffix,
+    expect_dims, expect_dtype, expect_same_dtype, into_tensor, launch_error,
 };
 use crate::{Error, Result};
 
@@ -32,14 +32,25 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
 /// `residual += x` in place (rounded to the residual's dtype), then returns
 /// [`rms_norm`]`(residual, weight, eps)`, in one kernel. `residual` must have `x`'s shape and
 /// dtype and must not share its storage with another tensor.
-pub fn add_rms_norm(x: &Tensor, residual: &mut Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: &mut Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
     let norm = Norm::check("add_rms_norm", x, Some(residual), weight, None, eps)?;
     norm.launch("add_rms_norm", x, Some(residual), weight, None)
 }
 
 /// `residual += x` in place (rounded to the residual's dtype), then returns
 /// [`layer_norm`]`(residual, weight, bias, eps)`, in one kernel.
-pub fn add_layer_norm(x: &Tensor, residual: &mut Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+pub fn add_layer_norm(
+    x: &Tensor,
+    residual: &mut Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
     let norm = Norm::check("add_layer_norm", x, Some(residual), weight, Some(bias), eps)?;
     norm.launch("add_layer_norm", x, Some(residual), weight, Some(bias))
 }
@@ -56,7 +67,10 @@ struct Norm {
 /// most 1024. Rows that cannot be vectorised loop over the same threads.
 fn threads_per_row(hidden: usize) -> u32 {
     const VECTOR_WIDTH: usize = 8;
-    let threads = hidden.div_ceil(VECTOR_WIDTH).next_multiple_of(32).clamp(32, 1024);
+    let threads = hidden
+        .div_ceil(VECTOR_WIDTH)
+        .next_multiple_of(32)
+        .clamp(32, 1024);
     threads as u32
 }
 
@@ -80,7 +94,10 @@ impl Norm {
             return Err(Error::shape(op, "x must have at least one dimension"));
         };
         if hidden == 0 {
-            return Err(Error::shape(op, "the normalised (last) dimension of x is empty"));
+            return Err(Error::shape(
+                op,
+                "the normalised (last) dimension of x is empty",
+            ));
         }
         expect_dims(op, "weight", weight, &[hidden])?;
         if let Some(residual) = residual {
@@ -92,12 +109,20 @@ impl Norm {
             expect_dims(op, "bias", bias, &[hidden])?;
         }
         if !(eps.is_finite() && eps >= 0.0) {
-            return Err(Error::InvalidParameter { op, message: format!("eps must be finite and >= 0, got {eps}") });
+            return Err(Error::InvalidParameter {
+                op,
+                message: format!("eps must be finite and >= 0, got {eps}"),
+            });
         }
         let rows = outer.iter().product();
         arg_u32(op, "rows", rows)?;
         arg_u32(op, "hidden", hidden)?;
-        Ok(Norm { device, rows, hidden, eps })
+        Ok(Norm {
+            device,
+            rows,
+            hidden,
+            eps,
+        })
     }
 
     fn launch(
@@ -113,7 +138,9 @@ impl Norm {
         if self.rows == 0 {
             return into_tensor(out, &dims);
         }
-        let (Some(x_suffix), Some(w_suffix)) = (dtype_suffix(x.dtype()), dtype_suffix(weight.dtype())) else {
+        let (Some(x_suffix), Some(w_suffix)) =
+            (dtype_suffix(x.dtype()), dtype_suffix(weight.dtype()))
+        else {
             return Err(Error::dtype(op, "x and weight must be float tensors"));
         };
         let name = format!("{op}_{x_suffix}_{w_suffix}");
@@ -121,7 +148,9 @@ impl Norm {
         let x_view = device_view(op, "x", x)?;
         let weight_view = device_view(op, "weight", weight)?;
         let bias_view = bias.map(|b| device_view(op, "bias", b)).transpose()?;
-        let mut residual_view = residual.map(|r| device_view_mut(op, "residual", r)).transpose()?;
+        let mut residual_view = residual
+            .map(|r| device_view_mut(op, "residual", r))
+            .transpose()?;
         let hidden = self.hidden as u32;
         let config = LaunchConfig {
             grid_dim: (self.rows as u32, 1, 1),

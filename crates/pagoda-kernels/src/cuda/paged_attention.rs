@@ -1,0 +1,267 @@
+//! Launcher of `kernels/paged_attention.cu`: causal attention for a flat batch of sequences whose
+//! keys and values live in the paged KV cache, as [`crate::cpu::attention::paged_attention`]
+//! computes it: prefill, chunked prefill after cached context and single-token decode alike, with
+//! grouped-query attention and head dimensions up to 256, softmax statistics in f32.
+//!
+//! This is the straightforward kernel (one thread block per query row and head, an online softmax
+//! over the context); the batch layout it reads is the one the fast kernels read too.
+
+use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
+use pagoda_tensor::{CudaDevice, Device, Tensor};
+
+use super::registry::{KernelModule, function};
+use super::tensor_access::{
+    FLOAT_DTYPES, alloc_output, arg_u32, common_device, device_view, dims_of, expect_dims,
+    expect_dtype, expect_same_dtype, into_tensor, kernel_name, launch_error,
+};
+use crate::cpu::attention::AttentionParams;
+use crate::{Error, Result};
+
+/// The largest head dimension the kernel holds (8 values per lane of a warp).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Warps per thread block; must equal `WARPS` in paged_attention.cu.
+const WARPS: u32 = 4;
+
+/// Where each sequence of a flat batch keeps its query rows and its context, on the device.
+///
+/// Sequence `s` owns query rows `query_start[s]..query_start[s + 1]` and has `context_len[s]`
+/// tokens of context (its query tokens included, already written into the pages); context token
+/// `j` lives in block `block_tables[s][j / block_size]` at offset `j % block_size`, and query row
+/// `i` of the sequence sits at position `context_len[s] - query_len + i`.
+///
+/// Built from host arrays, which are validated here, once, so the kernel can trust them.
+pub struct DeviceBatchLayout {
+    query_start: Tensor,
+    context_len: Tensor,
+    block_tables: Tensor,
+    num_seqs: usize,
+    num_tokens: usize,
+    max_blocks_per_seq: usize,
+    block_size: usize,
+    num_blocks: usize,
+}
+
+impl DeviceBatchLayout {
+    /// Checks and uploads a batch layout for pages of `num_blocks` blocks of `block_size` tokens.
+    ///
+    /// `query_start` (`num_seqs + 1` cumulative offsets from 0) gives each sequence's query rows;
+    /// `block_tables` holds `max_blocks_per_seq` block ids per sequence, row-major, padded with
+    /// anything past the blocks a sequence's context needs. Fails if the offsets decrease, a
+    /// sequence has more query rows than context, a table is too short for its context, or a
+    /// block id it needs is outside the pages.
+    pub fn new(
+        query_start: &[u32],
+        context_len: &[u32],
+        block_tables: &[u32],
+        max_blocks_per_seq: usize,
+        block_size: usize,
+        num_blocks: usize,
+        device: &CudaDevice,
+    ) -> Result<Self> {
+        const OP: &str = "DeviceBatchLayout::new";
+        let num_seqs = context_len.len();
+        if query_start.len() != num_seqs + 1 || query_start.first() != Some(&0) {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "query_start must hold {} offsets starting at 0, got {query_start:?}",
+                    num_seqs + 1
+                ),
+            ));
+        }
+        if block_size == 0 {
+            return Err(Error::shape(OP, "block_size must be positive"));
+        }
+        let expected_tables = num_seqs
+            .checked_mul(max_blocks_per_seq)
+            .ok_or_else(|| Error::shape(OP, "num_seqs x max_blocks_per_seq overflows usize"))?;
+        if block_tables.len() != expected_tables {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "block_tables has {} ids, expected {num_seqs} sequences x {max_blocks_per_seq}",
+                    block_tables.len()
+                ),
+            ));
+        }
+        for (s, &context) in context_len.iter().enumerate() {
+            let fail = |message: String| Err(Error::shape(OP, format!("sequence {s}: {message}")));
+            let (start, end) = (query_start[s], query_start[s + 1]);
+            if end < start {
+                return fail(format!("query_start decreases from {start} to {end}"));
+            }
+            if end - start > context {
+                return fail(format!(
+                    "{} query rows exceed the context of {context} tokens",
+                    end - start
+                ));
+            }
+            let needed = (context as usize).div_ceil(block_size);
+            if needed > max_blocks_per_seq {
+                return fail(format!(
+                    "a context of {context} tokens needs {needed} blocks, tables hold {max_blocks_per_seq}"
+                ));
+            }
+            let table = &block_tables[s * max_blocks_per_seq..][..needed];
+            if let Some(block) = table.iter().find(|&&b| b as usize >= num_blocks) {
+                return fail(format!("block {block} is outside the {num_blocks} pages"));
+            }
+        }
+        let ordinal = Device::Cuda(device.ordinal());
+        let upload = |values: &[u32], dims: Vec<usize>| -> Result<Tensor> {
+            Ok(Tensor::from_slice(values, dims)?.to_device(&ordinal)?)
+        };
+        Ok(DeviceBatchLayout {
+            query_start: upload(query_start, vec![num_seqs + 1])?,
+            context_len: upload(context_len, vec![num_seqs])?,
+            block_tables: upload(block_tables, vec![num_seqs, max_blocks_per_seq])?,
+            num_seqs,
+            num_tokens: query_start[num_seqs] as usize,
+            max_blocks_per_seq,
+            block_size,
+            num_blocks,
+        })
+    }
+
+    /// The number of sequences.
+    pub fn num_seqs(&self) -> usize {
+        self.num_seqs
+    }
+
+    /// Query rows of the whole batch: `query_start[num_seqs]`.
+    pub fn num_tokens(&self) -> usize {
+        self.num_tokens
+    }
+
+    /// Block ids per sequence in `block_tables`.
+    pub fn max_blocks_per_seq(&self) -> usize {
+        self.max_blocks_per_seq
+    }
+
+    /// `query_start`, U32 `[num_seqs + 1]`.
+    pub fn query_start(&self) -> &Tensor {
+        &self.query_start
+    }
+
+    /// `context_len`, U32 `[num_seqs]`.
+    pub fn context_len(&self) -> &Tensor {
+        &self.context_len
+    }
+
+    /// `block_tables`, U32 `[num_seqs, max_blocks_per_seq]`.
+    pub fn block_tables(&self) -> &Tensor {
+        &self.block_tables
+    }
+}
+
+/// Causal attention of every query row of `q` (`[num_tokens, num_heads, head_dim]`, f32/f16/bf16)
+/// over its sequence's context in `k_pages` and `v_pages` (`[num_blocks, block_size,
+/// num_kv_heads, head_dim]`, `q`'s dtype), laid out as `layout` says; returns `[num_tokens,
+/// num_heads, head_dim]` in `q`'s dtype.
+///
+/// `q`'s rows must be exactly the layout's query rows, and the pages must have the block count and
+/// size the layout was checked against.
+pub fn paged_attention(
+    q: &Tensor,
+    layout: &DeviceBatchLayout,
+    params: &AttentionParams,
+    k_pages: &Tensor,
+    v_pages: &Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "paged_attention";
+    let device = common_device(
+        OP,
+        &[
+            ("q", q),
+            ("k_pages", k_pages),
+            ("v_pages", v_pages),
+            ("layout", &layout.query_start),
+        ],
+    )?;
+    expect_dtype(OP, "q", q, &FLOAT_DTYPES)?;
+    expect_same_dtype(OP, "k_pages", k_pages, "q", q.dtype())?;
+    expect_same_dtype(OP, "v_pages", v_pages, "q", q.dtype())?;
+    let AttentionParams {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        scale,
+    } = *params;
+    if num_heads == 0 || num_kv_heads == 0 || head_dim == 0 || num_heads % num_kv_heads != 0 {
+        return Err(Error::shape(
+            OP,
+            format!("{params:?}: heads must be positive and a multiple of kv heads"),
+        ));
+    }
+    if head_dim > MAX_HEAD_DIM {
+        return Err(Error::shape(
+            OP,
+            format!("head_dim {head_dim} exceeds the kernel's {MAX_HEAD_DIM}"),
+        ));
+    }
+    let [num_tokens, _, _] = dims_of(OP, "q", q)?;
+    expect_dims(OP, "q", q, &[layout.num_tokens, num_heads, head_dim])?;
+    let pages = [layout.num_blocks, layout.block_size, num_kv_heads, head_dim];
+    expect_dims(OP, "k_pages", k_pages, &pages)?;
+    expect_dims(OP, "v_pages", v_pages, &pages)?;
+    // Heads index the grid's y dimension, which holds at most 65535 blocks.
+    if num_heads > 65535 {
+        return Err(Error::shape(
+            OP,
+            format!("{num_heads} heads exceed the grid's 65535"),
+        ));
+    }
+
+    let dims = [num_tokens, num_heads, head_dim];
+    let mut out = alloc_output(OP, &device, q.dtype(), &dims)?;
+    if num_tokens == 0 {
+        return into_tensor(out, &dims);
+    }
+    let name = kernel_name(OP, "paged_attention", q.dtype())?;
+    let kernel = function(&device, KernelModule::PagedAttention, &name)?;
+    let args = [
+        arg_u32(OP, "num_seqs", layout.num_seqs)?,
+        arg_u32(OP, "max_blocks_per_seq", layout.max_blocks_per_seq)?,
+        arg_u32(OP, "num_tokens", num_tokens)?,
+        num_heads as u32,
+        arg_u32(OP, "num_kv_heads", num_kv_heads)?,
+        head_dim as u32,
+        arg_u32(OP, "block_size", layout.block_size)?,
+        arg_u32(OP, "num_blocks", layout.num_blocks)?,
+    ];
+    let (q_view, k_view, v_view) = (
+        device_view(OP, "q", q)?,
+        device_view(OP, "k_pages", k_pages)?,
+        device_view(OP, "v_pages", v_pages)?,
+    );
+    let query_start = device_view(OP, "query_start", &layout.query_start)?;
+    let context_len = device_view(OP, "context_len", &layout.context_len)?;
+    let block_tables = device_view(OP, "block_tables", &layout.block_tables)?;
+    let config = LaunchConfig {
+        grid_dim: (args[2].min(i32::MAX as u32), num_heads as u32, 1),
+        block_dim: (WARPS * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stream = device.stream();
+    let mut launch = stream.launch_builder(&kernel);
+    launch
+        .arg(&q_view)
+        .arg(&k_view)
+        .arg(&v_view)
+        .arg(out.slice_mut())
+        .arg(&query_start)
+        .arg(&context_len)
+        .arg(&block_tables);
+    for arg in &args {
+        launch.arg(arg);
+    }
+    launch.arg(&scale);
+    // SAFETY: the arguments follow paged_attention's signature in paged_attention.cu (q, k_pages,
+    // v_pages, out, query_start, context_len, block_tables, num_seqs, max_blocks, num_tokens,
+    // num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale); every buffer has the
+    // shape checked above in the kernel name's dtype (metadata u32), the layout was validated
+    // against these pages when it was built, head_dim <= 256 and the block has WARPS warps.
+    unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
+    into_tensor(out, &dims)
+}

@@ -108,7 +108,7 @@ impl fmt::Display for KernelModule {
 /// What NVRTC is asked to produce for a device.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
-    /// The `--gpu-arch` value: `sm_90a`, `sm_89`, ... for machine code, `compute_XY` for PTX.
+    /// The `--gpu-architecture` value: `sm_90a`, `sm_89`, ... for machine code, `compute_XY` for PTX.
     arch: String,
     /// Whether the output is a CUBIN (machine code for exactly this GPU) or PTX (which the
     /// driver compiles on load; used when this NVRTC predates the GPU).
@@ -127,11 +127,18 @@ impl Target {
         let has_machine_code = supported.is_none_or(|archs| archs.contains(&capability));
         if has_machine_code {
             let suffix = if capability == 90 { "a" } else { "" };
-            return Ok(Target { arch: format!("sm_{capability}{suffix}"), cubin: true });
+            return Ok(Target {
+                arch: format!("sm_{capability}{suffix}"),
+                cubin: true,
+            });
         }
-        let newest = supported.and_then(|archs| archs.iter().copied().filter(|&a| a <= capability).max());
+        let newest =
+            supported.and_then(|archs| archs.iter().copied().filter(|&a| a <= capability).max());
         match newest {
-            Some(arch) => Ok(Target { arch: format!("compute_{arch}"), cubin: false }),
+            Some(arch) => Ok(Target {
+                arch: format!("compute_{arch}"),
+                cubin: false,
+            }),
             None => Err(Error::cuda(
                 "load kernels",
                 format!("NVRTC cannot target compute capability {major}.{minor}"),
@@ -142,16 +149,25 @@ impl Target {
     /// The target for `device`, from its compute capability and this NVRTC's architectures.
     pub fn for_device(device: &CudaDevice) -> Result<Target> {
         let (major, minor) = device.context().compute_capability().map_err(|e| {
-            Error::cuda("load kernels", format!("reading the compute capability of cuda:{}: {e}", device.ordinal()))
+            Error::cuda(
+                "load kernels",
+                format!(
+                    "reading the compute capability of cuda:{}: {e}",
+                    device.ordinal()
+                ),
+            )
         })?;
         let (Ok(major), Ok(minor)) = (u32::try_from(major), u32::try_from(minor)) else {
-            return Err(Error::cuda("load kernels", format!("invalid compute capability {major}.{minor}")));
+            return Err(Error::cuda(
+                "load kernels",
+                format!("invalid compute capability {major}.{minor}"),
+            ));
         };
         let supported = nvrtc_supported_archs()?;
         Target::for_capability(major, minor, supported.as_deref())
     }
 
-    /// The `--gpu-arch` value.
+    /// The `--gpu-architecture` value.
     pub fn arch(&self) -> &str {
         &self.arch
     }
@@ -210,7 +226,11 @@ impl KernelCache {
     /// The cache in `$PAGODA_KERNEL_CACHE`, `$XDG_CACHE_HOME/pagoda/kernels` or
     /// `$HOME/.cache/pagoda/kernels`, the first of these variables that is set and not empty.
     pub fn from_env() -> KernelCache {
-        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let dir = var("PAGODA_KERNEL_CACHE")
             .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("pagoda").join("kernels")))
             .or_else(|| var("HOME").map(|d| d.join(".cache").join("pagoda").join("kernels")));
@@ -219,7 +239,9 @@ impl KernelCache {
 
     /// A cache in `dir` (created when first written).
     pub fn at(dir: impl Into<PathBuf>) -> KernelCache {
-        KernelCache { dir: Some(dir.into()) }
+        KernelCache {
+            dir: Some(dir.into()),
+        }
     }
 
     /// No disk cache: every load compiles.
@@ -240,16 +262,30 @@ impl KernelCache {
     pub fn load_or_compile(&self, module: KernelModule, target: &Target) -> Result<CompiledModule> {
         let version = nvrtc_version()?;
         let key = cache_key(module, target, version);
-        let path = self.dir.as_ref().map(|dir| dir.join(entry_file_name(module, target, key)));
-        if let Some(image) = path.as_deref().and_then(|p| read_entry(p, key, target.cubin)) {
-            return Ok(CompiledModule { image, origin: Origin::DiskCache, cache_path: path });
+        let path = self
+            .dir
+            .as_ref()
+            .map(|dir| dir.join(entry_file_name(module, target, key)));
+        if let Some(image) = path
+            .as_deref()
+            .and_then(|p| read_entry(p, key, target.cubin))
+        {
+            return Ok(CompiledModule {
+                image,
+                origin: Origin::DiskCache,
+                cache_path: path,
+            });
         }
         let image = compile(module, target)?;
         if let Some(path) = &path {
             // Best effort: a read-only or full disk leaves the kernels working, only slower to start.
             let _ = write_entry(path, key, &image);
         }
-        Ok(CompiledModule { image, origin: Origin::Compiled, cache_path: path })
+        Ok(CompiledModule {
+            image,
+            origin: Origin::Compiled,
+            cache_path: path,
+        })
     }
 }
 
@@ -276,12 +312,16 @@ static DEVICE_MODULES: Mutex<Vec<Option<Arc<DeviceModules>>>> = Mutex::new(Vec::
 
 fn device_modules(ordinal: usize) -> Arc<DeviceModules> {
     // A poisoned lock only means another thread panicked; the table itself stays valid.
-    let mut table = DEVICE_MODULES.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut table = DEVICE_MODULES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     if table.len() <= ordinal {
         table.resize(ordinal + 1, None);
     }
     Arc::clone(table[ordinal].get_or_insert_with(|| {
-        Arc::new(DeviceModules { slots: std::array::from_fn(|_| Mutex::new(None)) })
+        Arc::new(DeviceModules {
+            slots: std::array::from_fn(|_| Mutex::new(None)),
+        })
     }))
 }
 
@@ -291,7 +331,9 @@ fn device_modules(ordinal: usize) -> Arc<DeviceModules> {
 /// ([`Error::Nvrtc`]); a name the module does not define is an [`Error::Cuda`].
 pub fn function(device: &CudaDevice, module: KernelModule, name: &str) -> Result<CudaFunction> {
     let modules = device_modules(device.ordinal());
-    let mut slot = modules.slots[module.index()].lock().unwrap_or_else(PoisonError::into_inner);
+    let mut slot = modules.slots[module.index()]
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     let loaded = match &mut *slot {
         Some(loaded) => loaded,
         empty @ None => empty.insert(load_module(device, module)?),
@@ -300,7 +342,13 @@ pub fn function(device: &CudaDevice, module: KernelModule, name: &str) -> Result
         return Ok(function.clone());
     }
     let function = loaded.module.load_function(name).map_err(|e| {
-        Error::cuda("load kernels", format!("kernel `{name}` not found in {module} on cuda:{}: {e}", device.ordinal()))
+        Error::cuda(
+            "load kernels",
+            format!(
+                "kernel `{name}` not found in {module} on cuda:{}: {e}",
+                device.ordinal()
+            ),
+        )
     })?;
     loaded.functions.insert(name.to_owned(), function.clone());
     Ok(function)
@@ -310,10 +358,23 @@ pub fn function(device: &CudaDevice, module: KernelModule, name: &str) -> Result
 fn load_module(device: &CudaDevice, module: KernelModule) -> Result<LoadedModule> {
     let target = Target::for_device(device)?;
     let compiled = process_cache().load_or_compile(module, &target)?;
-    let loaded = device.context().load_module(compiled.image.into_ptx()).map_err(|e| {
-        Error::cuda("load kernels", format!("loading {module} ({}) on cuda:{}: {e}", target.arch, device.ordinal()))
-    })?;
-    Ok(LoadedModule { module: loaded, functions: HashMap::new() })
+    let loaded = device
+        .context()
+        .load_module(compiled.image.into_ptx())
+        .map_err(|e| {
+            Error::cuda(
+                "load kernels",
+                format!(
+                    "loading {module} ({}) on cuda:{}: {e}",
+                    target.arch,
+                    device.ordinal()
+                ),
+            )
+        })?;
+    Ok(LoadedModule {
+        module: loaded,
+        functions: HashMap::new(),
+    })
 }
 
 fn nvrtc_error(what: &str, result: nvrtc::nvrtcResult) -> Error {
@@ -327,13 +388,16 @@ fn require_nvrtc() -> Result<()> {
     if *PRESENT.get_or_init(|| unsafe { nvrtc::is_culib_present() }) {
         Ok(())
     } else {
-        Err(Error::cuda("load kernels", "the NVRTC library (libnvrtc) was not found"))
+        Err(Error::cuda(
+            "load kernels",
+            "the NVRTC library (libnvrtc) was not found",
+        ))
     }
 }
 
-/// NVRTC's `(major, minor)` version; part of the cache key, since another compiler may emit
-/// other code for the same source.
-fn nvrtc_version() -> Result<(i32, i32)> {
+/// NVRTC's `(major, minor)` version (an error when libnvrtc cannot be loaded); part of the
+/// cache key, since another compiler may emit other code for the same source.
+pub fn nvrtc_version() -> Result<(i32, i32)> {
     require_nvrtc()?;
     let (mut major, mut minor): (c_int, c_int) = (0, 0);
     // SAFETY: both pointers are valid for writes of one c_int.
@@ -349,15 +413,26 @@ fn nvrtc_supported_archs() -> Result<Option<Vec<u32>>> {
     require_nvrtc()?;
     let mut count: c_int = 0;
     // SAFETY: the pointer is valid for a write of one c_int.
-    if unsafe { nvrtc::nvrtcGetNumSupportedArchs(&mut count) }.result().is_err() {
+    if unsafe { nvrtc::nvrtcGetNumSupportedArchs(&mut count) }
+        .result()
+        .is_err()
+    {
         return Ok(None);
     }
     let mut archs: Vec<c_int> = vec![0; usize::try_from(count).unwrap_or(0)];
     // SAFETY: `archs` holds the `count` elements NVRTC writes.
-    if unsafe { nvrtc::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }.result().is_err() {
+    if unsafe { nvrtc::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
+        .result()
+        .is_err()
+    {
         return Ok(None);
     }
-    Ok(Some(archs.into_iter().filter_map(|a| u32::try_from(a).ok()).collect()))
+    Ok(Some(
+        archs
+            .into_iter()
+            .filter_map(|a| u32::try_from(a).ok())
+            .collect(),
+    ))
 }
 
 /// Destroys an NVRTC program on every path out of [`compile`].
@@ -371,11 +446,16 @@ impl Drop for Program {
 }
 
 fn c_string(what: &str, text: &str) -> Result<CString> {
-    CString::new(text).map_err(|_| Error::cuda("load kernels", format!("{what} contains a NUL byte")))
+    CString::new(text)
+        .map_err(|_| Error::cuda("load kernels", format!("{what} contains a NUL byte")))
 }
 
 fn lossy_string(bytes: &[c_char]) -> String {
-    let bytes: Vec<u8> = bytes.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+    let bytes: Vec<u8> = bytes
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -393,10 +473,16 @@ pub fn compile_source(name: &'static str, source: &str, target: &Target) -> Resu
     require_nvrtc()?;
     let source = c_string(name, source)?;
     let file_name = c_string("module name", &format!("{name}.cu"))?;
-    let header_sources =
-        HEADERS.iter().map(|(name, text)| c_string(name, text)).collect::<Result<Vec<_>>>()?;
-    let header_names = HEADERS.iter().map(|(name, _)| c_string(name, name)).collect::<Result<Vec<_>>>()?;
-    let header_source_ptrs: Vec<*const c_char> = header_sources.iter().map(|s| s.as_ptr()).collect();
+    let header_sources = HEADERS
+        .iter()
+        .map(|(name, text)| c_string(name, text))
+        .collect::<Result<Vec<_>>>()?;
+    let header_names = HEADERS
+        .iter()
+        .map(|(name, _)| c_string(name, name))
+        .collect::<Result<Vec<_>>>()?;
+    let header_source_ptrs: Vec<*const c_char> =
+        header_sources.iter().map(|s| s.as_ptr()).collect();
     let header_name_ptrs: Vec<*const c_char> = header_names.iter().map(|s| s.as_ptr()).collect();
 
     let mut raw = std::ptr::null_mut();
@@ -417,7 +503,7 @@ pub fn compile_source(name: &'static str, source: &str, target: &Target) -> Resu
     .map_err(|e| nvrtc_error("nvrtcCreateProgram", e.0))?;
     let program = Program(raw);
 
-    let arch_option = format!("--gpu-arch={}", target.arch);
+    let arch_option = format!("--gpu-architecture={}", target.arch);
     let options = OPTIONS
         .iter()
         .copied()
@@ -426,9 +512,15 @@ pub fn compile_source(name: &'static str, source: &str, target: &Target) -> Resu
         .collect::<Result<Vec<_>>>()?;
     let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
     // SAFETY: the program is live and `option_ptrs` holds `options.len()` valid C strings.
-    let compiled = unsafe { nvrtc::nvrtcCompileProgram(program.0, option_ptrs.len() as c_int, option_ptrs.as_ptr()) };
+    let compiled = unsafe {
+        nvrtc::nvrtcCompileProgram(program.0, option_ptrs.len() as c_int, option_ptrs.as_ptr())
+    };
     if compiled != nvrtc::nvrtcResult::NVRTC_SUCCESS {
-        return Err(Error::Nvrtc { module: name, target: target.arch.clone(), log: program_log(&program) });
+        return Err(Error::Nvrtc {
+            module: name,
+            target: target.arch.clone(),
+            log: program_log(&program),
+        });
     }
     if target.cubin {
         let mut size = 0usize;
@@ -461,12 +553,18 @@ pub fn compile_source(name: &'static str, source: &str, target: &Target) -> Resu
 fn program_log(program: &Program) -> String {
     let mut size = 0usize;
     // SAFETY: the program is live; `size` is valid for a write.
-    if unsafe { nvrtc::nvrtcGetProgramLogSize(program.0, &mut size) }.result().is_err() {
+    if unsafe { nvrtc::nvrtcGetProgramLogSize(program.0, &mut size) }
+        .result()
+        .is_err()
+    {
         return "(the compiler log could not be read)".to_owned();
     }
     let mut log: Vec<c_char> = vec![0; size.max(1)];
     // SAFETY: `log` holds at least the `size` bytes NVRTC writes.
-    if unsafe { nvrtc::nvrtcGetProgramLog(program.0, log.as_mut_ptr()) }.result().is_err() {
+    if unsafe { nvrtc::nvrtcGetProgramLog(program.0, log.as_mut_ptr()) }
+        .result()
+        .is_err()
+    {
         return "(the compiler log could not be read)".to_owned();
     }
     lossy_string(&log)
@@ -500,7 +598,9 @@ impl Fnv1a {
 
 /// The cache key of `module` compiled for `target` by NVRTC `version`.
 fn cache_key(module: KernelModule, target: &Target, version: (i32, i32)) -> u64 {
-    let mut hash = Fnv1a::new().field(module.name().as_bytes()).field(module.source().as_bytes());
+    let mut hash = Fnv1a::new()
+        .field(module.name().as_bytes())
+        .field(module.source().as_bytes());
     for (name, text) in HEADERS {
         hash = hash.field(name.as_bytes()).field(text.as_bytes());
     }
@@ -542,7 +642,12 @@ fn encode_entry(key: u64, image: &KernelImage) -> Vec<u8> {
 /// The image stored in `entry`, or `None` when the entry is not a valid one for `key`.
 fn decode_entry(entry: &[u8], key: u64, cubin: bool) -> Option<KernelImage> {
     let (header, payload) = entry.split_at_checked(ENTRY_HEADER_LEN)?;
-    let word = |i: usize| header.get(8 + 8 * i..16 + 8 * i).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let word = |i: usize| {
+        header
+            .get(8 + 8 * i..16 + 8 * i)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
     if &header[..8] != MAGIC || word(0)? != key || word(1)? != payload.len() as u64 {
         return None;
     }
@@ -552,7 +657,9 @@ fn decode_entry(entry: &[u8], key: u64, cubin: bool) -> Option<KernelImage> {
     if cubin {
         Some(KernelImage::Cubin(payload.to_vec()))
     } else {
-        String::from_utf8(payload.to_vec()).ok().map(KernelImage::Ptx)
+        String::from_utf8(payload.to_vec())
+            .ok()
+            .map(KernelImage::Ptx)
     }
 }
 
@@ -563,7 +670,9 @@ fn read_entry(path: &Path, key: u64, cubin: bool) -> Option<KernelImage> {
 /// Writes the entry to a temporary file beside `path` and renames it into place, so that
 /// concurrent readers see the old entry, no entry, or the whole new one.
 fn write_entry(path: &Path, key: u64, image: &KernelImage) -> std::io::Result<()> {
-    let dir = path.parent().ok_or_else(|| std::io::Error::other("cache entry has no directory"))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("cache entry has no directory"))?;
     std::fs::create_dir_all(dir)?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -587,8 +696,13 @@ mod tests {
     use super::*;
 
     fn temp_dir(tag: &str) -> PathBuf {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        std::env::temp_dir().join(format!("pagoda-registry-{tag}-{}-{nanos}", std::process::id()))
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        std::env::temp_dir().join(format!(
+            "pagoda-registry-{tag}-{}-{nanos}",
+            std::process::id()
+        ))
     }
 
     #[test]
@@ -634,7 +748,11 @@ mod tests {
         let entry = encode_entry(42, &image);
         assert_eq!(decode_entry(&entry, 42, true), Some(image.clone()));
         assert_eq!(decode_entry(&entry, 43, true), None, "another key");
-        assert_eq!(decode_entry(&entry[..entry.len() - 1], 42, true), None, "truncated");
+        assert_eq!(
+            decode_entry(&entry[..entry.len() - 1], 42, true),
+            None,
+            "truncated"
+        );
         let mut flipped = entry.clone();
         flipped[ENTRY_HEADER_LEN + 7] ^= 1;
         assert_eq!(decode_entry(&flipped, 42, true), None, "payload bit flip");
@@ -650,7 +768,10 @@ mod tests {
         let image = KernelImage::Cubin(vec![1, 2, 3]);
         write_entry(&path, 1, &image).unwrap();
         assert_eq!(read_entry(&path, 1, true), Some(image));
-        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
         std::fs::write(&path, b"corrupt").unwrap();
         assert_eq!(read_entry(&path, 1, true), None);

@@ -33,11 +33,17 @@ pub(crate) fn common_device(op: &'static str, tensors: &[(&str, &Tensor)]) -> Re
     for &(name, tensor) in tensors {
         match (tensor.device(), ordinal) {
             (Device::Cpu, _) => {
-                return Err(Error::device(op, format!("{name} is on the CPU; CUDA tensors are needed")));
+                return Err(Error::device(
+                    op,
+                    format!("{name} is on the CPU; CUDA tensors are needed"),
+                ));
             }
             (Device::Cuda(n), None) => ordinal = Some((n, name)),
             (Device::Cuda(n), Some((first, first_name))) if n != first => {
-                return Err(Error::device(op, format!("{name} is on cuda:{n} but {first_name} is on cuda:{first}")));
+                return Err(Error::device(
+                    op,
+                    format!("{name} is on cuda:{n} but {first_name} is on cuda:{first}"),
+                ));
             }
             (Device::Cuda(_), Some(_)) => {}
         }
@@ -47,35 +53,75 @@ pub(crate) fn common_device(op: &'static str, tensors: &[(&str, &Tensor)]) -> Re
 }
 
 /// Checks that `tensor` has one of the dtypes in `allowed`.
-pub(crate) fn expect_dtype(op: &'static str, name: &str, tensor: &Tensor, allowed: &[DType]) -> Result<()> {
+pub(crate) fn expect_dtype(
+    op: &'static str,
+    name: &str,
+    tensor: &Tensor,
+    allowed: &[DType],
+) -> Result<()> {
     if allowed.contains(&tensor.dtype()) {
         return Ok(());
     }
-    let allowed = allowed.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
-    Err(Error::dtype(op, format!("{name} has dtype {}, expected one of {allowed}", tensor.dtype())))
+    let allowed = allowed
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(Error::dtype(
+        op,
+        format!(
+            "{name} has dtype {}, expected one of {allowed}",
+            tensor.dtype()
+        ),
+    ))
 }
 
 /// Checks that `tensor` has the dtype `expected` (that of another argument, `other`).
-pub(crate) fn expect_same_dtype(op: &'static str, name: &str, tensor: &Tensor, other: &str, expected: DType) -> Result<()> {
+pub(crate) fn expect_same_dtype(
+    op: &'static str,
+    name: &str,
+    tensor: &Tensor,
+    other: &str,
+    expected: DType,
+) -> Result<()> {
     if tensor.dtype() == expected {
         return Ok(());
     }
-    Err(Error::dtype(op, format!("{name} has dtype {} but {other} has {expected}", tensor.dtype())))
+    Err(Error::dtype(
+        op,
+        format!(
+            "{name} has dtype {} but {other} has {expected}",
+            tensor.dtype()
+        ),
+    ))
 }
 
-/// Checks that `tensor` has rank `rank` and returns its dimensions.
-pub(crate) fn expect_rank<'t>(op: &'static str, name: &str, tensor: &'t Tensor, rank: usize) -> Result<&'t [usize]> {
-    let dims = tensor.dims();
-    if dims.len() != rank {
-        return Err(Error::shape(op, format!("{name} has shape {:?}, expected rank {rank}", dims)));
-    }
-    Ok(dims)
+/// The dimensions of `tensor`, which must have rank `N`: `let [rows, cols] = dims_of(op, "x", &x)?;`.
+pub(crate) fn dims_of<const N: usize>(
+    op: &'static str,
+    name: &str,
+    tensor: &Tensor,
+) -> Result<[usize; N]> {
+    tensor.dims().try_into().map_err(|_| {
+        Error::shape(
+            op,
+            format!("{name} has shape {:?}, expected rank {N}", tensor.dims()),
+        )
+    })
 }
 
 /// Checks that `tensor` has exactly the shape `dims`.
-pub(crate) fn expect_dims(op: &'static str, name: &str, tensor: &Tensor, dims: &[usize]) -> Result<()> {
+pub(crate) fn expect_dims(
+    op: &'static str,
+    name: &str,
+    tensor: &Tensor,
+    dims: &[usize],
+) -> Result<()> {
     if tensor.dims() != dims {
-        return Err(Error::shape(op, format!("{name} has shape {:?}, expected {dims:?}", tensor.dims())));
+        return Err(Error::shape(
+            op,
+            format!("{name} has shape {:?}, expected {dims:?}", tensor.dims()),
+        ));
     }
     Ok(())
 }
@@ -83,7 +129,10 @@ pub(crate) fn expect_dims(op: &'static str, name: &str, tensor: &Tensor, dims: &
 /// The byte range of a contiguous tensor's elements within its storage.
 fn byte_range(op: &'static str, name: &str, tensor: &Tensor) -> Result<std::ops::Range<usize>> {
     if !tensor.is_contiguous() {
-        return Err(Error::NotContiguous { op, name: name.to_owned() });
+        return Err(Error::NotContiguous {
+            op,
+            name: name.to_owned(),
+        });
     }
     let size = tensor.dtype().size_in_bytes();
     let start = tensor.layout().offset() * size;
@@ -92,48 +141,79 @@ fn byte_range(op: &'static str, name: &str, tensor: &Tensor) -> Result<std::ops:
 
 /// The device memory of a contiguous CUDA tensor, exactly its elements (the view starts at the
 /// tensor's offset). Non-contiguous tensors are refused: copying them would hide a slow path.
-pub(crate) fn device_view<'t>(op: &'static str, name: &str, tensor: &'t Tensor) -> Result<CudaView<'t, u8>> {
+pub(crate) fn device_view<'t>(
+    op: &'static str,
+    name: &str,
+    tensor: &'t Tensor,
+) -> Result<CudaView<'t, u8>> {
     let range = byte_range(op, name, tensor)?;
     match tensor.storage() {
         Storage::Cuda(storage) => Ok(storage.slice().slice(range)),
-        Storage::Cpu(_) => Err(Error::device(op, format!("{name} is on the CPU; a CUDA tensor is needed"))),
+        Storage::Cpu(_) => Err(Error::device(
+            op,
+            format!("{name} is on the CPU; a CUDA tensor is needed"),
+        )),
     }
 }
 
 /// Mutable device memory of a contiguous CUDA tensor whose storage no other tensor shares.
-pub(crate) fn device_view_mut<'t>(op: &'static str, name: &str, tensor: &'t mut Tensor) -> Result<CudaViewMut<'t, u8>> {
+pub(crate) fn device_view_mut<'t>(
+    op: &'static str,
+    name: &str,
+    tensor: &'t mut Tensor,
+) -> Result<CudaViewMut<'t, u8>> {
     let range = byte_range(op, name, tensor)?;
     let storage = tensor
         .storage_mut()
         .map_err(|e| Error::shape(op, format!("{name} cannot be written in place: {e}")))?;
     match storage {
         Storage::Cuda(storage) => Ok(storage.slice_mut().slice_mut(range)),
-        Storage::Cpu(_) => Err(Error::device(op, format!("{name} is on the CPU; a CUDA tensor is needed"))),
+        Storage::Cpu(_) => Err(Error::device(
+            op,
+            format!("{name} is on the CPU; a CUDA tensor is needed"),
+        )),
     }
 }
 
 /// Device memory for `dims` elements of `dtype`, left uninitialised: the caller's kernel must
 /// write every element before the storage is read.
-pub(crate) fn alloc_output(op: &'static str, device: &CudaDevice, dtype: DType, dims: &[usize]) -> Result<CudaStorage> {
+pub(crate) fn alloc_output(
+    op: &'static str,
+    device: &CudaDevice,
+    dtype: DType,
+    dims: &[usize],
+) -> Result<CudaStorage> {
     let len = checked_product(op, dims)?;
-    let bytes = len
-        .checked_mul(dtype.size_in_bytes())
-        .ok_or_else(|| Error::shape(op, format!("an output of {dims:?} {dtype} overflows usize")))?;
+    let bytes = len.checked_mul(dtype.size_in_bytes()).ok_or_else(|| {
+        Error::shape(op, format!("an output of {dims:?} {dtype} overflows usize"))
+    })?;
     // SAFETY: `u8` has no invalid bit patterns; callers write the elements before they are read.
     // CUDA rejects zero-size allocations, hence at least one byte.
-    let slice = unsafe { device.stream().alloc::<u8>(bytes.max(1)) }
-        .map_err(|e| Error::cuda(op, format!("allocating {bytes} bytes on cuda:{}: {e}", device.ordinal())))?;
+    let slice = unsafe { device.stream().alloc::<u8>(bytes.max(1)) }.map_err(|e| {
+        Error::cuda(
+            op,
+            format!("allocating {bytes} bytes on cuda:{}: {e}", device.ordinal()),
+        )
+    })?;
     Ok(CudaStorage::from_slice(device, dtype, len, slice)?)
 }
 
 /// Wraps `storage` as a contiguous tensor of shape `dims`.
 pub(crate) fn into_tensor(storage: CudaStorage, dims: &[usize]) -> Result<Tensor> {
-    Ok(Tensor::from_storage(Storage::Cuda(storage), Layout::contiguous(Shape::from(dims.to_vec())))?)
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        Layout::contiguous(Shape::from(dims.to_vec())),
+    )?)
 }
 
 /// `value` as a kernel's `u32` argument, or a shape error naming it if it does not fit.
 pub(crate) fn arg_u32(op: &'static str, name: &str, value: usize) -> Result<u32> {
-    u32::try_from(value).map_err(|_| Error::shape(op, format!("{name} = {value} exceeds the kernel's 32-bit index range")))
+    u32::try_from(value).map_err(|_| {
+        Error::shape(
+            op,
+            format!("{name} = {value} exceeds the kernel's 32-bit index range"),
+        )
+    })
 }
 
 /// A failed kernel launch, naming the kernel.

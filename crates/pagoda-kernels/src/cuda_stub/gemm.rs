@@ -1,0 +1,16 @@
+//! Without the `cuda` feature: the signatures of `cuda::gemm`, each failing with
+//! [`pagoda_tensor::Error::CudaNotCompiled`].
+
+use pagoda_tensor::Tensor;
+
+use crate::{Error, Result};
+
+/// `x · wᵀ (+ bias)` on the GPU; always fails without the `cuda` feature.
+pub fn linear(_x: &Tensor, _w: &Tensor, _bias: Option<&Tensor>) -> Result<Tensor> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
+
+/// Batched `a[i] · b[i]` on the GPU; always fails without the `cuda` feature.
+pub fn matmul_strided_batched(_a: &Tensor, _b: &Tensor) -> Result<Tensor> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}

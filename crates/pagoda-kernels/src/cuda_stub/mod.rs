@@ -1,3 +1,6 @@
+//! The CUDA launchers' signatures for builds without the `cuda` feature: every function fails
+//! with [`pagoda_tensor::Error::CudaNotCompiled`], so callers need no `#[cfg]`.
+
 pub mod activation;
 pub mod embedding;
 pub mod gemm;

@@ -1,0 +1,75 @@
+//! Without the `cuda` feature: the signatures of `cuda::paged_attention`, failing with
+//! [`pagoda_tensor::Error::CudaNotCompiled`]; a [`DeviceBatchLayout`] cannot be built.
+
+use pagoda_tensor::{CudaDevice, Tensor};
+
+use crate::cpu::attention::AttentionParams;
+use crate::{Error, Result};
+
+/// The largest head dimension the CUDA kernel holds.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Uninhabited: no value of the stub types can exist.
+#[derive(Clone, Copy, Debug)]
+enum Never {}
+
+/// A batch layout on a CUDA device; cannot be built without the `cuda` feature.
+pub struct DeviceBatchLayout {
+    never: Never,
+}
+
+impl DeviceBatchLayout {
+    /// Always fails without the `cuda` feature.
+    pub fn new(
+        _query_start: &[u32],
+        _context_len: &[u32],
+        _block_tables: &[u32],
+        _max_blocks_per_seq: usize,
+        _block_size: usize,
+        _num_blocks: usize,
+        _device: &CudaDevice,
+    ) -> Result<Self> {
+        Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+    }
+
+    /// The number of sequences.
+    pub fn num_seqs(&self) -> usize {
+        match self.never {}
+    }
+
+    /// Query rows of the whole batch.
+    pub fn num_tokens(&self) -> usize {
+        match self.never {}
+    }
+
+    /// Block ids per sequence in `block_tables`.
+    pub fn max_blocks_per_seq(&self) -> usize {
+        match self.never {}
+    }
+
+    /// `query_start`, U32 `[num_seqs + 1]`.
+    pub fn query_start(&self) -> &Tensor {
+        match self.never {}
+    }
+
+    /// `context_len`, U32 `[num_seqs]`.
+    pub fn context_len(&self) -> &Tensor {
+        match self.never {}
+    }
+
+    /// `block_tables`, U32 `[num_seqs, max_blocks_per_seq]`.
+    pub fn block_tables(&self) -> &Tensor {
+        match self.never {}
+    }
+}
+
+/// Paged attention on the GPU; always fails without the `cuda` feature.
+pub fn paged_attention(
+    _q: &Tensor,
+    _layout: &DeviceBatchLayout,
+    _params: &AttentionParams,
+    _k_pages: &Tensor,
+    _v_pages: &Tensor,
+) -> Result<Tensor> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}

@@ -47,11 +47,20 @@ pub struct TestRng {
 
 impl TestRng {
     pub fn new(test: &str) -> TestRng {
-        let seed = std::env::var("PAGODA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
-        });
-        TestRng { rng: ChaCha8Rng::seed_from_u64(seed), seed, test: test.to_owned() }
+        let seed = std::env::var("PAGODA_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+            });
+        TestRng {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            seed,
+            test: test.to_owned(),
+        }
     }
 
     pub fn seed(&self) -> u64 {
@@ -64,7 +73,9 @@ impl TestRng {
 
     /// `len` values uniform in `[-scale, scale)`.
     pub fn uniform(&mut self, len: usize, scale: f32) -> Vec<f32> {
-        (0..len).map(|_| self.rng.random_range(-scale..scale)).collect()
+        (0..len)
+            .map(|_| self.rng.random_range(-scale..scale))
+            .collect()
     }
 
     /// `len` integers uniform in `[0, bound)`.
@@ -76,7 +87,10 @@ impl TestRng {
 impl Drop for TestRng {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("{}: failed with seed {}; replay with PAGODA_TEST_SEED={}", self.test, self.seed, self.seed);
+            eprintln!(
+                "{}: failed with seed {}; replay with PAGODA_TEST_SEED={}",
+                self.test, self.seed, self.seed
+            );
         }
     }
 }
@@ -145,7 +159,9 @@ pub fn non_contiguous(tensor: &Tensor) -> Tensor {
 
 /// The elements of any tensor as f32 on the host.
 pub fn download(tensor: &Tensor) -> Vec<f32> {
-    tensor.to_vec_f32().unwrap_or_else(|e| panic!("downloading {tensor:?}: {e}"))
+    tensor
+        .to_vec_f32()
+        .unwrap_or_else(|e| panic!("downloading {tensor:?}: {e}"))
 }
 
 /// `max |actual - expected| / max |expected|`; infinite when the lengths differ or `actual`
@@ -164,7 +180,11 @@ pub fn rel_error(actual: &[f32], expected: &[f32]) -> f64 {
         max_diff = max_diff.max((a - e).abs());
         max_ref = max_ref.max(e.abs());
     }
-    if max_diff == 0.0 { 0.0 } else { max_diff / max_ref.max(f64::MIN_POSITIVE) }
+    if max_diff == 0.0 {
+        0.0
+    } else {
+        max_diff / max_ref.max(f64::MIN_POSITIVE)
+    }
 }
 
 /// The relative error allowed for results stored in `dtype`.
@@ -186,11 +206,22 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], dtype: DType) 
         .zip(expected)
         .enumerate()
         .max_by(|(_, (a, e)), (_, (b, f))| {
-            let d1 = if a.is_finite() { (*a - *e).abs() } else { f32::INFINITY };
-            let d2 = if b.is_finite() { (*b - *f).abs() } else { f32::INFINITY };
+            let d1 = if a.is_finite() {
+                (*a - *e).abs()
+            } else {
+                f32::INFINITY
+            };
+            let d2 = if b.is_finite() {
+                (*b - *f).abs()
+            } else {
+                f32::INFINITY
+            };
             d1.total_cmp(&d2)
         })
         .map(|(i, (a, e))| format!("element {i}: {a} vs {e}"))
         .unwrap_or_else(|| format!("lengths {} vs {}", actual.len(), expected.len()));
-    panic!("{what}: relative error {error:e} >= {} ({worst})", tolerance(dtype));
+    panic!(
+        "{what}: relative error {error:e} >= {} ({worst})",
+        tolerance(dtype)
+    );
 }

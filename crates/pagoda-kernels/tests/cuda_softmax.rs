@@ -1,0 +1,113 @@
+//! The CUDA row softmax against the CPU oracle, on every path of the kernel: rows held by one
+//! block, by a cluster of 2, 4 or 8 blocks (Hopper), and the online form for longer rows.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::{
+    FLOAT_DTYPES, TestRng, assert_close, download, gpu_or_skip, non_contiguous, poison_pool, random_tensor, rounded,
+    upload,
+};
+use pagoda_kernels::{Error, cpu, cuda};
+use pagoda_tensor::{DType, Tensor};
+
+/// `softmax_rows` of `values` (`[rows, cols]`, already rounded to `dtype`) on the GPU and on the CPU.
+fn gpu_and_cpu(device: &pagoda_tensor::CudaDevice, values: &[f32], rows: usize, cols: usize, dtype: DType) -> (Vec<f32>, Vec<f32>) {
+    let x = upload(values, &[rows, cols], dtype, device);
+    poison_pool(device, rows * cols * 4);
+    let y = cuda::softmax::softmax_rows(&x).unwrap_or_else(|e| panic!("{rows} x {cols} {dtype}: {e}"));
+    assert_eq!((y.dims(), y.dtype()), (x.dims(), dtype));
+    let mut expected = values.to_vec();
+    cpu::softmax::softmax_rows(&mut expected, cols).unwrap();
+    (download(&y), expected)
+}
+
+#[test]
+fn matches_the_cpu_on_every_path() {
+    let Some(device) = gpu_or_skip("matches_the_cpu_on_every_path") else { return };
+    let mut rng = TestRng::new("matches_the_cpu_on_every_path");
+    // One block (e8, e16, e32), clusters of 2, 4 and 8 (the last with 1024 threads), online.
+    let shapes = [
+        (67, 1),
+        (5, 3),
+        (9, 67),
+        (4, 129),
+        (3, 1000),
+        (3, 4096),
+        (3, 4097),
+        (2, 16384),
+        (2, 16385),
+        (2, 40_000),
+        (2, 100_003),
+        (1, 200_000),
+        (2, 262_144),
+        (2, 300_001),
+    ];
+    for dtype in FLOAT_DTYPES {
+        for (rows, cols) in shapes {
+            let (_, values) = random_tensor(&mut rng, &[rows, cols], dtype, 8.0, &device);
+            let (actual, expected) = gpu_and_cpu(&device, &values, rows, cols, dtype);
+            assert_close(&format!("softmax {rows} x {cols} {dtype}"), &actual, &expected, dtype);
+        }
+    }
+}
+
+#[test]
+fn masked_large_and_undefined_rows_behave_as_on_the_cpu() {
+    let Some(device) = gpu_or_skip("masked_large_and_undefined_rows") else { return };
+    let mut rng = TestRng::new("masked_large_and_undefined_rows");
+    for dtype in FLOAT_DTYPES {
+        for cols in [5, 4097, 20_000, 300_000] {
+            let mut values = rounded(&rng.uniform(4 * cols, 4.0), dtype);
+            // Row 0: leading -inf entries and a scattering of them (causal masks look like this).
+            for (i, v) in values[..cols].iter_mut().enumerate() {
+                if i < cols / 2 || i % 7 == 3 {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            // Row 1: logits far above 88, where exp would overflow without the max subtracted.
+            for v in &mut values[cols..2 * cols] {
+                *v = rounded(&[*v + 1000.0], dtype)[0];
+            }
+            // Row 2: all -inf, which has no softmax: NaN, as on the CPU. Row 3 stays random.
+            values[2 * cols..3 * cols].fill(f32::NEG_INFINITY);
+
+            let (actual, expected) = gpu_and_cpu(&device, &values, 4, cols, dtype);
+            for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
+                assert_eq!(a.is_nan(), e.is_nan(), "{dtype} {cols}: element {i} is {a}, the CPU's {e}");
+            }
+            let finite = |v: &[f32]| v.iter().map(|&x| if x.is_nan() { 0.0 } else { x }).collect::<Vec<_>>();
+            assert_close(&format!("special rows of {cols} {dtype}"), &finite(&actual), &finite(&expected), dtype);
+            assert!(actual[2 * cols..3 * cols].iter().all(|v| v.is_nan()));
+        }
+    }
+}
+
+#[test]
+fn higher_rank_inputs_are_rows_of_the_last_dimension() {
+    let Some(device) = gpu_or_skip("higher_rank_inputs") else { return };
+    let mut rng = TestRng::new("higher_rank_inputs");
+    let (x, values) = random_tensor(&mut rng, &[2, 3, 50], DType::F32, 5.0, &device);
+    let y = cuda::softmax::softmax_rows(&x).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 50]);
+    let mut expected = values;
+    cpu::softmax::softmax_rows(&mut expected, 50).unwrap();
+    assert_close("rank 3", &download(&y), &expected, DType::F32);
+
+    let empty = upload(&[], &[0, 7], DType::F16, &device);
+    assert_eq!(cuda::softmax::softmax_rows(&empty).unwrap().dims(), &[0, 7]);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let Some(device) = gpu_or_skip("bad_inputs_are_errors") else { return };
+    let mut rng = TestRng::new("bad_inputs_are_errors");
+    let (x, _) = random_tensor(&mut rng, &[4, 6], DType::F16, 1.0, &device);
+    assert!(matches!(cuda::softmax::softmax_rows(&non_contiguous(&x)), Err(Error::NotContiguous { .. })));
+    let no_columns = upload(&[], &[3, 0], DType::F32, &device);
+    assert!(matches!(cuda::softmax::softmax_rows(&no_columns), Err(Error::Shape { .. })));
+    let on_host = Tensor::from_slice(&[1.0f32, 2.0], 2).unwrap();
+    assert!(matches!(cuda::softmax::softmax_rows(&on_host), Err(Error::Device { .. })));
+    let integers = x.to_dtype(DType::U32).unwrap();
+    assert!(matches!(cuda::softmax::softmax_rows(&integers), Err(Error::DType { .. })));
+}
