@@ -52,6 +52,49 @@ __device__ __forceinline__ bool both_aligned16(const void* a, const void* b) {
     return ((reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b)) & 15) == 0;
 }
 
+// exp(x - max) where an x of -inf contributes exactly 0 even when max is -inf too (a thread or block
+// whose values are all -inf, or padding), while NaN (and +inf against a max of +inf) still poison
+// the sum, as on the CPU.
+__device__ __forceinline__ float exp_shifted(float x, float max) {
+    return x == NEG_INF ? 0.0f : expf(x - max);
+}
+
+// Merges a running (max, sum of exp(x - max)) with another: both sums are rescaled to the larger max.
+// Commutative, so every lane of a butterfly reduction ends with the same result.
+__device__ __forceinline__ void merge_online(float& max, float& sum, float other_max, float other_sum) {
+    const float m = fmaxf(max, other_max);
+    sum = sum * exp_shifted(max, m) + other_sum * exp_shifted(other_max, m);
+    max = m;
+}
+
+__device__ __forceinline__ void warp_merge(float& max, float& sum) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float other_max = __shfl_xor_sync(0xffffffffu, max, offset);
+        const float other_sum = __shfl_xor_sync(0xffffffffu, sum, offset);
+        merge_online(max, sum, other_max, other_sum);
+    }
+}
+
+// The (max, sum) of the whole block, in every thread: one exchange through shared memory.
+__device__ __forceinline__ void block_merge(float& max, float& sum) {
+    __shared__ float maxes[32];
+    __shared__ float sums[32];
+    const unsigned lane = threadIdx.x & 31;
+    const unsigned warp = threadIdx.x >> 5;
+    const unsigned warps = blockDim.x >> 5;
+    warp_merge(max, sum);
+    __syncthreads();  // an earlier merge may still be reading the arrays
+    if (lane == 0) {
+        maxes[warp] = max;
+        sums[warp] = sum;
+    }
+    __syncthreads();
+    max = lane < warps ? maxes[lane] : NEG_INF;
+    sum = lane < warps ? sums[lane] : 0.0f;
+    warp_merge(max, sum);
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // Thread block cluster primitives (PTX ISA 7.8, sm_90): the rank of this block in its cluster, a
 // barrier over the whole cluster that orders shared-memory writes before it against reads after it,
@@ -80,6 +123,10 @@ __device__ __forceinline__ float load_from_cluster_block(const float* local, uns
 // multiple of the 16-byte vector width, so every segment starts aligned when the row does) as
 // E values per thread. Vector slot j of thread t is vector j * blockDim.x + t of the segment, so
 // each load instruction of a warp covers 512 contiguous bytes.
+//
+// Each thread exponentiates against its own maximum and the (max, sum) pairs are merged once per
+// block and once per cluster; the stored value is rescaled by exp(thread max - row max) / sum.
+// One exp per element and one exchange per level, instead of one for the max and one for the sum.
 template <typename T, int E, int CLUSTER>
 __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T* __restrict__ y,
                                                      unsigned long long rows, long long cols,
@@ -89,8 +136,11 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
     constexpr int SLOTS = E / V;
     unsigned rank = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    __shared__ float cluster_max;
-    __shared__ float cluster_sum;
+    // Each block's (max, sum) for the cluster to read; two slots, alternating by row, so that a
+    // block may write the next row's pair while a slower one still reads this row's.
+    __shared__ float exchange_max[2];
+    __shared__ float exchange_sum[2];
+    unsigned parity = 0;
     if (CLUSTER > 1) {
         rank = cluster_rank();
     }
@@ -109,58 +159,51 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
             load_or_pad<T, V>(x_row, base, end, aligned, v[j]);
         }
 
-        float max = NEG_INF;
+        float thread_max = NEG_INF;
 #pragma unroll
         for (int j = 0; j < SLOTS; ++j) {
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                max = fmaxf(max, v[j][e]);
+                thread_max = fmaxf(thread_max, v[j][e]);
             }
         }
-        max = block_max(max);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        if (CLUSTER > 1) {
-            if (threadIdx.x == 0) {
-                cluster_max = max;
-            }
-            cluster_barrier();
-#pragma unroll
-            for (unsigned b = 0; b < CLUSTER; ++b) {
-                max = fmaxf(max, load_from_cluster_block(&cluster_max, b));
-            }
-        }
-#endif
-
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < SLOTS; ++j) {
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                v[j][e] = expf(v[j][e] - max);
+                v[j][e] = exp_shifted(v[j][e], thread_max);
                 sum += v[j][e];
             }
         }
-        sum = block_sum(sum);
+        float max = thread_max;
+        block_merge(max, sum);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         if (CLUSTER > 1) {
             if (threadIdx.x == 0) {
-                cluster_sum = sum;
+                exchange_max[parity] = max;
+                exchange_sum[parity] = sum;
             }
             cluster_barrier();
+            max = NEG_INF;
             sum = 0.0f;
+            // Every thread of every block merges the same pairs in the same order: identical results.
 #pragma unroll
             for (unsigned b = 0; b < CLUSTER; ++b) {
-                sum += load_from_cluster_block(&cluster_sum, b);
+                merge_online(max, sum, load_from_cluster_block(&exchange_max[parity], b),
+                             load_from_cluster_block(&exchange_sum[parity], b));
             }
+            parity ^= 1;
         }
 #endif
 
-        const float inv_sum = 1.0f / sum;
+        // A row of -inf has max -inf and sum 0: 0 * (1 / 0) makes it NaN, as on the CPU.
+        const float scale = exp_shifted(thread_max, max) * (1.0f / sum);
 #pragma unroll
         for (int j = 0; j < SLOTS; ++j) {
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                v[j][e] *= inv_sum;
+                v[j][e] *= scale;
             }
             const long long base = start + (static_cast<long long>(j) * blockDim.x + threadIdx.x) * V;
             store_or_clip<T, V>(y_row, base, end, aligned, v[j]);
@@ -174,86 +217,67 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
 #endif
 }
 
-// exp(x - max) where an x of -inf contributes exactly 0 even when max is -inf too (a row that starts
-// with -inf entries), while NaN (and +inf against a max of +inf) still poison the sum as on the CPU.
-__device__ __forceinline__ float exp_shifted(float x, float max) {
-    return x == NEG_INF ? 0.0f : expf(x - max);
-}
-
-// Merges a running (max, sum) with another: sums are rescaled to the larger maximum.
-__device__ __forceinline__ void merge_online(float& max, float& sum, float other_max, float other_sum) {
-    const float m = fmaxf(max, other_max);
-    sum = sum * exp_shifted(max, m) + other_sum * exp_shifted(other_max, m);
-    max = m;
-}
+// Vectors each thread loads before using any, in the online form: enough bytes in flight per
+// multiprocessor to cover memory latency with one block of 1024 threads per row.
+constexpr int UNROLL = 4;
 
 template <typename T>
 __device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,
                                                long long cols) {
     constexpr int V = Pack<T>::N;
-    __shared__ float scratch_max[32];
-    __shared__ float scratch_sum[32];
-    const unsigned lane = threadIdx.x % 32;
-    const unsigned warp = threadIdx.x / 32;
-    const unsigned warps = blockDim.x / 32;
     const long long vectors = (cols + V - 1) / V;
+    const long long stride = blockDim.x;
+    const long long group = UNROLL * stride;
     for (unsigned long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* x_row = x + r * cols;
         T* y_row = y + r * cols;
         const bool aligned = both_aligned16(x_row, y_row);
 
+        // Pass 1: a running (max, sum) per thread over its vectors, UNROLL loads at a time.
         float max = NEG_INF;
         float sum = 0.0f;
-        for (long long i = threadIdx.x; i < vectors; i += blockDim.x) {
-            float v[V];
-            load_or_pad<T, V>(x_row, i * V, cols, aligned, v);
-            float vector_max = NEG_INF;
+        for (long long first = threadIdx.x; first < vectors; first += group) {
+            float v[UNROLL][V];
 #pragma unroll
-            for (int e = 0; e < V; ++e) {
-                vector_max = fmaxf(vector_max, v[e]);
+            for (int u = 0; u < UNROLL; ++u) {
+                load_or_pad<T, V>(x_row, (first + u * stride) * V, cols, aligned, v[u]);
             }
-            float vector_sum = 0.0f;
 #pragma unroll
-            for (int e = 0; e < V; ++e) {
-                vector_sum += exp_shifted(v[e], vector_max);
-            }
-            merge_online(max, sum, vector_max, vector_sum);
-        }
-
-#pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) {
-            const float other_max = __shfl_xor_sync(0xffffffffu, max, offset);
-            const float other_sum = __shfl_xor_sync(0xffffffffu, sum, offset);
-            merge_online(max, sum, other_max, other_sum);
-        }
-        __syncthreads();  // the scratch of the previous row has been read by every thread
-        if (lane == 0) {
-            scratch_max[warp] = max;
-            scratch_sum[warp] = sum;
-        }
-        __syncthreads();
-        max = lane < warps ? scratch_max[lane] : NEG_INF;
-        sum = lane < warps ? scratch_sum[lane] : 0.0f;
-#pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) {
-            const float other_max = __shfl_xor_sync(0xffffffffu, max, offset);
-            const float other_sum = __shfl_xor_sync(0xffffffffu, sum, offset);
-            merge_online(max, sum, other_max, other_sum);
-        }
-
-        const float inv_sum = 1.0f / sum;
-        // Back to front: the end of the row was read last and is the part most likely still in L2.
-        const long long stride = blockDim.x;
-        const long long first = threadIdx.x;
-        if (first < vectors) {
-            for (long long i = first + (vectors - 1 - first) / stride * stride; i >= 0; i -= stride) {
-                float v[V];
-                load_or_pad<T, V>(x_row, i * V, cols, aligned, v);
+            for (int u = 0; u < UNROLL; ++u) {
+                float vector_max = NEG_INF;
 #pragma unroll
                 for (int e = 0; e < V; ++e) {
-                    v[e] = exp_shifted(v[e], max) * inv_sum;
+                    vector_max = fmaxf(vector_max, v[u][e]);
                 }
-                store_or_clip<T, V>(y_row, i * V, cols, aligned, v);
+                float vector_sum = 0.0f;
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    vector_sum += exp_shifted(v[u][e], vector_max);
+                }
+                merge_online(max, sum, vector_max, vector_sum);
+            }
+        }
+        block_merge(max, sum);
+
+        // Pass 2, back to front: the end of the row was read last and is the part most likely
+        // still in L2.
+        const float inv_sum = 1.0f / sum;
+        if (static_cast<long long>(threadIdx.x) < vectors) {
+            const long long last = threadIdx.x + (vectors - 1 - threadIdx.x) / group * group;
+            for (long long first = last; first >= 0; first -= group) {
+                float v[UNROLL][V];
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    load_or_pad<T, V>(x_row, (first + u * stride) * V, cols, aligned, v[u]);
+                }
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+                    for (int e = 0; e < V; ++e) {
+                        v[u][e] = exp_shifted(v[u][e], max) * inv_sum;
+                    }
+                    store_or_clip<T, V>(y_row, (first + u * stride) * V, cols, aligned, v[u]);
+                }
             }
         }
     }

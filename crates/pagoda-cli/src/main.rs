@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use pagoda_engine::{ChatMessage, Device, Engine, GenerationParams, Prompt, SamplingConfig};
 
 #[derive(Parser)]
-#[command(name = "pagoda", version, about = "LLM inference: generate text with GPT-NeoX and Llama models")]
+#[command(
+    name = "pagoda",
+    version,
+    about = "LLM inference: generate text with GPT-NeoX and Llama models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -91,7 +95,10 @@ fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
     };
     params.validate()?;
     let load_start = Instant::now();
-    let mut engine = Engine::builder().model(&args.model).device(device).build()?;
+    let mut engine = Engine::builder()
+        .model(&args.model)
+        .device(device)
+        .build()?;
     eprintln!(
         "loaded {} in {:.2} s",
         args.model.display(),
@@ -121,7 +128,11 @@ fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
         generation.token_ids.len(),
         generation.finish_reason,
         generation.time_to_first_token.as_secs_f64() * 1e3,
-        if decode_secs > 0.0 { decoded as f64 / decode_secs } else { 0.0 }
+        if decode_secs > 0.0 {
+            decoded as f64 / decode_secs
+        } else {
+            0.0
+        }
     );
     Ok(())
 }

@@ -8,8 +8,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: generate MODEL PROMPT".into());
     };
     let mut engine = Engine::builder().model(model).build()?;
-    let params = GenerationParams { max_tokens: 64, ..Default::default() };
-    let out = engine.generate_stream(&Prompt::Text(prompt), &params, |text| Ok(print!("{text}")))?;
+    let params = GenerationParams {
+        max_tokens: 64,
+        ..Default::default()
+    };
+    let out = engine.generate_stream(&Prompt::Text(prompt), &params, |text| {
+        print!("{text}");
+        Ok(())
+    })?;
     eprintln!("\n{} tokens, {:?}", out.token_ids.len(), out.finish_reason);
     Ok(())
 }

@@ -78,7 +78,9 @@ impl EngineBuilder {
     }
 
     pub fn build(self) -> Result<Engine> {
-        let path = self.model.ok_or(Error::Config("no model given: call .model(path)".into()))?;
+        let path = self
+            .model
+            .ok_or(Error::Config("no model given: call .model(path)".into()))?;
         if self.device != Device::Cpu {
             return Err(Error::Config(format!(
                 "device {:?} is not supported by the engine yet; use the CPU",
@@ -173,7 +175,10 @@ impl Engine {
         if ids.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.model.info().vocab_size) {
+        if let Some(&bad) = ids
+            .iter()
+            .find(|&&id| id as usize >= self.model.info().vocab_size)
+        {
             return Err(Error::InvalidRequest(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.model.info().vocab_size
@@ -210,7 +215,14 @@ impl Engine {
         }
         let mut sampler = Sampler::new(params.sampling.clone(), params.seed)?;
         let mut table = BlockTable::new(self.kv.config().block_size);
-        let result = self.run(&prompt_ids, params, &mut sampler, &mut table, &mut on_text, start);
+        let result = self.run(
+            &prompt_ids,
+            params,
+            &mut sampler,
+            &mut table,
+            &mut on_text,
+            start,
+        );
         // Blocks go back whether generation finished or failed half way.
         table.free(self.kv.allocator())?;
         result
@@ -267,7 +279,11 @@ impl Engine {
         table.append(tokens.len(), self.kv.allocator())?;
         let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
         let slots = (start..start + tokens.len())
-            .map(|p| table.slot(p).ok_or_else(|| Error::Internal(format!("no KV slot for position {p}"))))
+            .map(|p| {
+                table
+                    .slot(p)
+                    .ok_or_else(|| Error::Internal(format!("no KV slot for position {p}")))
+            })
             .collect::<Result<Vec<u32>>>()?;
         let batch = Batch {
             tokens: tokens.to_vec(),
@@ -297,7 +313,8 @@ fn load_tokenizer(path: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
                 )));
             }
             let tokenizer = Tokenizer::from_file(&tokenizer_json)?;
-            let template = ChatTemplate::from_tokenizer_config(&path.join("tokenizer_config.json"))?;
+            let template =
+                ChatTemplate::from_tokenizer_config(&path.join("tokenizer_config.json"))?;
             Ok((tokenizer, template))
         }
         CheckpointFormat::Gguf => {

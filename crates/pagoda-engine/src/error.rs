@@ -22,5 +22,4 @@ pub enum Error {
     Kernel(#[from] pagoda_kernels::Error),
 }
 
-
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -30,7 +30,9 @@ impl Default for GenerationParams {
 impl GenerationParams {
     pub fn validate(&self) -> Result<()> {
         if self.max_tokens == 0 {
-            return Err(Error::InvalidRequest("max_tokens must be at least 1".into()));
+            return Err(Error::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         Ok(self.sampling.validate()?)
     }

@@ -43,7 +43,9 @@ fn model_path() -> Option<PathBuf> {
             panic!("PAGODA_REQUIRE_MODELS=1 but PAGODA_SMOLLM2_GGUF is not set")
         }
         None => {
-            eprintln!("skipped: set PAGODA_SMOLLM2_GGUF to the SmolLM2 GGUF file (scripts/fetch-smollm2.sh)");
+            eprintln!(
+                "skipped: set PAGODA_SMOLLM2_GGUF to the SmolLM2 GGUF file (scripts/fetch-smollm2.sh)"
+            );
             None
         }
     }
@@ -66,7 +68,10 @@ fn engine() -> Option<&'static Mutex<Engine>> {
 }
 
 fn reference() -> Reference {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/smollm2_reference.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/smollm2_reference.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -93,12 +98,21 @@ fn greedy_continuations_match_transformers() {
                         content: m.content.clone(),
                     })
                     .collect();
-                assert_eq!(engine.render_chat(&messages).unwrap(), case.prompt, "chat template");
+                assert_eq!(
+                    engine.render_chat(&messages).unwrap(),
+                    case.prompt,
+                    "chat template"
+                );
                 Prompt::Chat(messages)
             }
             other => panic!("unknown case kind {other}"),
         };
-        assert_eq!(engine.prompt_tokens(&prompt).unwrap(), case.input_ids, "tokens of {:?}", case.prompt);
+        assert_eq!(
+            engine.prompt_tokens(&prompt).unwrap(),
+            case.input_ids,
+            "tokens of {:?}",
+            case.prompt
+        );
 
         let mut streamed = String::new();
         let out = engine
@@ -113,7 +127,11 @@ fn greedy_continuations_match_transformers() {
             expected.pop();
         }
         assert_eq!(out.token_ids, expected, "continuation of {:?}", case.prompt);
-        let expected_reason = if case.stopped_on_eos { FinishReason::Stop } else { FinishReason::Length };
+        let expected_reason = if case.stopped_on_eos {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        };
         assert_eq!(out.finish_reason, expected_reason);
         assert_eq!(out.text, case.completion_text);
         assert_eq!(streamed, out.text, "the stream carries exactly the text");
@@ -140,8 +158,13 @@ fn sampling_is_reproducible_by_seed() {
     let b = engine.generate(&prompt, &params(7)).unwrap();
     assert_eq!(a.token_ids, b.token_ids);
     assert_eq!(a.token_ids.len(), 12);
-    let others: Vec<Vec<u32>> = (8..12).map(|s| engine.generate(&prompt, &params(s)).unwrap().token_ids).collect();
-    assert!(others.iter().any(|o| *o != a.token_ids), "different seeds should not all agree");
+    let others: Vec<Vec<u32>> = (8..12)
+        .map(|s| engine.generate(&prompt, &params(s)).unwrap().token_ids)
+        .collect();
+    assert!(
+        others.iter().any(|o| *o != a.token_ids),
+        "different seeds should not all agree"
+    );
 }
 
 #[test]
@@ -153,28 +176,64 @@ fn bad_requests_are_refused_with_a_reason() {
 
     let long = Prompt::Tokens(vec![504; 600]);
     let message = engine.generate(&long, &greedy(4)).unwrap_err().to_string();
-    assert!(message.contains("600") && message.contains("512"), "{message}");
+    assert!(
+        message.contains("600") && message.contains("512"),
+        "{message}"
+    );
     let just_over = Prompt::Tokens(vec![504; 500]);
-    assert!(matches!(engine.generate(&just_over, &greedy(13)), Err(Error::InvalidRequest(_))));
+    assert!(matches!(
+        engine.generate(&just_over, &greedy(13)),
+        Err(Error::InvalidRequest(_))
+    ));
 
     let out_of_vocab = Prompt::Tokens(vec![49_152]);
-    assert!(matches!(engine.generate(&out_of_vocab, &greedy(4)), Err(Error::InvalidRequest(_))));
+    assert!(matches!(
+        engine.generate(&out_of_vocab, &greedy(4)),
+        Err(Error::InvalidRequest(_))
+    ));
 
     let prompt = Prompt::Text("Hello".into());
-    assert!(matches!(engine.generate(&prompt, &greedy(0)), Err(Error::InvalidRequest(_))));
+    assert!(matches!(
+        engine.generate(&prompt, &greedy(0)),
+        Err(Error::InvalidRequest(_))
+    ));
     for sampling in [
-        SamplingConfig { temperature: -1.0, ..SamplingConfig::greedy() },
-        SamplingConfig { temperature: f32::NAN, ..SamplingConfig::greedy() },
-        SamplingConfig { top_p: 0.0, ..SamplingConfig::greedy() },
-        SamplingConfig { top_p: 1.5, ..SamplingConfig::greedy() },
-        SamplingConfig { min_p: 2.0, ..SamplingConfig::greedy() },
+        SamplingConfig {
+            temperature: -1.0,
+            ..SamplingConfig::greedy()
+        },
+        SamplingConfig {
+            temperature: f32::NAN,
+            ..SamplingConfig::greedy()
+        },
+        SamplingConfig {
+            top_p: 0.0,
+            ..SamplingConfig::greedy()
+        },
+        SamplingConfig {
+            top_p: 1.5,
+            ..SamplingConfig::greedy()
+        },
+        SamplingConfig {
+            min_p: 2.0,
+            ..SamplingConfig::greedy()
+        },
     ] {
-        let params = GenerationParams { sampling: sampling.clone(), ..greedy(4) };
-        assert!(engine.generate(&prompt, &params).is_err(), "{sampling:?} accepted");
+        let params = GenerationParams {
+            sampling: sampling.clone(),
+            ..greedy(4)
+        };
+        assert!(
+            engine.generate(&prompt, &params).is_err(),
+            "{sampling:?} accepted"
+        );
     }
 
     // A refused or finished request leaves no blocks behind: a prompt filling the whole
     // context still fits afterwards.
     let full = Prompt::Tokens(vec![504; 511]);
-    assert_eq!(engine.generate(&full, &greedy(1)).unwrap().token_ids.len(), 1);
+    assert_eq!(
+        engine.generate(&full, &greedy(1)).unwrap().token_ids.len(),
+        1
+    );
 }

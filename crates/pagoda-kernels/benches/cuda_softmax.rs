@@ -49,7 +49,9 @@ fn time_gpu(device: &CudaDevice, iters: u64, mut f: impl FnMut()) -> Duration {
 /// The median of `runs` timings of one call each (after a warm-up call), in seconds.
 fn median_seconds(device: &CudaDevice, runs: usize, mut f: impl FnMut()) -> f64 {
     f();
-    let mut times: Vec<f64> = (0..runs).map(|_| time_gpu(device, 1, &mut f).as_secs_f64()).collect();
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| time_gpu(device, 1, &mut f).as_secs_f64())
+        .collect();
     times.sort_by(f64::total_cmp);
     times[runs / 2]
 }
@@ -62,19 +64,29 @@ struct CopyBuffers {
 impl CopyBuffers {
     fn new(device: &CudaDevice) -> CopyBuffers {
         let stream = device.stream();
-        let from = stream.clone_htod(&vec![0x5au8; COPY_BYTES]).expect("allocating the copy source");
-        let to = stream.alloc_zeros::<u8>(COPY_BYTES).expect("allocating the copy destination");
+        let from = stream
+            .clone_htod(&vec![0x5au8; COPY_BYTES])
+            .expect("allocating the copy source");
+        let to = stream
+            .alloc_zeros::<u8>(COPY_BYTES)
+            .expect("allocating the copy destination");
         CopyBuffers { from, to }
     }
 
     fn copy(&mut self, device: &CudaDevice) {
-        device.stream().memcpy_dtod(&self.from, &mut self.to).expect("device-to-device copy");
+        device
+            .stream()
+            .memcpy_dtod(&self.from, &mut self.to)
+            .expect("device-to-device copy");
     }
 }
 
 fn bench(c: &mut Criterion, device: &CudaDevice, copies: &mut CopyBuffers) {
     let mut group = c.benchmark_group("cuda_softmax_f16");
-    group.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
 
     group.throughput(Throughput::Bytes(2 * COPY_BYTES as u64));
     group.bench_function(BenchmarkId::new("copy", "1GiB"), |b| {
@@ -83,11 +95,16 @@ fn bench(c: &mut Criterion, device: &CudaDevice, copies: &mut CopyBuffers) {
     for (rows, cols) in SHAPES {
         let x = logits(rows, cols, device);
         group.throughput(Throughput::Bytes((2 * rows * cols * 2) as u64));
-        group.bench_function(BenchmarkId::new("softmax_rows", format!("{rows}x{cols}")), |b| {
-            b.iter_custom(|iters| {
-                time_gpu(device, iters, || drop(black_box(cuda::softmax::softmax_rows(&x).expect("softmax"))))
-            })
-        });
+        group.bench_function(
+            BenchmarkId::new("softmax_rows", format!("{rows}x{cols}")),
+            |b| {
+                b.iter_custom(|iters| {
+                    time_gpu(device, iters, || {
+                        drop(black_box(cuda::softmax::softmax_rows(&x).expect("softmax")))
+                    })
+                })
+            },
+        );
     }
     group.finish();
 }
@@ -97,11 +114,22 @@ fn summary(device: &CudaDevice, copies: &mut CopyBuffers) {
     let copy_seconds = median_seconds(device, RUNS, || copies.copy(device));
     let copy_rate = 2.0 * COPY_BYTES as f64 / copy_seconds / 1e9;
     println!("\nsoftmax f16 (median of {RUNS} calls; bytes = read + write)");
-    println!("{:>18} {:>10} {:>10} {:>8}", "rows x cols", "ms", "GB/s", "of copy");
-    println!("{:>18} {:>10.3} {:>10.0} {:>8}", "copy 1 GiB", copy_seconds * 1e3, copy_rate, "100%");
+    println!(
+        "{:>18} {:>10} {:>10} {:>8}",
+        "rows x cols", "ms", "GB/s", "of copy"
+    );
+    println!(
+        "{:>18} {:>10.3} {:>10.0} {:>8}",
+        "copy 1 GiB",
+        copy_seconds * 1e3,
+        copy_rate,
+        "100%"
+    );
     for (rows, cols) in SHAPES {
         let x = logits(rows, cols, device);
-        let seconds = median_seconds(device, RUNS, || drop(cuda::softmax::softmax_rows(&x).expect("softmax")));
+        let seconds = median_seconds(device, RUNS, || {
+            drop(cuda::softmax::softmax_rows(&x).expect("softmax"))
+        });
         let rate = (2 * rows * cols * 2) as f64 / seconds / 1e9;
         println!(
             "{:>18} {:>10.3} {:>10.0} {:>7.1}%",

@@ -23,26 +23,61 @@ fn scattered_slots(rng: &mut TestRng, geometry: &PageGeometry, tokens: usize) ->
 }
 
 fn page_dims(geometry: &PageGeometry) -> [usize; 4] {
-    [geometry.num_blocks, geometry.block_size, geometry.num_kv_heads, geometry.head_dim]
+    [
+        geometry.num_blocks,
+        geometry.block_size,
+        geometry.num_kv_heads,
+        geometry.head_dim,
+    ]
 }
 
 /// Pages written on the GPU against the CPU's, both starting as NaN: the written slots must match
 /// and every other element must still be NaN.
 fn assert_pages(what: &str, actual: &[f32], expected: &[f32], dtype: DType) {
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
-        assert_eq!(a.is_nan(), e.is_nan(), "{what}: element {i} is {a}, expected {e}");
+        assert_eq!(
+            a.is_nan(),
+            e.is_nan(),
+            "{what}: element {i} is {a}, expected {e}"
+        );
     }
-    let zeroed = |v: &[f32]| v.iter().map(|&x| if x.is_nan() { 0.0 } else { x }).collect::<Vec<_>>();
+    let zeroed = |v: &[f32]| {
+        v.iter()
+            .map(|&x| if x.is_nan() { 0.0 } else { x })
+            .collect::<Vec<_>>()
+    };
     assert_close(what, &zeroed(actual), &zeroed(expected), dtype);
 }
 
 const GEOMETRIES: [PageGeometry; 3] = [
-    PageGeometry { num_blocks: 7, block_size: 16, num_kv_heads: 2, head_dim: 64 },
-    PageGeometry { num_blocks: 5, block_size: 3, num_kv_heads: 3, head_dim: 5 },
-    PageGeometry { num_blocks: 3, block_size: 1, num_kv_heads: 1, head_dim: 80 },
+    PageGeometry {
+        num_blocks: 7,
+        block_size: 16,
+        num_kv_heads: 2,
+        head_dim: 64,
+    },
+    PageGeometry {
+        num_blocks: 5,
+        block_size: 3,
+        num_kv_heads: 3,
+        head_dim: 5,
+    },
+    PageGeometry {
+        num_blocks: 3,
+        block_size: 1,
+        num_kv_heads: 1,
+        head_dim: 80,
+    },
 ];
 
-fn run_write(device: &CudaDevice, rng: &mut TestRng, geometry: &PageGeometry, tokens: usize, dtype: DType, rope: Option<&RopeTable>) {
+fn run_write(
+    device: &CudaDevice,
+    rng: &mut TestRng,
+    geometry: &PageGeometry,
+    tokens: usize,
+    dtype: DType,
+    rope: Option<&RopeTable>,
+) {
     let dims = [tokens, geometry.num_kv_heads, geometry.head_dim];
     let (k, k_values) = random_tensor(rng, &dims, dtype, 2.0, device);
     let (v, v_values) = random_tensor(rng, &dims, dtype, 2.0, device);
@@ -55,37 +90,94 @@ fn run_write(device: &CudaDevice, rng: &mut TestRng, geometry: &PageGeometry, to
     let mut expected_v = expected_k.clone();
 
     let slots_gpu = upload_u32(&slots, device);
-    let what = format!("{dtype} {geometry:?} {tokens} tokens rope {}", rope.is_some());
+    let what = format!(
+        "{dtype} {geometry:?} {tokens} tokens rope {}",
+        rope.is_some()
+    );
     match rope {
         None => {
             write_kv(&k, &v, &slots_gpu, &mut k_pages, &mut v_pages).unwrap();
-            cpu::kv_write::write_kv(&k_values, &v_values, &slots, geometry, &mut expected_k, &mut expected_v).unwrap();
+            cpu::kv_write::write_kv(
+                &k_values,
+                &v_values,
+                &slots,
+                geometry,
+                &mut expected_k,
+                &mut expected_v,
+            )
+            .unwrap();
         }
         Some(table) => {
             let gpu_table = CudaRopeTable::new(table, device).unwrap();
             let positions_gpu = upload_u32(&positions, device);
-            rope_write_kv(&k, &v, &positions_gpu, &slots_gpu, &gpu_table, &mut k_pages, &mut v_pages).unwrap();
+            rope_write_kv(
+                &k,
+                &v,
+                &positions_gpu,
+                &slots_gpu,
+                &gpu_table,
+                &mut k_pages,
+                &mut v_pages,
+            )
+            .unwrap();
             let mut rotated = k_values.clone();
-            cpu::rope::apply_rope(&mut rotated, geometry.num_kv_heads, geometry.head_dim, &positions, table).unwrap();
-            cpu::kv_write::write_kv(&rotated, &v_values, &slots, geometry, &mut expected_k, &mut expected_v).unwrap();
+            cpu::rope::apply_rope(
+                &mut rotated,
+                geometry.num_kv_heads,
+                geometry.head_dim,
+                &positions,
+                table,
+            )
+            .unwrap();
+            cpu::kv_write::write_kv(
+                &rotated,
+                &v_values,
+                &slots,
+                geometry,
+                &mut expected_k,
+                &mut expected_v,
+            )
+            .unwrap();
             assert_eq!(download(&k), k_values, "{what}: k itself must not change");
         }
     }
-    assert_pages(&format!("k pages, {what}"), &download(&k_pages), &expected_k, dtype);
-    assert_pages(&format!("v pages, {what}"), &download(&v_pages), &expected_v, dtype);
+    assert_pages(
+        &format!("k pages, {what}"),
+        &download(&k_pages),
+        &expected_k,
+        dtype,
+    );
+    assert_pages(
+        &format!("v pages, {what}"),
+        &download(&v_pages),
+        &expected_v,
+        dtype,
+    );
 
     // Padding rows: a slot past the pages writes nothing.
     slots.iter_mut().for_each(|s| *s = u32::MAX);
     let before = (download(&k_pages), download(&v_pages));
-    write_kv(&k, &v, &upload_u32(&slots, device), &mut k_pages, &mut v_pages).unwrap();
+    write_kv(
+        &k,
+        &v,
+        &upload_u32(&slots, device),
+        &mut k_pages,
+        &mut v_pages,
+    )
+    .unwrap();
     let after = (download(&k_pages), download(&v_pages));
     let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-    assert!(same(&before.0, &after.0) && same(&before.1, &after.1), "{what}: padding slots wrote");
+    assert!(
+        same(&before.0, &after.0) && same(&before.1, &after.1),
+        "{what}: padding slots wrote"
+    );
 }
 
 #[test]
 fn write_kv_matches_the_cpu_with_scattered_slots() {
-    let Some(device) = gpu_or_skip("write_kv_matches_the_cpu") else { return };
+    let Some(device) = gpu_or_skip("write_kv_matches_the_cpu") else {
+        return;
+    };
     let mut rng = TestRng::new("write_kv_matches_the_cpu");
     for geometry in &GEOMETRIES {
         let slots = geometry.num_blocks * geometry.block_size;
@@ -99,11 +191,16 @@ fn write_kv_matches_the_cpu_with_scattered_slots() {
 
 #[test]
 fn rope_write_kv_matches_apply_rope_then_write_kv() {
-    let Some(device) = gpu_or_skip("rope_write_kv_matches") else { return };
+    let Some(device) = gpu_or_skip("rope_write_kv_matches") else {
+        return;
+    };
     let mut rng = TestRng::new("rope_write_kv_matches");
     for geometry in &GEOMETRIES {
         // Full rotation and a partial one (Pythia rotates a quarter of each head).
-        let rotary_dims = [geometry.head_dim / 2 * 2, ((geometry.head_dim / 4) & !1).max(2)];
+        let rotary_dims = [
+            geometry.head_dim / 2 * 2,
+            ((geometry.head_dim / 4) & !1).max(2),
+        ];
         for rotary_dim in rotary_dims {
             let table = RopeTable::new(rotary_dim, 10000.0, 512, None).unwrap();
             let slots = geometry.num_blocks * geometry.block_size;
@@ -118,7 +215,9 @@ fn rope_write_kv_matches_apply_rope_then_write_kv() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    let Some(device) = gpu_or_skip("kv_write_bad_inputs") else { return };
+    let Some(device) = gpu_or_skip("kv_write_bad_inputs") else {
+        return;
+    };
     let mut rng = TestRng::new("kv_write_bad_inputs");
     let geometry = GEOMETRIES[0];
     let pages = page_dims(&geometry);
@@ -127,16 +226,46 @@ fn bad_inputs_are_errors() {
     let mut k_pages = poisoned(&pages, DType::F16, &device);
     let mut v_pages = poisoned(&pages, DType::F16, &device);
     let mut f32_pages = poisoned(&pages, DType::F32, &device);
-    assert!(matches!(write_kv(&k, &k, &slots, &mut f32_pages, &mut v_pages), Err(Error::DType { .. })));
-    assert!(matches!(write_kv(&k, &k, &upload_u32(&[0], &device), &mut k_pages, &mut v_pages), Err(Error::Shape { .. })));
+    assert!(matches!(
+        write_kv(&k, &k, &slots, &mut f32_pages, &mut v_pages),
+        Err(Error::DType { .. })
+    ));
+    assert!(matches!(
+        write_kv(
+            &k,
+            &k,
+            &upload_u32(&[0], &device),
+            &mut k_pages,
+            &mut v_pages
+        ),
+        Err(Error::Shape { .. })
+    ));
     let mut wrong_heads = poisoned(&[7, 16, 1, 128], DType::F16, &device);
     let mut wrong_heads_v = poisoned(&[7, 16, 1, 128], DType::F16, &device);
-    assert!(matches!(write_kv(&k, &k, &slots, &mut wrong_heads, &mut wrong_heads_v), Err(Error::Shape { .. })));
+    assert!(matches!(
+        write_kv(&k, &k, &slots, &mut wrong_heads, &mut wrong_heads_v),
+        Err(Error::Shape { .. })
+    ));
     let (short_v, _) = random_tensor(&mut rng, &[1, 2, 64], DType::F16, 1.0, &device);
-    assert!(matches!(write_kv(&k, &short_v, &slots, &mut k_pages, &mut v_pages), Err(Error::Shape { .. })));
+    assert!(matches!(
+        write_kv(&k, &short_v, &slots, &mut k_pages, &mut v_pages),
+        Err(Error::Shape { .. })
+    ));
 
-    let table = CudaRopeTable::new(&RopeTable::new(128, 10000.0, 16, None).unwrap(), &device).unwrap();
+    let table =
+        CudaRopeTable::new(&RopeTable::new(128, 10000.0, 16, None).unwrap(), &device).unwrap();
     let positions = upload_u32(&[0, 1], &device);
-    let result = rope_write_kv(&k, &k, &positions, &slots, &table, &mut k_pages, &mut v_pages);
-    assert!(matches!(result, Err(Error::Shape { .. })), "rotary_dim 128 > head_dim 64: {result:?}");
+    let result = rope_write_kv(
+        &k,
+        &k,
+        &positions,
+        &slots,
+        &table,
+        &mut k_pages,
+        &mut v_pages,
+    );
+    assert!(
+        matches!(result, Err(Error::Shape { .. })),
+        "rotary_dim 128 > head_dim 64: {result:?}"
+    );
 }

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{FLOAT_DTYPES, TestRng, assert_close, download, gpu_or_skip, poison_pool, random_tensor};
+use common::{
+    FLOAT_DTYPES, TestRng, assert_close, download, gpu_or_skip, poison_pool, random_tensor,
+};
 use pagoda_kernels::cpu::attention::{AttentionParams, SequenceSpan};
 use pagoda_kernels::cpu::kv_write::PageGeometry;
 use pagoda_kernels::cuda::paged_attention::{DeviceBatchLayout, paged_attention};
@@ -23,8 +25,17 @@ struct Case<'a> {
 }
 
 fn run(device: &CudaDevice, rng: &mut TestRng, case: &Case<'_>, dtype: DType) {
-    let Case { seqs, num_heads, num_kv_heads, head_dim, block_size } = *case;
-    let needed: Vec<usize> = seqs.iter().map(|&(_, context)| context.div_ceil(block_size)).collect();
+    let Case {
+        seqs,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+    } = *case;
+    let needed: Vec<usize> = seqs
+        .iter()
+        .map(|&(_, context)| context.div_ceil(block_size))
+        .collect();
     // A few pages no sequence uses, so that a wrong block id reads data that does not belong.
     let num_blocks = needed.iter().sum::<usize>() + 3;
     let max_blocks = needed.iter().copied().max().unwrap_or(0) + 2;
@@ -44,21 +55,49 @@ fn run(device: &CudaDevice, rng: &mut TestRng, case: &Case<'_>, dtype: DType) {
     }
     let num_tokens = *query_start.last().unwrap_or(&0) as usize;
 
-    let geometry = PageGeometry { num_blocks, block_size, num_kv_heads, head_dim };
+    let geometry = PageGeometry {
+        num_blocks,
+        block_size,
+        num_kv_heads,
+        head_dim,
+    };
     let page_dims = [num_blocks, block_size, num_kv_heads, head_dim];
     // Queries at 4x the keys' scale give scores of standard deviation ~1.3 at any head_dim, so the
     // softmax is neither flat nor one-hot.
     let (q, q_values) = random_tensor(rng, &[num_tokens, num_heads, head_dim], dtype, 4.0, device);
     let (k_pages, k_values) = random_tensor(rng, &page_dims, dtype, 1.0, device);
     let (v_pages, v_values) = random_tensor(rng, &page_dims, dtype, 1.0, device);
-    let params = AttentionParams { num_heads, num_kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt() };
+    let params = AttentionParams {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    };
 
-    let layout =
-        DeviceBatchLayout::new(&query_start, &context_len, &tables, max_blocks, block_size, num_blocks, device).unwrap();
-    assert_eq!((layout.num_seqs(), layout.num_tokens(), layout.max_blocks_per_seq()), (seqs.len(), num_tokens, max_blocks));
+    let layout = DeviceBatchLayout::new(
+        &query_start,
+        &context_len,
+        &tables,
+        max_blocks,
+        block_size,
+        num_blocks,
+        device,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            layout.num_seqs(),
+            layout.num_tokens(),
+            layout.max_blocks_per_seq()
+        ),
+        (seqs.len(), num_tokens, max_blocks)
+    );
     poison_pool(device, num_tokens * num_heads * head_dim * 4);
     let out = paged_attention(&q, &layout, &params, &k_pages, &v_pages).unwrap();
-    assert_eq!((out.dims(), out.dtype()), (&[num_tokens, num_heads, head_dim][..], dtype));
+    assert_eq!(
+        (out.dims(), out.dtype()),
+        (&[num_tokens, num_heads, head_dim][..], dtype)
+    );
 
     let spans: Vec<SequenceSpan<'_>> = seqs
         .iter()
@@ -71,79 +110,204 @@ fn run(device: &CudaDevice, rng: &mut TestRng, case: &Case<'_>, dtype: DType) {
         })
         .collect();
     let mut expected = vec![0.0; num_tokens * num_heads * head_dim];
-    cpu::attention::paged_attention(&q_values, &spans, &params, &geometry, &k_values, &v_values, &mut expected)
-        .unwrap();
-    let what = format!("{dtype} heads {num_heads}/{num_kv_heads} dim {head_dim} block {block_size} seqs {seqs:?}");
+    cpu::attention::paged_attention(
+        &q_values,
+        &spans,
+        &params,
+        &geometry,
+        &k_values,
+        &v_values,
+        &mut expected,
+    )
+    .unwrap();
+    let what = format!(
+        "{dtype} heads {num_heads}/{num_kv_heads} dim {head_dim} block {block_size} seqs {seqs:?}"
+    );
     assert_close(&what, &download(&out), &expected, dtype);
 }
 
 #[test]
 fn ragged_batches_match_the_cpu() {
-    let Some(device) = gpu_or_skip("ragged_batches_match_the_cpu") else { return };
+    let Some(device) = gpu_or_skip("ragged_batches_match_the_cpu") else {
+        return;
+    };
     let mut rng = TestRng::new("ragged_batches_match_the_cpu");
     // Decode rows (1 of 1, 1 of 37), a whole prefill, chunked prefills after cached context, a
     // context of exactly one block, and one of a block and one token.
     let seqs = [(1, 1), (1, 37), (5, 5), (3, 50), (16, 16), (2, 17)];
     for dtype in FLOAT_DTYPES {
         for head_dim in [3, 64, 80, 128, 256] {
-            run(&device, &mut rng, &Case { seqs: &seqs, num_heads: 6, num_kv_heads: 2, head_dim, block_size: 16 }, dtype);
+            run(
+                &device,
+                &mut rng,
+                &Case {
+                    seqs: &seqs,
+                    num_heads: 6,
+                    num_kv_heads: 2,
+                    head_dim,
+                    block_size: 16,
+                },
+                dtype,
+            );
         }
         // Multi-head (no grouping) and multi-query (one KV head), blocks of an odd size.
-        run(&device, &mut rng, &Case { seqs: &seqs, num_heads: 3, num_kv_heads: 3, head_dim: 40, block_size: 5 }, dtype);
-        run(&device, &mut rng, &Case { seqs: &seqs, num_heads: 4, num_kv_heads: 1, head_dim: 40, block_size: 1 }, dtype);
+        run(
+            &device,
+            &mut rng,
+            &Case {
+                seqs: &seqs,
+                num_heads: 3,
+                num_kv_heads: 3,
+                head_dim: 40,
+                block_size: 5,
+            },
+            dtype,
+        );
+        run(
+            &device,
+            &mut rng,
+            &Case {
+                seqs: &seqs,
+                num_heads: 4,
+                num_kv_heads: 1,
+                head_dim: 40,
+                block_size: 1,
+            },
+            dtype,
+        );
     }
 }
 
 #[test]
 fn a_single_token() {
-    let Some(device) = gpu_or_skip("paged_attention_a_single_token") else { return };
+    let Some(device) = gpu_or_skip("paged_attention_a_single_token") else {
+        return;
+    };
     let mut rng = TestRng::new("paged_attention_a_single_token");
     for dtype in FLOAT_DTYPES {
-        run(&device, &mut rng, &Case { seqs: &[(1, 1)], num_heads: 2, num_kv_heads: 1, head_dim: 64, block_size: 16 }, dtype);
+        run(
+            &device,
+            &mut rng,
+            &Case {
+                seqs: &[(1, 1)],
+                num_heads: 2,
+                num_kv_heads: 1,
+                head_dim: 64,
+                block_size: 16,
+            },
+            dtype,
+        );
     }
 }
 
 #[test]
 fn a_32k_token_context() {
-    let Some(device) = gpu_or_skip("paged_attention_a_32k_token_context") else { return };
+    let Some(device) = gpu_or_skip("paged_attention_a_32k_token_context") else {
+        return;
+    };
     let mut rng = TestRng::new("paged_attention_a_32k_token_context");
     let seqs = [(2, 32768 + 5), (1, 3)];
     for dtype in [DType::F32, DType::BF16] {
-        run(&device, &mut rng, &Case { seqs: &seqs, num_heads: 4, num_kv_heads: 2, head_dim: 128, block_size: 16 }, dtype);
+        run(
+            &device,
+            &mut rng,
+            &Case {
+                seqs: &seqs,
+                num_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 128,
+                block_size: 16,
+            },
+            dtype,
+        );
     }
 }
 
 #[test]
 fn invalid_layouts_and_inputs_are_errors() {
-    let Some(device) = gpu_or_skip("paged_attention_invalid_layouts") else { return };
+    let Some(device) = gpu_or_skip("paged_attention_invalid_layouts") else {
+        return;
+    };
     let mut rng = TestRng::new("paged_attention_invalid_layouts");
     let layout = |query_start: &[u32], context: &[u32], tables: &[u32]| {
         DeviceBatchLayout::new(query_start, context, tables, 2, 4, 3, &device).err()
     };
     assert!(layout(&[0, 2], &[5], &[0, 1]).is_none(), "valid");
-    assert!(matches!(layout(&[1, 2], &[5], &[0, 1]), Some(Error::Shape { .. })), "query_start must start at 0");
-    assert!(matches!(layout(&[0, 2, 1], &[5, 5], &[0, 1, 2, 0]), Some(Error::Shape { .. })), "decreasing");
-    assert!(matches!(layout(&[0, 6], &[5], &[0, 1]), Some(Error::Shape { .. })), "query rows past the context");
-    assert!(matches!(layout(&[0, 1], &[9], &[0, 1]), Some(Error::Shape { .. })), "table too short");
-    assert!(matches!(layout(&[0, 1], &[5], &[0, 3]), Some(Error::Shape { .. })), "block outside the pages");
-    assert!(layout(&[0, 1], &[4], &[0, 3]).is_none(), "an unused padding id is never read");
-    assert!(matches!(layout(&[0, 1], &[4], &[0]), Some(Error::Shape { .. })), "table length");
+    assert!(
+        matches!(layout(&[1, 2], &[5], &[0, 1]), Some(Error::Shape { .. })),
+        "query_start must start at 0"
+    );
+    assert!(
+        matches!(
+            layout(&[0, 2, 1], &[5, 5], &[0, 1, 2, 0]),
+            Some(Error::Shape { .. })
+        ),
+        "decreasing"
+    );
+    assert!(
+        matches!(layout(&[0, 6], &[5], &[0, 1]), Some(Error::Shape { .. })),
+        "query rows past the context"
+    );
+    assert!(
+        matches!(layout(&[0, 1], &[9], &[0, 1]), Some(Error::Shape { .. })),
+        "table too short"
+    );
+    assert!(
+        matches!(layout(&[0, 1], &[5], &[0, 3]), Some(Error::Shape { .. })),
+        "block outside the pages"
+    );
+    assert!(
+        layout(&[0, 1], &[4], &[0, 3]).is_none(),
+        "an unused padding id is never read"
+    );
+    assert!(
+        matches!(layout(&[0, 1], &[4], &[0]), Some(Error::Shape { .. })),
+        "table length"
+    );
 
     let good = DeviceBatchLayout::new(&[0, 2], &[5], &[2, 0], 2, 4, 3, &device).unwrap();
-    let params = AttentionParams { num_heads: 4, num_kv_heads: 2, head_dim: 8, scale: 0.3 };
+    let params = AttentionParams {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        scale: 0.3,
+    };
     let (q, _) = random_tensor(&mut rng, &[2, 4, 8], DType::F16, 1.0, &device);
     let (pages, _) = random_tensor(&mut rng, &[3, 4, 2, 8], DType::F16, 1.0, &device);
     paged_attention(&q, &good, &params, &pages, &pages).unwrap();
     let (three_rows, _) = random_tensor(&mut rng, &[3, 4, 8], DType::F16, 1.0, &device);
-    assert!(matches!(paged_attention(&three_rows, &good, &params, &pages, &pages), Err(Error::Shape { .. })));
+    assert!(matches!(
+        paged_attention(&three_rows, &good, &params, &pages, &pages),
+        Err(Error::Shape { .. })
+    ));
     let (other_pages, _) = random_tensor(&mut rng, &[4, 4, 2, 8], DType::F16, 1.0, &device);
-    assert!(matches!(paged_attention(&q, &good, &params, &other_pages, &pages), Err(Error::Shape { .. })));
+    assert!(matches!(
+        paged_attention(&q, &good, &params, &other_pages, &pages),
+        Err(Error::Shape { .. })
+    ));
     let (f32_pages, _) = random_tensor(&mut rng, &[3, 4, 2, 8], DType::F32, 1.0, &device);
-    assert!(matches!(paged_attention(&q, &good, &params, &f32_pages, &pages), Err(Error::DType { .. })));
-    let grouped_badly = AttentionParams { num_kv_heads: 3, ..params };
-    assert!(matches!(paged_attention(&q, &good, &grouped_badly, &pages, &pages), Err(Error::Shape { .. })));
-    let huge_heads = AttentionParams { num_heads: 1, num_kv_heads: 1, head_dim: 512, scale: 1.0 };
+    assert!(matches!(
+        paged_attention(&q, &good, &params, &f32_pages, &pages),
+        Err(Error::DType { .. })
+    ));
+    let grouped_badly = AttentionParams {
+        num_kv_heads: 3,
+        ..params
+    };
+    assert!(matches!(
+        paged_attention(&q, &good, &grouped_badly, &pages, &pages),
+        Err(Error::Shape { .. })
+    ));
+    let huge_heads = AttentionParams {
+        num_heads: 1,
+        num_kv_heads: 1,
+        head_dim: 512,
+        scale: 1.0,
+    };
     let (wide_q, _) = random_tensor(&mut rng, &[2, 1, 512], DType::F16, 1.0, &device);
     let (wide_pages, _) = random_tensor(&mut rng, &[3, 4, 1, 512], DType::F16, 1.0, &device);
-    assert!(matches!(paged_attention(&wide_q, &good, &huge_heads, &wide_pages, &wide_pages), Err(Error::Shape { .. })));
+    assert!(matches!(
+        paged_attention(&wide_q, &good, &huge_heads, &wide_pages, &wide_pages),
+        Err(Error::Shape { .. })
+    ));
 }

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{FLOAT_DTYPES, TestRng, assert_close, download, gpu_or_skip, random_tensor, upload, upload_u32};
+use common::{
+    FLOAT_DTYPES, TestRng, assert_close, download, gpu_or_skip, random_tensor, upload, upload_u32,
+};
 use pagoda_kernels::cpu::rope::{Llama3RopeScaling, RopeTable};
 use pagoda_kernels::cuda::rope::{CudaRopeTable, apply_rope};
 use pagoda_kernels::{Error, cpu};
@@ -13,7 +15,9 @@ const MAX_POSITIONS: usize = 4096;
 
 #[test]
 fn matches_the_cpu_including_partial_rotation() {
-    let Some(device) = gpu_or_skip("rope_matches_the_cpu") else { return };
+    let Some(device) = gpu_or_skip("rope_matches_the_cpu") else {
+        return;
+    };
     let mut rng = TestRng::new("rope_matches_the_cpu");
     let llama3 = Llama3RopeScaling {
         factor: 8.0,
@@ -34,7 +38,10 @@ fn matches_the_cpu_including_partial_rotation() {
     for (tokens, heads, head_dim, rotary_dim, scaling) in cases {
         let table = RopeTable::new(rotary_dim, 10000.0, MAX_POSITIONS, scaling).unwrap();
         let gpu_table = CudaRopeTable::new(&table, &device).unwrap();
-        assert_eq!((gpu_table.rotary_dim(), gpu_table.max_positions()), (rotary_dim, MAX_POSITIONS));
+        assert_eq!(
+            (gpu_table.rotary_dim(), gpu_table.max_positions()),
+            (rotary_dim, MAX_POSITIONS)
+        );
         let mut positions = rng.below(tokens, MAX_POSITIONS as u32);
         positions[0] = (MAX_POSITIONS - 1) as u32;
         if tokens > 1 {
@@ -42,7 +49,8 @@ fn matches_the_cpu_including_partial_rotation() {
         }
         let positions_gpu = upload_u32(&positions, &device);
         for dtype in FLOAT_DTYPES {
-            let (mut x, values) = random_tensor(&mut rng, &[tokens, heads, head_dim], dtype, 2.0, &device);
+            let (mut x, values) =
+                random_tensor(&mut rng, &[tokens, heads, head_dim], dtype, 2.0, &device);
             apply_rope(&mut x, &positions_gpu, &gpu_table).unwrap();
             let mut expected = values.clone();
             cpu::rope::apply_rope(&mut expected, heads, head_dim, &positions, &table).unwrap();
@@ -50,7 +58,10 @@ fn matches_the_cpu_including_partial_rotation() {
             let actual = download(&x);
             assert_close(&what, &actual, &expected, dtype);
             // The dimensions past rotary_dim are untouched, bit for bit.
-            for (a, (e, v)) in actual.chunks(head_dim).zip(expected.chunks(head_dim).zip(values.chunks(head_dim))) {
+            for (a, (e, v)) in actual
+                .chunks(head_dim)
+                .zip(expected.chunks(head_dim).zip(values.chunks(head_dim)))
+            {
                 assert_eq!(a[rotary_dim..], v[rotary_dim..], "{what}: tail changed");
                 assert_eq!(e[rotary_dim..], v[rotary_dim..]);
             }
@@ -60,10 +71,14 @@ fn matches_the_cpu_including_partial_rotation() {
 
 #[test]
 fn a_position_outside_the_table_gives_nan_not_a_wrong_rotation() {
-    let Some(device) = gpu_or_skip("rope_position_outside_the_table") else { return };
+    let Some(device) = gpu_or_skip("rope_position_outside_the_table") else {
+        return;
+    };
     let table = RopeTable::new(4, 10000.0, 8, None).unwrap();
     let gpu_table = CudaRopeTable::new(&table, &device).unwrap();
-    let values = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
+    let values = [
+        1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0,
+    ];
     let mut x = upload(&values, &[2, 1, 6], DType::F32, &device);
     apply_rope(&mut x, &upload_u32(&[3, 8], &device), &gpu_table).unwrap();
     let actual = download(&x);
@@ -76,19 +91,40 @@ fn a_position_outside_the_table_gives_nan_not_a_wrong_rotation() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    let Some(device) = gpu_or_skip("rope_bad_inputs") else { return };
-    let table = CudaRopeTable::new(&RopeTable::new(8, 10000.0, 16, None).unwrap(), &device).unwrap();
+    let Some(device) = gpu_or_skip("rope_bad_inputs") else {
+        return;
+    };
+    let table =
+        CudaRopeTable::new(&RopeTable::new(8, 10000.0, 16, None).unwrap(), &device).unwrap();
     let positions = upload_u32(&[1, 2], &device);
     let mut narrow = upload(&[0.0; 2 * 3 * 6], &[2, 3, 6], DType::F16, &device);
-    assert!(matches!(apply_rope(&mut narrow, &positions, &table), Err(Error::Shape { .. })), "rotary_dim > head_dim");
+    assert!(
+        matches!(
+            apply_rope(&mut narrow, &positions, &table),
+            Err(Error::Shape { .. })
+        ),
+        "rotary_dim > head_dim"
+    );
     let mut x = upload(&[0.0; 2 * 3 * 8], &[2, 3, 8], DType::F16, &device);
-    assert!(matches!(apply_rope(&mut x, &upload_u32(&[1], &device), &table), Err(Error::Shape { .. })));
+    assert!(matches!(
+        apply_rope(&mut x, &upload_u32(&[1], &device), &table),
+        Err(Error::Shape { .. })
+    ));
     let float_positions = upload(&[1.0, 2.0], &[2], DType::F32, &device);
-    assert!(matches!(apply_rope(&mut x, &float_positions, &table), Err(Error::DType { .. })));
+    assert!(matches!(
+        apply_rope(&mut x, &float_positions, &table),
+        Err(Error::DType { .. })
+    ));
     let mut flat = upload(&[0.0; 16], &[2, 8], DType::F16, &device);
-    assert!(matches!(apply_rope(&mut flat, &positions, &table), Err(Error::Shape { .. })));
+    assert!(matches!(
+        apply_rope(&mut flat, &positions, &table),
+        Err(Error::Shape { .. })
+    ));
     let mut strided = x.transpose(0, 1).unwrap();
-    assert!(matches!(apply_rope(&mut strided, &upload_u32(&[1, 2, 3], &device), &table), Err(Error::NotContiguous { .. })));
+    assert!(matches!(
+        apply_rope(&mut strided, &upload_u32(&[1, 2, 3], &device), &table),
+        Err(Error::NotContiguous { .. })
+    ));
     // A tensor sharing its storage cannot be rotated in place.
     let shared = x.clone();
     assert!(apply_rope(&mut x, &positions, &table).is_err());

@@ -13,14 +13,19 @@ use rand::RngExt;
 
 fn tokens(tensor: &Tensor) -> Vec<u32> {
     assert_eq!(tensor.dtype(), DType::U32);
-    tensor.to_vec::<u32>().unwrap_or_else(|e| panic!("downloading tokens: {e}"))
+    tensor
+        .to_vec::<u32>()
+        .unwrap_or_else(|e| panic!("downloading tokens: {e}"))
 }
 
 /// Random logits for `rows x vocab`, rounded to `dtype`; with `ties`, small integers, so that many
 /// tokens share a logit and the tie-breaking by id decides.
 fn logits(rng: &mut TestRng, rows: usize, vocab: usize, dtype: DType, ties: bool) -> Vec<f32> {
     let values = if ties {
-        rng.below(rows * vocab, 6).into_iter().map(|v| v as f32).collect()
+        rng.below(rows * vocab, 6)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect()
     } else {
         rng.uniform(rows * vocab, 6.0)
     };
@@ -55,7 +60,10 @@ fn assert_same_draw(what: &str, probs: &[TokenProb], uniform: f64, gpu: u32) {
         }
         cumulative = high;
     }
-    panic!("{what}: the GPU drew {gpu}, the CPU {cpu} for uniform {uniform} in {:?}", &probs[..probs.len().min(8)]);
+    panic!(
+        "{what}: the GPU drew {gpu}, the CPU {cpu} for uniform {uniform} in {:?}",
+        &probs[..probs.len().min(8)]
+    );
 }
 
 fn random_config(rng: &mut TestRng) -> SamplingConfig {
@@ -68,17 +76,35 @@ fn random_config(rng: &mut TestRng) -> SamplingConfig {
     }
 }
 
-fn check_sampling(device: &CudaDevice, rng: &mut TestRng, rows: usize, vocab: usize, dtype: DType, ties: bool) {
+fn check_sampling(
+    device: &CudaDevice,
+    rng: &mut TestRng,
+    rows: usize,
+    vocab: usize,
+    dtype: DType,
+    ties: bool,
+) {
     let values = logits(rng, rows, vocab, dtype, ties);
     let configs: Vec<SamplingConfig> = (0..rows).map(|_| random_config(rng)).collect();
-    let uniforms: Vec<f32> = (0..rows).map(|_| rng.rng().random_range(0.0f32..1.0)).collect();
+    let uniforms: Vec<f32> = (0..rows)
+        .map(|_| rng.rng().random_range(0.0f32..1.0))
+        .collect();
     let params = DeviceSamplingParams::new(&configs, device).unwrap();
     assert_eq!(params.rows(), rows);
     let drawn = tokens(
-        &sample(&upload(&values, &[rows, vocab], dtype, device), &params, &upload(&uniforms, &[rows], DType::F32, device))
-            .unwrap(),
+        &sample(
+            &upload(&values, &[rows, vocab], dtype, device),
+            &params,
+            &upload(&uniforms, &[rows], DType::F32, device),
+        )
+        .unwrap(),
     );
-    for (r, ((row, config), &uniform)) in values.chunks(vocab).zip(&configs).zip(&uniforms).enumerate() {
+    for (r, ((row, config), &uniform)) in values
+        .chunks(vocab)
+        .zip(&configs)
+        .zip(&uniforms)
+        .enumerate()
+    {
         let probs = distribution(row, config).unwrap();
         let what = format!("row {r} of {rows} x {vocab} {dtype} ties {ties} {config:?}");
         assert_same_draw(&what, &probs, f64::from(uniform), drawn[r]);
@@ -87,7 +113,9 @@ fn check_sampling(device: &CudaDevice, rng: &mut TestRng, rows: usize, vocab: us
 
 #[test]
 fn argmax_matches_the_cpu() {
-    let Some(device) = gpu_or_skip("argmax_matches_the_cpu") else { return };
+    let Some(device) = gpu_or_skip("argmax_matches_the_cpu") else {
+        return;
+    };
     let mut rng = TestRng::new("argmax_matches_the_cpu");
     for dtype in FLOAT_DTYPES {
         for (rows, vocab) in [(1, 1), (5, 3), (7, 67), (3, 4097), (2, 32000), (2, 128_256)] {
@@ -98,9 +126,12 @@ fn argmax_matches_the_cpu() {
                 if let Some(v) = values.get_mut(vocab / 2) {
                     *v = f32::NEG_INFINITY;
                 }
-                let gpu = tokens(&argmax(&upload(&values, &[rows, vocab], dtype, &device)).unwrap());
-                let cpu: Vec<u32> =
-                    values.chunks(vocab).map(|row| cpu::sampling::argmax(row).unwrap_or(NO_TOKEN)).collect();
+                let gpu =
+                    tokens(&argmax(&upload(&values, &[rows, vocab], dtype, &device)).unwrap());
+                let cpu: Vec<u32> = values
+                    .chunks(vocab)
+                    .map(|row| cpu::sampling::argmax(row).unwrap_or(NO_TOKEN))
+                    .collect();
                 assert_eq!(gpu, cpu, "{rows} x {vocab} {dtype} ties {ties}");
             }
         }
@@ -109,18 +140,37 @@ fn argmax_matches_the_cpu() {
 
 #[test]
 fn argmax_of_rows_without_a_number() {
-    let Some(device) = gpu_or_skip("argmax_of_rows_without_a_number") else { return };
-    let values = [f32::NAN, f32::NAN, f32::NEG_INFINITY, f32::NEG_INFINITY, 1.0, f32::INFINITY];
+    let Some(device) = gpu_or_skip("argmax_of_rows_without_a_number") else {
+        return;
+    };
+    let values = [
+        f32::NAN,
+        f32::NAN,
+        f32::NEG_INFINITY,
+        f32::NEG_INFINITY,
+        1.0,
+        f32::INFINITY,
+    ];
     let gpu = tokens(&argmax(&upload(&values, &[3, 2], DType::F32, &device)).unwrap());
     assert_eq!(gpu, [NO_TOKEN, 0, 1]);
 }
 
 #[test]
 fn sampling_matches_the_cpu_distribution() {
-    let Some(device) = gpu_or_skip("sampling_matches_the_cpu_distribution") else { return };
+    let Some(device) = gpu_or_skip("sampling_matches_the_cpu_distribution") else {
+        return;
+    };
     let mut rng = TestRng::new("sampling_matches_the_cpu_distribution");
     for dtype in FLOAT_DTYPES {
-        for (rows, vocab) in [(64, 1), (64, 3), (64, 67), (32, 1000), (16, 4097), (4, 32000), (2, 128_256)] {
+        for (rows, vocab) in [
+            (64, 1),
+            (64, 3),
+            (64, 67),
+            (32, 1000),
+            (16, 4097),
+            (4, 32000),
+            (2, 128_256),
+        ] {
             for ties in [false, true] {
                 check_sampling(&device, &mut rng, rows, vocab, dtype, ties);
             }
@@ -130,16 +180,48 @@ fn sampling_matches_the_cpu_distribution() {
 
 #[test]
 fn every_filter_alone_matches_the_cpu() {
-    let Some(device) = gpu_or_skip("every_filter_alone") else { return };
+    let Some(device) = gpu_or_skip("every_filter_alone") else {
+        return;
+    };
     let mut rng = TestRng::new("every_filter_alone");
     let vocab = 5000;
     let configs = [
-        SamplingConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0 },
-        SamplingConfig { temperature: 0.05, top_k: 0, top_p: 1.0, min_p: 0.0 },
-        SamplingConfig { temperature: 1.0, top_k: 7, top_p: 1.0, min_p: 0.0 },
-        SamplingConfig { temperature: 1.0, top_k: 0, top_p: 0.3, min_p: 0.0 },
-        SamplingConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.2 },
-        SamplingConfig { temperature: 0.0, top_k: 3, top_p: 0.5, min_p: 0.5 },
+        SamplingConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+        },
+        SamplingConfig {
+            temperature: 0.05,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+        },
+        SamplingConfig {
+            temperature: 1.0,
+            top_k: 7,
+            top_p: 1.0,
+            min_p: 0.0,
+        },
+        SamplingConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.3,
+            min_p: 0.0,
+        },
+        SamplingConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.2,
+        },
+        SamplingConfig {
+            temperature: 0.0,
+            top_k: 3,
+            top_p: 0.5,
+            min_p: 0.5,
+        },
     ];
     for config in &configs {
         let rows = 48;
@@ -147,17 +229,31 @@ fn every_filter_alone_matches_the_cpu() {
         let uniforms: Vec<f32> = (0..rows).map(|i| (i as f32 + 0.5) / rows as f32).collect();
         let params = DeviceSamplingParams::shared(config, rows, &device).unwrap();
         let logits_gpu = upload(&values, &[rows, vocab], DType::F32, &device);
-        let drawn = tokens(&sample(&logits_gpu, &params, &upload(&uniforms, &[rows], DType::F32, &device)).unwrap());
+        let drawn = tokens(
+            &sample(
+                &logits_gpu,
+                &params,
+                &upload(&uniforms, &[rows], DType::F32, &device),
+            )
+            .unwrap(),
+        );
         for (r, row) in values.chunks(vocab).enumerate() {
             let probs = distribution(row, config).unwrap();
-            assert_same_draw(&format!("row {r} {config:?}"), &probs, f64::from(uniforms[r]), drawn[r]);
+            assert_same_draw(
+                &format!("row {r} {config:?}"),
+                &probs,
+                f64::from(uniforms[r]),
+                drawn[r],
+            );
         }
     }
 }
 
 #[test]
 fn special_values_and_rows_without_mass() {
-    let Some(device) = gpu_or_skip("special_values_and_rows_without_mass") else { return };
+    let Some(device) = gpu_or_skip("special_values_and_rows_without_mass") else {
+        return;
+    };
     let nan = f32::NAN;
     let (inf, neg_inf) = (f32::INFINITY, f32::NEG_INFINITY);
     let rows: [[f32; 4]; 5] = [
@@ -165,43 +261,83 @@ fn special_values_and_rows_without_mass() {
         [inf, 0.0, inf, 1.0],         // the +inf logits share all the mass
         [neg_inf, nan, neg_inf, nan], // nothing to draw from
         [nan, nan, nan, nan],
-        [-0.0, 0.0, -1.0, -0.0],      // -0 and +0 tie, broken by id
+        [-0.0, 0.0, -1.0, -0.0], // -0 and +0 tie, broken by id
     ];
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();
     let logits_gpu = upload(&flat, &[5, 4], DType::F32, &device);
-    let config = SamplingConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0 };
+    let config = SamplingConfig {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+    };
     for uniform in [0.0f32, 0.3, 0.6, 0.999] {
         let params = DeviceSamplingParams::shared(&config, 5, &device).unwrap();
-        let drawn = tokens(&sample(&logits_gpu, &params, &upload(&[uniform; 5], &[5], DType::F32, &device)).unwrap());
+        let drawn = tokens(
+            &sample(
+                &logits_gpu,
+                &params,
+                &upload(&[uniform; 5], &[5], DType::F32, &device),
+            )
+            .unwrap(),
+        );
         for (r, row) in rows.iter().enumerate() {
             match distribution(row, &config) {
-                Ok(probs) => assert_same_draw(&format!("row {r}"), &probs, f64::from(uniform), drawn[r]),
+                Ok(probs) => {
+                    assert_same_draw(&format!("row {r}"), &probs, f64::from(uniform), drawn[r])
+                }
                 Err(_) => assert_eq!(drawn[r], NO_TOKEN, "row {r} has nothing to draw"),
             }
         }
     }
     // Greedy rows take the argmax even when every logit is -inf.
     let greedy = DeviceSamplingParams::shared(&SamplingConfig::greedy(), 5, &device).unwrap();
-    let drawn = tokens(&sample(&logits_gpu, &greedy, &upload(&[0.5; 5], &[5], DType::F32, &device)).unwrap());
+    let drawn = tokens(
+        &sample(
+            &logits_gpu,
+            &greedy,
+            &upload(&[0.5; 5], &[5], DType::F32, &device),
+        )
+        .unwrap(),
+    );
     assert_eq!(drawn, [1, 0, 0, NO_TOKEN, 0]);
 }
 
 #[test]
 fn bad_inputs_are_errors() {
-    let Some(device) = gpu_or_skip("sampling_bad_inputs") else { return };
+    let Some(device) = gpu_or_skip("sampling_bad_inputs") else {
+        return;
+    };
     let logits_gpu = upload(&[0.0; 12], &[3, 4], DType::F16, &device);
     let params = DeviceSamplingParams::shared(&SamplingConfig::greedy(), 3, &device).unwrap();
     let uniforms = upload(&[0.5; 3], &[3], DType::F32, &device);
     sample(&logits_gpu, &params, &uniforms).unwrap();
     let two_rows = DeviceSamplingParams::shared(&SamplingConfig::greedy(), 2, &device).unwrap();
-    assert!(matches!(sample(&logits_gpu, &two_rows, &uniforms), Err(Error::Shape { .. })));
+    assert!(matches!(
+        sample(&logits_gpu, &two_rows, &uniforms),
+        Err(Error::Shape { .. })
+    ));
     let half_uniforms = upload(&[0.5; 3], &[3], DType::F16, &device);
-    assert!(matches!(sample(&logits_gpu, &params, &half_uniforms), Err(Error::DType { .. })));
-    let invalid = SamplingConfig { temperature: 1.0, top_k: 0, top_p: 0.0, min_p: 0.0 };
-    assert!(matches!(DeviceSamplingParams::new(&[invalid], &device), Err(Error::InvalidSampling(_))));
+    assert!(matches!(
+        sample(&logits_gpu, &params, &half_uniforms),
+        Err(Error::DType { .. })
+    ));
+    let invalid = SamplingConfig {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 0.0,
+        min_p: 0.0,
+    };
+    assert!(matches!(
+        DeviceSamplingParams::new(&[invalid], &device),
+        Err(Error::InvalidSampling(_))
+    ));
     let flat = upload(&[0.0; 4], &[4], DType::F32, &device);
     assert!(matches!(argmax(&flat), Err(Error::Shape { .. })));
     let no_vocab = upload(&[], &[2, 0], DType::F32, &device);
     assert!(matches!(argmax(&no_vocab), Err(Error::Shape { .. })));
-    assert_eq!(tokens(&argmax(&upload(&[], &[0, 5], DType::F32, &device)).unwrap()), Vec::<u32>::new());
+    assert_eq!(
+        tokens(&argmax(&upload(&[], &[0, 5], DType::F32, &device)).unwrap()),
+        Vec::<u32>::new()
+    );
 }

@@ -5,17 +5,24 @@
 mod common;
 
 use common::{
-    FLOAT_DTYPES, TestRng, assert_close, download, gpu_or_skip, non_contiguous, poison_pool, random_tensor, rounded,
-    upload,
+    FLOAT_DTYPES, TestRng, assert_close, download, gpu_or_skip, non_contiguous, poison_pool,
+    random_tensor, rounded, upload,
 };
 use pagoda_kernels::{Error, cpu, cuda};
 use pagoda_tensor::{DType, Tensor};
 
 /// `softmax_rows` of `values` (`[rows, cols]`, already rounded to `dtype`) on the GPU and on the CPU.
-fn gpu_and_cpu(device: &pagoda_tensor::CudaDevice, values: &[f32], rows: usize, cols: usize, dtype: DType) -> (Vec<f32>, Vec<f32>) {
+fn gpu_and_cpu(
+    device: &pagoda_tensor::CudaDevice,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+) -> (Vec<f32>, Vec<f32>) {
     let x = upload(values, &[rows, cols], dtype, device);
     poison_pool(device, rows * cols * 4);
-    let y = cuda::softmax::softmax_rows(&x).unwrap_or_else(|e| panic!("{rows} x {cols} {dtype}: {e}"));
+    let y =
+        cuda::softmax::softmax_rows(&x).unwrap_or_else(|e| panic!("{rows} x {cols} {dtype}: {e}"));
     assert_eq!((y.dims(), y.dtype()), (x.dims(), dtype));
     let mut expected = values.to_vec();
     cpu::softmax::softmax_rows(&mut expected, cols).unwrap();
@@ -24,7 +31,9 @@ fn gpu_and_cpu(device: &pagoda_tensor::CudaDevice, values: &[f32], rows: usize, 
 
 #[test]
 fn matches_the_cpu_on_every_path() {
-    let Some(device) = gpu_or_skip("matches_the_cpu_on_every_path") else { return };
+    let Some(device) = gpu_or_skip("matches_the_cpu_on_every_path") else {
+        return;
+    };
     let mut rng = TestRng::new("matches_the_cpu_on_every_path");
     // One block (e8, e16, e32), clusters of 2, 4 and 8 (the last with 1024 threads), online.
     let shapes = [
@@ -47,14 +56,21 @@ fn matches_the_cpu_on_every_path() {
         for (rows, cols) in shapes {
             let (_, values) = random_tensor(&mut rng, &[rows, cols], dtype, 8.0, &device);
             let (actual, expected) = gpu_and_cpu(&device, &values, rows, cols, dtype);
-            assert_close(&format!("softmax {rows} x {cols} {dtype}"), &actual, &expected, dtype);
+            assert_close(
+                &format!("softmax {rows} x {cols} {dtype}"),
+                &actual,
+                &expected,
+                dtype,
+            );
         }
     }
 }
 
 #[test]
 fn masked_large_and_undefined_rows_behave_as_on_the_cpu() {
-    let Some(device) = gpu_or_skip("masked_large_and_undefined_rows") else { return };
+    let Some(device) = gpu_or_skip("masked_large_and_undefined_rows") else {
+        return;
+    };
     let mut rng = TestRng::new("masked_large_and_undefined_rows");
     for dtype in FLOAT_DTYPES {
         for cols in [5, 4097, 20_000, 300_000] {
@@ -74,10 +90,23 @@ fn masked_large_and_undefined_rows_behave_as_on_the_cpu() {
 
             let (actual, expected) = gpu_and_cpu(&device, &values, 4, cols, dtype);
             for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
-                assert_eq!(a.is_nan(), e.is_nan(), "{dtype} {cols}: element {i} is {a}, the CPU's {e}");
+                assert_eq!(
+                    a.is_nan(),
+                    e.is_nan(),
+                    "{dtype} {cols}: element {i} is {a}, the CPU's {e}"
+                );
             }
-            let finite = |v: &[f32]| v.iter().map(|&x| if x.is_nan() { 0.0 } else { x }).collect::<Vec<_>>();
-            assert_close(&format!("special rows of {cols} {dtype}"), &finite(&actual), &finite(&expected), dtype);
+            let finite = |v: &[f32]| {
+                v.iter()
+                    .map(|&x| if x.is_nan() { 0.0 } else { x })
+                    .collect::<Vec<_>>()
+            };
+            assert_close(
+                &format!("special rows of {cols} {dtype}"),
+                &finite(&actual),
+                &finite(&expected),
+                dtype,
+            );
             assert!(actual[2 * cols..3 * cols].iter().all(|v| v.is_nan()));
         }
     }
@@ -85,7 +114,9 @@ fn masked_large_and_undefined_rows_behave_as_on_the_cpu() {
 
 #[test]
 fn higher_rank_inputs_are_rows_of_the_last_dimension() {
-    let Some(device) = gpu_or_skip("higher_rank_inputs") else { return };
+    let Some(device) = gpu_or_skip("higher_rank_inputs") else {
+        return;
+    };
     let mut rng = TestRng::new("higher_rank_inputs");
     let (x, values) = random_tensor(&mut rng, &[2, 3, 50], DType::F32, 5.0, &device);
     let y = cuda::softmax::softmax_rows(&x).unwrap();
@@ -100,14 +131,28 @@ fn higher_rank_inputs_are_rows_of_the_last_dimension() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    let Some(device) = gpu_or_skip("bad_inputs_are_errors") else { return };
+    let Some(device) = gpu_or_skip("bad_inputs_are_errors") else {
+        return;
+    };
     let mut rng = TestRng::new("bad_inputs_are_errors");
     let (x, _) = random_tensor(&mut rng, &[4, 6], DType::F16, 1.0, &device);
-    assert!(matches!(cuda::softmax::softmax_rows(&non_contiguous(&x)), Err(Error::NotContiguous { .. })));
+    assert!(matches!(
+        cuda::softmax::softmax_rows(&non_contiguous(&x)),
+        Err(Error::NotContiguous { .. })
+    ));
     let no_columns = upload(&[], &[3, 0], DType::F32, &device);
-    assert!(matches!(cuda::softmax::softmax_rows(&no_columns), Err(Error::Shape { .. })));
+    assert!(matches!(
+        cuda::softmax::softmax_rows(&no_columns),
+        Err(Error::Shape { .. })
+    ));
     let on_host = Tensor::from_slice(&[1.0f32, 2.0], 2).unwrap();
-    assert!(matches!(cuda::softmax::softmax_rows(&on_host), Err(Error::Device { .. })));
+    assert!(matches!(
+        cuda::softmax::softmax_rows(&on_host),
+        Err(Error::Device { .. })
+    ));
     let integers = x.to_dtype(DType::U32).unwrap();
-    assert!(matches!(cuda::softmax::softmax_rows(&integers), Err(Error::DType { .. })));
+    assert!(matches!(
+        cuda::softmax::softmax_rows(&integers),
+        Err(Error::DType { .. })
+    ));
 }

@@ -45,7 +45,11 @@ impl Batch {
                 self.slots.len()
             )));
         }
-        if let Some(&p) = self.positions.iter().find(|&&p| p as usize >= max_positions) {
+        if let Some(&p) = self
+            .positions
+            .iter()
+            .find(|&&p| p as usize >= max_positions)
+        {
             return Err(Error::Batch(format!(
                 "position {p} is beyond the model's context of {max_positions} tokens"
             )));
@@ -63,10 +67,14 @@ impl Batch {
             covered += s.query_len;
         }
         if covered != n {
-            return Err(Error::Batch(format!("sequences cover {covered} of {n} tokens")));
+            return Err(Error::Batch(format!(
+                "sequences cover {covered} of {n} tokens"
+            )));
         }
         if let Some(&r) = self.logits_rows.iter().find(|&&r| r >= n) {
-            return Err(Error::Batch(format!("logits row {r} is beyond the {n} tokens")));
+            return Err(Error::Batch(format!(
+                "logits row {r} is beyond the {n} tokens"
+            )));
         }
         Ok(())
     }

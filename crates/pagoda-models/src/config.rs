@@ -100,18 +100,27 @@ impl ModelConfig {
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|e| config_error(format!("invalid JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| config_error(format!("invalid JSON: {e}")))?;
         let obj = value
             .as_object()
             .ok_or_else(|| config_error("expected a JSON object".into()))?;
         let fields = Fields(obj);
-        let architecture = match obj.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str) {
+        let architecture = match obj
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+        {
             Some(name) => name.to_owned(),
             None => match obj.get("model_type").and_then(Value::as_str) {
                 Some("gpt_neox") => "GPTNeoXForCausalLM".into(),
                 Some("llama") => "LlamaForCausalLM".into(),
                 Some(other) => return Err(Error::UnknownArchitecture(other.into())),
-                None => return Err(config_error("neither `architectures` nor `model_type` is set".into())),
+                None => {
+                    return Err(config_error(
+                        "neither `architectures` nor `model_type` is set".into(),
+                    ));
+                }
             },
         };
         let config = match architecture.as_str() {
@@ -132,11 +141,23 @@ impl ModelConfig {
 
     fn check(&self) -> Result<()> {
         let (hidden, heads, kv_heads, head_dim) = match self {
-            Self::GptNeox(c) => (c.hidden_size, c.num_attention_heads, c.num_attention_heads, c.head_dim()),
-            Self::Llama(c) => (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            Self::GptNeox(c) => (
+                c.hidden_size,
+                c.num_attention_heads,
+                c.num_attention_heads,
+                c.head_dim(),
+            ),
+            Self::Llama(c) => (
+                c.hidden_size,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim,
+            ),
         };
         if hidden == 0 || heads == 0 || kv_heads == 0 || head_dim == 0 {
-            return Err(config_error("sizes and head counts must be positive".into()));
+            return Err(config_error(
+                "sizes and head counts must be positive".into(),
+            ));
         }
         if heads % kv_heads != 0 {
             return Err(config_error(format!(
@@ -158,7 +179,9 @@ impl ModelConfig {
             }
         }
         if head_dim % 2 != 0 {
-            return Err(config_error(format!("head_dim {head_dim} must be even for RoPE")));
+            return Err(config_error(format!(
+                "head_dim {head_dim} must be even for RoPE"
+            )));
         }
         Ok(())
     }
@@ -271,10 +294,9 @@ struct Fields<'a>(&'a Map<String, Value>);
 impl Fields<'_> {
     fn usize(&self, key: &str) -> Result<usize> {
         match self.0.get(key) {
-            Some(v) => v
-                .as_u64()
-                .map(|n| n as usize)
-                .ok_or_else(|| config_error(format!("`{key}` must be a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                config_error(format!("`{key}` must be a non-negative integer, found {v}"))
+            }),
             None => Err(config_error(format!("missing `{key}`"))),
         }
     }
@@ -301,12 +323,18 @@ impl Fields<'_> {
     }
 
     fn activation(&self, default: &str) -> Result<Activation> {
-        let name = self.0.get("hidden_act").and_then(Value::as_str).unwrap_or(default);
+        let name = self
+            .0
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or(default);
         match name {
             "gelu" => Ok(Activation::GeluExact),
             "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
             "silu" | "swish" => Ok(Activation::Silu),
-            other => Err(config_error(format!("activation `{other}` is not supported"))),
+            other => Err(config_error(format!(
+                "activation `{other}` is not supported"
+            ))),
         }
     }
 }
@@ -349,7 +377,9 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let unknown = r#"{"architectures": ["MambaForCausalLM"]}"#;
-        assert!(matches!(ModelConfig::from_json(unknown), Err(Error::UnknownArchitecture(a)) if a == "MambaForCausalLM"));
+        assert!(
+            matches!(ModelConfig::from_json(unknown), Err(Error::UnknownArchitecture(a)) if a == "MambaForCausalLM")
+        );
         let missing = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}"#;
         let message = ModelConfig::from_json(missing).unwrap_err().to_string();
         assert!(message.contains("num_attention_heads"), "{message}");

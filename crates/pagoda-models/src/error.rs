@@ -8,13 +8,24 @@ pub enum Error {
     #[error("unknown architecture `{0}` (supported: GPTNeoXForCausalLM, LlamaForCausalLM)")]
     UnknownArchitecture(String),
     #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
-    WeightShape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    WeightShape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     #[error("tensor `{name}` has dtype {dtype}, which a {what} cannot use")]
-    WeightDType { name: String, dtype: pagoda_tensor::DType, what: &'static str },
+    WeightDType {
+        name: String,
+        dtype: pagoda_tensor::DType,
+        what: &'static str,
+    },
     #[error("invalid batch: {0}")]
     Batch(String),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tensor(#[from] pagoda_tensor::Error),
     #[error(transparent)]

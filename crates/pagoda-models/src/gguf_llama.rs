@@ -27,11 +27,18 @@ pub(crate) fn llama_config(file: &GgufFile, path: &std::path::Path) -> Result<Ll
             .map(|v| v as usize)
             .ok_or_else(|| config_error(format!("missing or non-integer `llama.{key}`")))
     };
-    let optional_f32 = |key: &str| file.get(&format!("llama.{key}")).and_then(GgufValue::as_f32);
-    if let Some(kind) = file.get("llama.rope.scaling.type").and_then(GgufValue::as_str)
+    let optional_f32 = |key: &str| {
+        file.get(&format!("llama.{key}"))
+            .and_then(GgufValue::as_f32)
+    };
+    if let Some(kind) = file
+        .get("llama.rope.scaling.type")
+        .and_then(GgufValue::as_str)
         && kind != "none"
     {
-        return Err(config_error(format!("GGUF rope scaling `{kind}` is not supported")));
+        return Err(config_error(format!(
+            "GGUF rope scaling `{kind}` is not supported"
+        )));
     }
     if file.tensor_info("rope_freqs.weight").is_some() {
         return Err(config_error(
@@ -50,7 +57,9 @@ pub(crate) fn llama_config(file: &GgufFile, path: &std::path::Path) -> Result<Ll
         None => file
             .tensor_info("token_embd.weight")
             .map(|t| t.dims[0])
-            .ok_or_else(|| config_error("no `llama.vocab_size` and no `token_embd.weight`".into()))?,
+            .ok_or_else(|| {
+                config_error("no `llama.vocab_size` and no `token_embd.weight`".into())
+            })?,
     };
     Ok(LlamaConfig {
         vocab_size,
@@ -114,10 +123,12 @@ impl GgufLlamaWeights<'_> {
     }
 
     fn load(&self, hf_name: &str) -> Result<Tensor> {
-        let (name, permuted) = self.gguf_name(hf_name).ok_or_else(|| pagoda_tensor::Error::MissingTensor {
-            name: hf_name.into(),
-            file: "the GGUF name mapping".into(),
-        })?;
+        let (name, permuted) =
+            self.gguf_name(hf_name)
+                .ok_or_else(|| pagoda_tensor::Error::MissingTensor {
+                    name: hf_name.into(),
+                    file: "the GGUF name mapping".into(),
+                })?;
         let tensor = self.file.tensor(&name, DType::F32)?;
         match permuted {
             Permuted::No => Ok(tensor),
@@ -149,7 +160,7 @@ impl WeightSource for GgufLlamaWeights<'_> {
 fn unpermute_rows(tensor: &Tensor, heads: usize, name: &str) -> Result<Tensor> {
     let rows = tensor.dims()[0];
     let cols = tensor.dims().get(1).copied().unwrap_or(1);
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(Error::WeightShape {
             name: name.into(),
             expected: vec![heads, 2, rows / heads.max(1) / 2, cols],

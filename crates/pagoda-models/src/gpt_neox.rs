@@ -8,7 +8,9 @@ use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, GptNeoxConfig};
-use crate::layers::{Embedding, Linear, Norm, PagedSelfAttention, add_in_place, check_kv_cache, gather_rows};
+use crate::layers::{
+    Embedding, Linear, Norm, PagedSelfAttention, add_in_place, check_kv_cache, gather_rows,
+};
 use crate::weights::WeightLoader;
 use crate::{Architecture, Batch, Model, ModelInfo, Result};
 
@@ -39,7 +41,12 @@ impl GptNeox {
             .map(|i| {
                 let p = format!("gpt_neox.layers.{i}");
                 Ok(Layer {
-                    input_layernorm: Norm::layer_norm(loader, &format!("{p}.input_layernorm"), hidden, eps)?,
+                    input_layernorm: Norm::layer_norm(
+                        loader,
+                        &format!("{p}.input_layernorm"),
+                        hidden,
+                        eps,
+                    )?,
                     post_attention_layernorm: Norm::layer_norm(
                         loader,
                         &format!("{p}.post_attention_layernorm"),
@@ -53,7 +60,13 @@ impl GptNeox {
                         3 * hidden,
                         c.attention_bias,
                     )?,
-                    dense: Linear::load(loader, &format!("{p}.attention.dense"), hidden, hidden, c.attention_bias)?,
+                    dense: Linear::load(
+                        loader,
+                        &format!("{p}.attention.dense"),
+                        hidden,
+                        hidden,
+                        c.attention_bias,
+                    )?,
                     dense_h_to_4h: Linear::load(
                         loader,
                         &format!("{p}.mlp.dense_h_to_4h"),
@@ -77,7 +90,12 @@ impl GptNeox {
         } else {
             Linear::load(loader, "embed_out", hidden, c.vocab_size, false)?
         };
-        let rope = RopeTable::new(c.rotary_dim(), c.rope_theta, c.max_position_embeddings, None)?;
+        let rope = RopeTable::new(
+            c.rotary_dim(),
+            c.rope_theta,
+            c.max_position_embeddings,
+            None,
+        )?;
         let info = ModelInfo {
             architecture: Architecture::GptNeox,
             num_layers: c.num_hidden_layers,
@@ -106,13 +124,26 @@ impl GptNeox {
         &self.config
     }
 
-    fn attention(&self, layer: usize, x: &[f32], batch: &Batch, kv: &mut KvCache) -> Result<Vec<f32>> {
+    fn attention(
+        &self,
+        layer: usize,
+        x: &[f32],
+        batch: &Batch,
+        kv: &mut KvCache,
+    ) -> Result<Vec<f32>> {
         let weights = &self.layers[layer];
         let tokens = batch.num_tokens();
         let qkv = weights.query_key_value.forward(x, tokens)?;
-        let (q, mut k, v) = split_qkv_per_head(&qkv, tokens, self.config.num_attention_heads, self.info.head_dim);
+        let (q, mut k, v) = split_qkv_per_head(
+            &qkv,
+            tokens,
+            self.config.num_attention_heads,
+            self.info.head_dim,
+        );
         let mut q = q;
-        let context = self.attention.forward(layer, &mut q, &mut k, &v, batch, kv)?;
+        let context = self
+            .attention
+            .forward(layer, &mut q, &mut k, &v, batch, kv)?;
         weights.dense.forward(&context, tokens)
     }
 
@@ -130,15 +161,25 @@ impl GptNeox {
 
 /// GPT-NeoX's fused projection lays its output out per head as `[q | k | v]` (each `head_dim`
 /// wide), not as three blocks; this regroups it into `[tokens, heads * head_dim]` for each.
-fn split_qkv_per_head(qkv: &[f32], tokens: usize, heads: usize, head_dim: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn split_qkv_per_head(
+    qkv: &[f32],
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let width = heads * head_dim;
-    let mut parts = [vec![0.0; tokens * width], vec![0.0; tokens * width], vec![0.0; tokens * width]];
+    let mut parts = [
+        vec![0.0; tokens * width],
+        vec![0.0; tokens * width],
+        vec![0.0; tokens * width],
+    ];
     for t in 0..tokens {
         for h in 0..heads {
             let src = (t * heads + h) * 3 * head_dim;
             let dst = t * width + h * head_dim;
             for (i, part) in parts.iter_mut().enumerate() {
-                part[dst..dst + head_dim].copy_from_slice(&qkv[src + i * head_dim..src + (i + 1) * head_dim]);
+                part[dst..dst + head_dim]
+                    .copy_from_slice(&qkv[src + i * head_dim..src + (i + 1) * head_dim]);
             }
         }
     }

@@ -72,7 +72,12 @@ pub(crate) struct Embedding {
 }
 
 impl Embedding {
-    pub(crate) fn load(loader: &WeightLoader<'_>, name: &str, vocab: usize, hidden: usize) -> Result<Self> {
+    pub(crate) fn load(
+        loader: &WeightLoader<'_>,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+    ) -> Result<Self> {
         Ok(Self {
             table: loader.matrix(name, vocab, hidden)?,
             hidden,
@@ -92,12 +97,24 @@ impl Embedding {
 }
 
 pub(crate) enum Norm {
-    Layer { weight: Tensor, bias: Tensor, eps: f32 },
-    Rms { weight: Tensor, eps: f32 },
+    Layer {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f32,
+    },
+    Rms {
+        weight: Tensor,
+        eps: f32,
+    },
 }
 
 impl Norm {
-    pub(crate) fn layer_norm(loader: &WeightLoader<'_>, prefix: &str, hidden: usize, eps: f32) -> Result<Self> {
+    pub(crate) fn layer_norm(
+        loader: &WeightLoader<'_>,
+        prefix: &str,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<Self> {
         Ok(Self::Layer {
             weight: loader.vector(&format!("{prefix}.weight"), hidden)?,
             bias: loader.vector(&format!("{prefix}.bias"), hidden)?,
@@ -105,7 +122,12 @@ impl Norm {
         })
     }
 
-    pub(crate) fn rms_norm(loader: &WeightLoader<'_>, prefix: &str, hidden: usize, eps: f32) -> Result<Self> {
+    pub(crate) fn rms_norm(
+        loader: &WeightLoader<'_>,
+        prefix: &str,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<Self> {
         Ok(Self::Rms {
             weight: loader.vector(&format!("{prefix}.weight"), hidden)?,
             eps,
@@ -117,7 +139,14 @@ impl Norm {
         match self {
             Self::Layer { weight, bias, eps } => {
                 let hidden = weight.elem_count();
-                norm::layer_norm(x, hidden, weight.as_slice()?, bias.as_slice()?, *eps, &mut out)?
+                norm::layer_norm(
+                    x,
+                    hidden,
+                    weight.as_slice()?,
+                    bias.as_slice()?,
+                    *eps,
+                    &mut out,
+                )?
             }
             Self::Rms { weight, eps } => {
                 let hidden = weight.elem_count();
@@ -149,8 +178,20 @@ impl PagedSelfAttention {
         batch: &Batch,
         kv: &mut KvCache,
     ) -> Result<Vec<f32>> {
-        apply_rope(q, self.num_heads, self.head_dim, &batch.positions, &self.rope)?;
-        apply_rope(k, self.num_kv_heads, self.head_dim, &batch.positions, &self.rope)?;
+        apply_rope(
+            q,
+            self.num_heads,
+            self.head_dim,
+            &batch.positions,
+            &self.rope,
+        )?;
+        apply_rope(
+            k,
+            self.num_kv_heads,
+            self.head_dim,
+            &batch.positions,
+            &self.rope,
+        )?;
         let config = kv.config();
         let geometry = PageGeometry {
             num_blocks: config.num_blocks,
@@ -200,10 +241,18 @@ impl PagedSelfAttention {
 /// Fails early when the KV cache was built for another model.
 pub(crate) fn check_kv_cache(info: &ModelInfo, kv: &KvCache) -> Result<()> {
     let c = kv.config();
-    if c.num_layers != info.num_layers || c.num_kv_heads != info.num_kv_heads || c.head_dim != info.head_dim {
+    if c.num_layers != info.num_layers
+        || c.num_kv_heads != info.num_kv_heads
+        || c.head_dim != info.head_dim
+    {
         return Err(Error::Batch(format!(
             "the KV cache has {} layers x {} KV heads x {} dims, the model needs {} x {} x {}",
-            c.num_layers, c.num_kv_heads, c.head_dim, info.num_layers, info.num_kv_heads, info.head_dim
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            info.num_layers,
+            info.num_kv_heads,
+            info.head_dim
         )));
     }
     Ok(())

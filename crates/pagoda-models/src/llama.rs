@@ -8,7 +8,9 @@ use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, LlamaConfig};
-use crate::layers::{Embedding, Linear, Norm, PagedSelfAttention, add_in_place, check_kv_cache, gather_rows};
+use crate::layers::{
+    Embedding, Linear, Norm, PagedSelfAttention, add_in_place, check_kv_cache, gather_rows,
+};
 use crate::weights::WeightLoader;
 use crate::{Architecture, Batch, Error, Model, ModelInfo, Result};
 
@@ -50,13 +52,24 @@ impl Llama {
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 let attn = |name: &str, out: usize, input: usize| {
-                    Linear::load(loader, &format!("{p}.self_attn.{name}"), input, out, c.attention_bias)
+                    Linear::load(
+                        loader,
+                        &format!("{p}.self_attn.{name}"),
+                        input,
+                        out,
+                        c.attention_bias,
+                    )
                 };
                 let mlp = |name: &str, out: usize, input: usize| {
                     Linear::load(loader, &format!("{p}.mlp.{name}"), input, out, c.mlp_bias)
                 };
                 Ok(Layer {
-                    input_layernorm: Norm::rms_norm(loader, &format!("{p}.input_layernorm"), hidden, eps)?,
+                    input_layernorm: Norm::rms_norm(
+                        loader,
+                        &format!("{p}.input_layernorm"),
+                        hidden,
+                        eps,
+                    )?,
                     post_attention_layernorm: Norm::rms_norm(
                         loader,
                         &format!("{p}.post_attention_layernorm"),
@@ -73,7 +86,8 @@ impl Llama {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embed_tokens = Embedding::load(loader, "model.embed_tokens.weight", c.vocab_size, hidden)?;
+        let embed_tokens =
+            Embedding::load(loader, "model.embed_tokens.weight", c.vocab_size, hidden)?;
         // Checkpoints that tie their embeddings usually store no lm_head; some store a copy anyway.
         let lm_head = if loader.contains("lm_head.weight") {
             Linear::load(loader, "lm_head", hidden, c.vocab_size, false)?
@@ -86,7 +100,12 @@ impl Llama {
             }
             .into());
         };
-        let rope = RopeTable::new(c.head_dim, c.rope_theta, c.max_position_embeddings, c.rope_scaling)?;
+        let rope = RopeTable::new(
+            c.head_dim,
+            c.rope_theta,
+            c.max_position_embeddings,
+            c.rope_scaling,
+        )?;
         let info = ModelInfo {
             architecture: Architecture::Llama,
             num_layers: c.num_hidden_layers,

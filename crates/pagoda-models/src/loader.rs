@@ -26,7 +26,10 @@ impl CheckpointFormat {
         } else {
             Err(Error::Io {
                 path: path.to_owned(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
             })
         }
     }

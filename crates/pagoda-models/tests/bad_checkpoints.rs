@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use pagoda_models::{Error, load_model};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// A copy of a fixture checkpoint whose config.json has `edit` applied.
@@ -32,29 +34,46 @@ fn load_error(path: &Path) -> Error {
 
 #[test]
 fn unknown_architecture_is_named() {
-    let dir = edited_copy("tiny-llama-tied", |c| c["architectures"] = serde_json::json!(["MambaForCausalLM"]));
+    let dir = edited_copy("tiny-llama-tied", |c| {
+        c["architectures"] = serde_json::json!(["MambaForCausalLM"])
+    });
     let error = load_error(dir.path());
-    assert!(matches!(&error, Error::UnknownArchitecture(a) if a == "MambaForCausalLM"), "{error}");
+    assert!(
+        matches!(&error, Error::UnknownArchitecture(a) if a == "MambaForCausalLM"),
+        "{error}"
+    );
 }
 
 #[test]
 fn mis_shaped_tensor_is_named_with_both_shapes() {
-    let dir = edited_copy("tiny-llama-tied", |c| c["intermediate_size"] = serde_json::json!(100));
+    let dir = edited_copy("tiny-llama-tied", |c| {
+        c["intermediate_size"] = serde_json::json!(100)
+    });
     let message = load_error(dir.path()).to_string();
-    assert!(message.contains("model.layers.0.mlp.gate_proj.weight"), "{message}");
-    assert!(message.contains("[100, 48]") && message.contains("[96, 48]"), "{message}");
+    assert!(
+        message.contains("model.layers.0.mlp.gate_proj.weight"),
+        "{message}"
+    );
+    assert!(
+        message.contains("[100, 48]") && message.contains("[96, 48]"),
+        "{message}"
+    );
 }
 
 #[test]
 fn missing_tensor_is_named() {
-    let dir = edited_copy("tiny-gpt-neox", |c| c["num_hidden_layers"] = serde_json::json!(3));
+    let dir = edited_copy("tiny-gpt-neox", |c| {
+        c["num_hidden_layers"] = serde_json::json!(3)
+    });
     let message = load_error(dir.path()).to_string();
     assert!(message.contains("gpt_neox.layers.2."), "{message}");
 }
 
 #[test]
 fn missing_lm_head_of_an_untied_model_is_named() {
-    let dir = edited_copy("tiny-llama-tied", |c| c["tie_word_embeddings"] = serde_json::json!(false));
+    let dir = edited_copy("tiny-llama-tied", |c| {
+        c["tie_word_embeddings"] = serde_json::json!(false)
+    });
     let message = load_error(dir.path()).to_string();
     assert!(message.contains("lm_head.weight"), "{message}");
 }

@@ -29,14 +29,19 @@ struct ReferencePrompt {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn load(name: &str) -> (Box<dyn Model>, Reference) {
     let dir = fixture(name);
     let model = load_model(&dir).unwrap_or_else(|e| panic!("loading {name}: {e}"));
     let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
-    (model, serde_json::from_str(&text).expect("reference.json parses"))
+    (
+        model,
+        serde_json::from_str(&text).expect("reference.json parses"),
+    )
 }
 
 fn kv_cache(model: &dyn Model, num_blocks: usize) -> KvCache {
@@ -55,7 +60,12 @@ fn kv_cache(model: &dyn Model, num_blocks: usize) -> KvCache {
 
 /// Appends one chunk of tokens per sequence and builds the flat batch that runs them all,
 /// asking for the logits of every row when `all_rows`, else of each sequence's last row.
-fn batch_of(chunks: &[&[u32]], tables: &mut [BlockTable], kv: &mut KvCache, all_rows: bool) -> Batch {
+fn batch_of(
+    chunks: &[&[u32]],
+    tables: &mut [BlockTable],
+    kv: &mut KvCache,
+    all_rows: bool,
+) -> Batch {
     let mut batch = Batch::default();
     for (chunk, table) in chunks.iter().zip(tables.iter_mut()) {
         if chunk.is_empty() {
@@ -84,7 +94,10 @@ fn batch_of(chunks: &[&[u32]], tables: &mut [BlockTable], kv: &mut KvCache, all_
 
 fn relative_error(ours: &[f32], theirs: &[f32]) -> f32 {
     let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let diff = ours.iter().zip(theirs).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = ours
+        .iter()
+        .zip(theirs)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     diff / scale
 }
 
@@ -104,22 +117,41 @@ fn check_parity(name: &str) {
     let (model, reference) = load(name);
     let vocab = model.info().vocab_size;
     let mut kv = kv_cache(model.as_ref(), 256);
-    let mut tables: Vec<BlockTable> = reference.prompts.iter().map(|_| BlockTable::new(BLOCK_SIZE)).collect();
+    let mut tables: Vec<BlockTable> = reference
+        .prompts
+        .iter()
+        .map(|_| BlockTable::new(BLOCK_SIZE))
+        .collect();
 
-    let splits: Vec<usize> = reference.prompts.iter().map(|p| p.input_ids.len().div_ceil(2)).collect();
+    let splits: Vec<usize> = reference
+        .prompts
+        .iter()
+        .map(|p| p.input_ids.len().div_ceil(2))
+        .collect();
     let mut logits_per_prompt: Vec<Vec<f32>> = vec![Vec::new(); reference.prompts.len()];
     for half in 0..2 {
         let chunks: Vec<&[u32]> = reference
             .prompts
             .iter()
             .zip(&splits)
-            .map(|(p, &s)| if half == 0 { &p.input_ids[..s] } else { &p.input_ids[s..] })
+            .map(|(p, &s)| {
+                if half == 0 {
+                    &p.input_ids[..s]
+                } else {
+                    &p.input_ids[s..]
+                }
+            })
             .collect();
         let batch = batch_of(&chunks, &mut tables, &mut kv, true);
-        let logits = model.forward(&batch, &mut kv).expect("forward").to_vec::<f32>().unwrap();
+        let logits = model
+            .forward(&batch, &mut kv)
+            .expect("forward")
+            .to_vec::<f32>()
+            .unwrap();
         let mut row = 0;
         for (p, chunk) in chunks.iter().enumerate() {
-            logits_per_prompt[p].extend_from_slice(&logits[row * vocab..(row + chunk.len()) * vocab]);
+            logits_per_prompt[p]
+                .extend_from_slice(&logits[row * vocab..(row + chunk.len()) * vocab]);
             row += chunk.len();
         }
     }
@@ -143,14 +175,21 @@ fn check_parity(name: &str) {
         let chunks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
         let chunk_refs: Vec<&[u32]> = chunks.iter().map(|c| c.as_slice()).collect();
         let batch = batch_of(&chunk_refs, &mut tables, &mut kv, false);
-        let logits = model.forward(&batch, &mut kv).expect("decode").to_vec::<f32>().unwrap();
+        let logits = model
+            .forward(&batch, &mut kv)
+            .expect("decode")
+            .to_vec::<f32>()
+            .unwrap();
         next = logits.chunks(vocab).map(argmax).collect();
         for (g, &t) in generated.iter_mut().zip(&next) {
             g.push(t);
         }
     }
     for (p, prompt) in reference.prompts.iter().enumerate() {
-        assert_eq!(generated[p], prompt.greedy, "{name}, prompt {p}: greedy tokens");
+        assert_eq!(
+            generated[p], prompt.greedy,
+            "{name}, prompt {p}: greedy tokens"
+        );
     }
     for table in &mut tables {
         table.free(kv.allocator()).unwrap();

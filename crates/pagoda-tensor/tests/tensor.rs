@@ -350,11 +350,29 @@ fn large_conversions_match_elementwise() {
     let values: Vec<f32> = (0..n).map(|i| (i as f32 - 35_000.5) * 0.37).collect();
     let t = Tensor::from_slice(&values, [n / 2, 2]).unwrap();
     let expected: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
-    assert_eq!(t.to_dtype(DType::BF16).unwrap().to_vec::<bf16>().unwrap(), expected);
-    let column: Vec<f16> = values.iter().step_by(2).map(|&v| f16::from_f32(v)).collect();
-    assert_eq!(t.narrow(1, 0, 1).unwrap().to_dtype(DType::F16).unwrap().to_vec::<f16>().unwrap(), column);
+    assert_eq!(
+        t.to_dtype(DType::BF16).unwrap().to_vec::<bf16>().unwrap(),
+        expected
+    );
+    let column: Vec<f16> = values
+        .iter()
+        .step_by(2)
+        .map(|&v| f16::from_f32(v))
+        .collect();
+    assert_eq!(
+        t.narrow(1, 0, 1)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap()
+            .to_vec::<f16>()
+            .unwrap(),
+        column
+    );
     let ints: Vec<i32> = values.iter().map(|&v| v as i32).collect();
-    assert_eq!(t.to_dtype(DType::I32).unwrap().to_vec::<i32>().unwrap(), ints);
+    assert_eq!(
+        t.to_dtype(DType::I32).unwrap().to_vec::<i32>().unwrap(),
+        ints
+    );
 }
 
 #[test]

@@ -118,8 +118,8 @@ fn convert<T: Element>(src: &[T], dst: &mut [f32]) {
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias[n])`: the `nn.Linear` convention, `w` row-major
 /// `[n, k]`.
 ///
-/// A single row (decode) is a matrix-vector product over the rows of `w`, split across threads;
-/// more rows go through the `gemm` crate in panels of `w` rows converted to f32.
+/// A few rows (decode) take dot products against each row of `w`, split across threads; more
+/// rows go through the `gemm` crate in panels of `w` rows converted to f32.
 pub fn linear(
     x: &[f32],
     m: usize,
@@ -148,8 +148,8 @@ pub fn linear(
         }
         return Ok(());
     }
-    if m == 1 {
-        gemv(x, w, k, bias, out);
+    if m <= ROW_DOTS_MAX_M {
+        row_dots(x, m, k, w, bias, out);
     } else {
         panel_gemm(x, m, k, w, n, bias, out);
     }
@@ -205,11 +205,12 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Dot product of `x` with `w` widened to f32.
 ///
-/// Sixteen independent partial sums let the compiler keep them in SIMD registers: a single running
-/// sum is a serial chain of additions that it may not reorder.
+/// Independent partial sums let the compiler keep them in SIMD registers (a single running sum is
+/// a serial chain of additions that it may not reorder), enough of them to hide the latency of
+/// the additions; they are then added pairwise.
 #[inline(always)]
 fn dot_widened<T: Element>(x: &[f32], w: &[T]) -> f32 {
-    const LANES: usize = 16;
+    const LANES: usize = 32;
     debug_assert_eq!(x.len(), w.len());
     let (x_blocks, x_tail) = x.as_chunks::<LANES>();
     let (w_blocks, w_tail) = w.as_chunks::<LANES>();
@@ -219,66 +220,110 @@ fn dot_widened<T: Element>(x: &[f32], w: &[T]) -> f32 {
             partial[lane] += x[lane] * w[lane].to_f32();
         }
     }
-    let tail: f32 = x_tail
-        .iter()
-        .zip(w_tail)
-        .map(|(&x, &w)| x * w.to_f32())
-        .sum();
-    partial.iter().sum::<f32>() + tail
+    for (lane, (&x, &w)) in x_tail.iter().zip(w_tail).enumerate() {
+        partial[lane] += x * w.to_f32();
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for lane in 0..width {
+            partial[lane] += partial[lane + width];
+        }
+        width /= 2;
+    }
+    partial[0]
 }
 
-/// `out[j] = x · w[j]` for each row `w[j]` of `x.len()` elements.
-#[inline(always)]
-fn dot_rows<T: Element>(x: &[f32], w: &[T], out: &mut [f32]) {
-    for (out, row) in out.iter_mut().zip(w.chunks_exact(x.len())) {
-        *out = dot_widened(x, row);
+/// Up to this many rows of `x`, [`linear`] takes dot products with each row of `w` rather than
+/// calling `gemm`, whose packing does not pay off for so few rows.
+const ROW_DOTS_MAX_M: usize = 1;
+
+/// Weight elements one task of [`row_dots`] covers: enough that scheduling is noise, few enough
+/// that the rows of a decode-sized matrix spread over every thread.
+const ROW_DOTS_ELEMENTS_PER_TASK: usize = 1 << 15;
+
+/// `out[i, j] = x[i] · w[j] (+ bias[j])` for `k > 0`, parallel over chunks of rows of `w`.
+fn row_dots(x: &[f32], m: usize, k: usize, w: Weights<'_>, bias: Option<&[f32]>, out: &mut [f32]) {
+    if m == 1 {
+        row_dots_transposed(x, k, w, bias, out);
+        return;
+    }
+    // Each task fills whole rows of the transposed product; one pass puts them in place.
+    let n = out.len() / m;
+    let mut out_t = vec![0.0; out.len()];
+    row_dots_transposed(x, k, w, bias, &mut out_t);
+    for (j, products) in out_t.chunks_exact(m).enumerate() {
+        for (i, &product) in products.iter().enumerate() {
+            out[i * n + j] = product;
+        }
     }
 }
 
-/// [`dot_rows`] compiled for AVX2: twice the SIMD width of the x86-64 baseline, which the f16
-/// conversion needs to keep up with memory.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn dot_rows_avx2<T: Element>(x: &[f32], w: &[T], out: &mut [f32]) {
-    dot_rows(x, w, out);
-}
-
-/// [`dot_rows`] with the widest instruction set the CPU offers.
-fn dot_rows_dispatch<T: Element>(x: &[f32], w: &[T], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, as just checked.
-        return unsafe { dot_rows_avx2(x, w, out) };
-    }
-    dot_rows(x, w, out);
-}
-
-/// Weight elements one task of the matrix-vector product covers: enough that scheduling is noise,
-/// few enough that the rows of a decode-sized matrix spread over every thread.
-const GEMV_ELEMENTS_PER_TASK: usize = 1 << 15;
-
-/// `out[n] = w[n, k] · x[k] (+ bias)` for `k > 0`, parallel over chunks of rows of `w`.
-fn gemv(x: &[f32], w: Weights<'_>, k: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+/// `out_t[j, i] = x[i] · w[j] (+ bias[j])`.
+fn row_dots_transposed(
+    x: &[f32],
+    k: usize,
+    w: Weights<'_>,
+    bias: Option<&[f32]>,
+    out_t: &mut [f32],
+) {
     match w {
-        Weights::F32(w) => gemv_typed(x, w, k, bias, out),
-        Weights::F16(w) => gemv_typed(x, w, k, bias, out),
-        Weights::BF16(w) => gemv_typed(x, w, k, bias, out),
+        Weights::F32(w) => row_dots_typed(x, k, w, bias, out_t),
+        Weights::F16(w) => row_dots_typed(x, k, w, bias, out_t),
+        Weights::BF16(w) => row_dots_typed(x, k, w, bias, out_t),
     }
 }
 
-fn gemv_typed<T: Element>(x: &[f32], w: &[T], k: usize, bias: Option<&[f32]>, out: &mut [f32]) {
-    let rows_per_task = (GEMV_ELEMENTS_PER_TASK / k).max(1);
-    out.par_chunks_mut(rows_per_task)
+fn row_dots_typed<T: Element>(
+    x: &[f32],
+    k: usize,
+    w: &[T],
+    bias: Option<&[f32]>,
+    out_t: &mut [f32],
+) {
+    let m = x.len() / k;
+    let rows_per_task = (ROW_DOTS_ELEMENTS_PER_TASK / k).max(1);
+    out_t
+        .par_chunks_mut(rows_per_task * m)
         .zip(w.par_chunks(rows_per_task * k))
         .enumerate()
-        .for_each(|(task, (out, w))| {
-            dot_rows_dispatch(x, w, out);
+        .for_each(|(task, (out_t, w))| {
+            dot_each_row_dispatch(x, k, w, out_t);
             if let Some(bias) = bias {
-                for (out, b) in out.iter_mut().zip(&bias[task * rows_per_task..]) {
-                    *out += b;
+                let bias = &bias[task * rows_per_task..];
+                for (products, b) in out_t.chunks_exact_mut(m).zip(bias) {
+                    products.iter_mut().for_each(|product| *product += b);
                 }
             }
         });
+}
+
+/// `out_t[j, i] = x[i] · w[j]` for the rows `x[i]` and `w[j]` of `k` elements.
+#[inline(always)]
+fn dot_each_row<T: Element>(x: &[f32], k: usize, w: &[T], out_t: &mut [f32]) {
+    let m = x.len() / k;
+    for (products, w) in out_t.chunks_exact_mut(m).zip(w.chunks_exact(k)) {
+        for (product, x) in products.iter_mut().zip(x.chunks_exact(k)) {
+            *product = dot_widened(x, w);
+        }
+    }
+}
+
+/// [`dot_each_row`] compiled for AVX2: twice the SIMD width of the x86-64 baseline, which the
+/// f16 conversion needs to keep up with memory.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot_each_row_avx2<T: Element>(x: &[f32], k: usize, w: &[T], out_t: &mut [f32]) {
+    dot_each_row(x, k, w, out_t);
+}
+
+/// [`dot_each_row`] with the widest instruction set the CPU offers.
+fn dot_each_row_dispatch<T: Element>(x: &[f32], k: usize, w: &[T], out_t: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, as just checked.
+        return unsafe { dot_each_row_avx2(x, k, w, out_t) };
+    }
+    dot_each_row(x, k, w, out_t);
 }
 
 /// Weight elements in one panel of `w` rows: its f32 copy (256 KiB) stays in a core's L2 cache

@@ -225,7 +225,10 @@ mod tests {
                         "softmax_online" => continue,
                         _ => 32,
                     };
-                    assert!(plan.threads.is_multiple_of(32) && plan.threads <= 1024, "{plan:?}");
+                    assert!(
+                        plan.threads.is_multiple_of(32) && plan.threads <= 1024,
+                        "{plan:?}"
+                    );
                     assert!(plan.segment * plan.cluster >= cols, "{cols}: {plan:?}");
                     // Every vector of a segment has a thread slot.
                     let vector = 16 / element_size;

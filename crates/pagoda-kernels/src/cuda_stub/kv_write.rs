@@ -7,7 +7,13 @@ use super::rope::CudaRopeTable;
 use crate::{Error, Result};
 
 /// Writing K/V into pages on the GPU; always fails without the `cuda` feature.
-pub fn write_kv(_k: &Tensor, _v: &Tensor, _slots: &Tensor, _k_pages: &mut Tensor, _v_pages: &mut Tensor) -> Result<()> {
+pub fn write_kv(
+    _k: &Tensor,
+    _v: &Tensor,
+    _slots: &Tensor,
+    _k_pages: &mut Tensor,
+    _v_pages: &mut Tensor,
+) -> Result<()> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }
 

@@ -41,6 +41,10 @@ pub fn argmax(_logits: &Tensor) -> Result<Tensor> {
 }
 
 /// Sampling per row on the GPU; always fails without the `cuda` feature.
-pub fn sample(_logits: &Tensor, _params: &DeviceSamplingParams, _uniforms: &Tensor) -> Result<Tensor> {
+pub fn sample(
+    _logits: &Tensor,
+    _params: &DeviceSamplingParams,
+    _uniforms: &Tensor,
+) -> Result<Tensor> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }
