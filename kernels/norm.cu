@@ -3,42 +3,95 @@
 //
 // One block per row; blockDim.x is a multiple of 32. Statistics are float; LayerNorm takes the
 // mean first and the variance around it in a second pass (not E[x^2] - E[x]^2, which cancels
-// catastrophically for rows with a large mean). Passes after the first re-read the row, which
-// the first pass brought into L1/L2.
+// catastrophically for rows with a large mean). The row is read from memory once: each thread
+// keeps its part in registers between the passes (see CACHED_CHUNKS).
 //
 // Kernel names: <op>_<x dtype>_<weight dtype>, e.g. rms_norm_f16_f32 (f16 activations, f32
 // weight). The bias of LayerNorm has the weight's dtype.
 
 #include "common.cuh"
 
+// Vector chunks of a row each thread keeps in registers between the passes over it: with the
+// launcher's one thread per chunk, rows of up to 2 x 1024 x 8 elements are read from memory
+// once; wider rows re-read the rest (from L1/L2, which the first pass just filled).
+constexpr int CACHED_CHUNKS = 2;
+
+// The chunk of V elements at `i` of the row being normalised: x, or with ADD the rounded sum
+// residual + x, which is also stored back to the residual.
+template <int V, bool ADD, typename T>
+__device__ __forceinline__ void load_source(const T* __restrict__ x, T* __restrict__ residual, unsigned i,
+                                            float (&v)[V]) {
+    load_vec<V>(x + i, v);
+    if constexpr (ADD) {
+        float r[V];
+        load_vec<V>(residual + i, r);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] = round_to<T>(v[k] + r[k]);
+        store_vec<V>(residual + i, v);
+    }
+}
+
+// Adds the chunk's contribution to the first statistic: the sum (CENTER) or the sum of squares.
+template <int V, bool CENTER>
+__device__ __forceinline__ void accumulate(float& sum, const float (&v)[V]) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) sum += CENTER ? v[k] : v[k] * v[k];
+}
+
+template <int V>
+__device__ __forceinline__ void accumulate_centered(float& squares, const float (&v)[V], float mean) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) squares += (v[k] - mean) * (v[k] - mean);
+}
+
+// Writes the normalised chunk at `i`.
+template <int V, bool CENTER, typename T, typename W>
+__device__ __forceinline__ void write_normalised(float (&v)[V], const W* __restrict__ weight,
+                                                 const W* __restrict__ bias, T* __restrict__ out, unsigned i,
+                                                 float mean, float inv_std) {
+    float w[V];
+    load_vec<V>(weight + i, w);
+    if constexpr (CENTER) {
+        float b[V];
+        load_vec<V>(bias + i, b);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] = (v[k] - mean) * inv_std * w[k] + b[k];
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] = v[k] * inv_std * w[k];
+    }
+    store_vec<V>(out + i, v);
+}
+
 // Normalises one row of `hidden` elements. With ADD, `residual` is updated to the rounded sum
 // residual + x first and the statistics describe the stored values; with CENTER (LayerNorm)
 // the mean is subtracted and `bias` added. V is the vector width (VEC_WIDTH or 1); `hidden`
-// must be a multiple of V.
+// must be a multiple of V. Thread t owns chunks t, t + blockDim.x, ...; the first
+// CACHED_CHUNKS of them stay in registers, the rest are re-read by later passes (each thread
+// re-reads only what it wrote itself, so the residual needs no barrier).
 template <int V, bool ADD, bool CENTER, typename T, typename W>
 __device__ void norm_row(const T* __restrict__ x, T* __restrict__ residual, const W* __restrict__ weight,
                          const W* __restrict__ bias, T* __restrict__ out, unsigned hidden, float eps) {
     const unsigned chunks = hidden / V;
+    const unsigned uncached = threadIdx.x + CACHED_CHUNKS * blockDim.x;
     const float inv_hidden = 1.0f / static_cast<float>(hidden);
     const T* src = ADD ? residual : x;
+    float cache[CACHED_CHUNKS][V];
 
     float sum = 0.0f;
-    for (unsigned c = threadIdx.x; c < chunks; c += blockDim.x) {
-        const unsigned i = c * V;
-        float v[V];
-        load_vec<V>(x + i, v);
-        if constexpr (ADD) {
-            float r[V];
-            load_vec<V>(residual + i, r);
 #pragma unroll
-            for (int k = 0; k < V; ++k) v[k] = round_to<T>(v[k] + r[k]);
-            store_vec<V>(residual + i, v);
+    for (int j = 0; j < CACHED_CHUNKS; ++j) {
+        const unsigned c = threadIdx.x + j * blockDim.x;
+        if (c < chunks) {
+            load_source<V, ADD>(x, residual, c * V, cache[j]);
+            accumulate<V, CENTER>(sum, cache[j]);
         }
-#pragma unroll
-        for (int k = 0; k < V; ++k) sum += CENTER ? v[k] : v[k] * v[k];
     }
-    // Later passes re-read `src` at the indices this same thread wrote, so no barrier is needed
-    // for the residual; block_sum synchronises the block anyway.
+    for (unsigned c = uncached; c < chunks; c += blockDim.x) {
+        float v[V];
+        load_source<V, ADD>(x, residual, c * V, v);
+        accumulate<V, CENTER>(sum, v);
+    }
     sum = block_sum(sum);
 
     float mean = 0.0f;
@@ -46,32 +99,29 @@ __device__ void norm_row(const T* __restrict__ x, T* __restrict__ residual, cons
     if constexpr (CENTER) {
         mean = sum * inv_hidden;
         float squares = 0.0f;
-        for (unsigned c = threadIdx.x; c < chunks; c += blockDim.x) {
+#pragma unroll
+        for (int j = 0; j < CACHED_CHUNKS; ++j) {
+            if (threadIdx.x + j * blockDim.x < chunks) accumulate_centered(squares, cache[j], mean);
+        }
+        for (unsigned c = uncached; c < chunks; c += blockDim.x) {
             float v[V];
             load_vec<V>(src + c * V, v);
-#pragma unroll
-            for (int k = 0; k < V; ++k) squares += (v[k] - mean) * (v[k] - mean);
+            accumulate_centered(squares, v, mean);
         }
         inv_std = rsqrtf(block_sum(squares) * inv_hidden + eps);
     } else {
         inv_std = rsqrtf(sum * inv_hidden + eps);
     }
 
-    for (unsigned c = threadIdx.x; c < chunks; c += blockDim.x) {
-        const unsigned i = c * V;
-        float v[V], w[V];
-        load_vec<V>(src + i, v);
-        load_vec<V>(weight + i, w);
-        if constexpr (CENTER) {
-            float b[V];
-            load_vec<V>(bias + i, b);
 #pragma unroll
-            for (int k = 0; k < V; ++k) v[k] = (v[k] - mean) * inv_std * w[k] + b[k];
-        } else {
-#pragma unroll
-            for (int k = 0; k < V; ++k) v[k] = v[k] * inv_std * w[k];
-        }
-        store_vec<V>(out + i, v);
+    for (int j = 0; j < CACHED_CHUNKS; ++j) {
+        const unsigned c = threadIdx.x + j * blockDim.x;
+        if (c < chunks) write_normalised<V, CENTER>(cache[j], weight, bias, out, c * V, mean, inv_std);
+    }
+    for (unsigned c = uncached; c < chunks; c += blockDim.x) {
+        float v[V];
+        load_vec<V>(src + c * V, v);
+        write_normalised<V, CENTER>(v, weight, bias, out, c * V, mean, inv_std);
     }
 }
 

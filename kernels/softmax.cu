@@ -3,12 +3,12 @@
 // Three forms, chosen by the launcher (crates/pagoda-kernels/src/cuda/softmax.rs) from the row length:
 // - softmax_row_e{8,16,32}: one thread block per row, the row held in registers (E f32 values per
 //   thread): one read and one write of the row, one exp per element.
-// - softmax_cluster{2,4,8} (sm_90+): a thread block cluster per row, each block holding a segment in
+// - softmax_cluster{2,4} (sm_90+): a thread block cluster per row, each block holding a segment in
 //   registers; the blocks exchange their max and sum through distributed shared memory, so rows too
 //   long for one block still cost one read and one write.
-// - softmax_online: rows longer than fit on chip. A running (max, sum) per thread, merged across the
-//   block, then a second pass that re-reads the row (back to front, so the most recently read part is
-//   still in L2) and writes it.
+// - softmax_online: longer rows. A running (max, sum) per thread, merged across the block, then a
+//   second pass that re-reads the row (back to front, so the most recently read part is still in
+//   L2) and writes it.
 //
 // A row whose maximum is -inf (all -inf) or that holds NaN or +inf comes out as NaN, as on the CPU.
 
@@ -123,10 +123,6 @@ __device__ __forceinline__ float load_from_cluster_block(const float* local, uns
 // multiple of the 16-byte vector width, so every segment starts aligned when the row does) as
 // E values per thread. Vector slot j of thread t is vector j * blockDim.x + t of the segment, so
 // each load instruction of a warp covers 512 contiguous bytes.
-//
-// Each thread exponentiates against its own maximum and the (max, sum) pairs are merged once per
-// block and once per cluster; the stored value is rescaled by exp(thread max - row max) / sum.
-// One exp per element and one exchange per level, instead of one for the max and one for the sum.
 template <typename T, int E, int CLUSTER>
 __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T* __restrict__ y,
                                                      unsigned long long rows, long long cols,
@@ -136,11 +132,8 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
     constexpr int SLOTS = E / V;
     unsigned rank = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // Each block's (max, sum) for the cluster to read; two slots, alternating by row, so that a
-    // block may write the next row's pair while a slower one still reads this row's.
-    __shared__ float exchange_max[2];
-    __shared__ float exchange_sum[2];
-    unsigned parity = 0;
+    __shared__ float cluster_max;
+    __shared__ float cluster_sum;
     if (CLUSTER > 1) {
         rank = cluster_rank();
     }
@@ -159,51 +152,58 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
             load_or_pad<T, V>(x_row, base, end, aligned, v[j]);
         }
 
-        float thread_max = NEG_INF;
+        float max = NEG_INF;
 #pragma unroll
         for (int j = 0; j < SLOTS; ++j) {
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                thread_max = fmaxf(thread_max, v[j][e]);
+                max = fmaxf(max, v[j][e]);
             }
         }
+        max = block_max(max);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if (CLUSTER > 1) {
+            if (threadIdx.x == 0) {
+                cluster_max = max;
+            }
+            cluster_barrier();
+#pragma unroll
+            for (unsigned b = 0; b < CLUSTER; ++b) {
+                max = fmaxf(max, load_from_cluster_block(&cluster_max, b));
+            }
+        }
+#endif
+
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < SLOTS; ++j) {
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                v[j][e] = exp_shifted(v[j][e], thread_max);
+                v[j][e] = expf(v[j][e] - max);
                 sum += v[j][e];
             }
         }
-        float max = thread_max;
-        block_merge(max, sum);
+        sum = block_sum(sum);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         if (CLUSTER > 1) {
             if (threadIdx.x == 0) {
-                exchange_max[parity] = max;
-                exchange_sum[parity] = sum;
+                cluster_sum = sum;
             }
             cluster_barrier();
-            max = NEG_INF;
             sum = 0.0f;
-            // Every thread of every block merges the same pairs in the same order: identical results.
 #pragma unroll
             for (unsigned b = 0; b < CLUSTER; ++b) {
-                merge_online(max, sum, load_from_cluster_block(&exchange_max[parity], b),
-                             load_from_cluster_block(&exchange_sum[parity], b));
+                sum += load_from_cluster_block(&cluster_sum, b);
             }
-            parity ^= 1;
         }
 #endif
 
-        // A row of -inf has max -inf and sum 0: 0 * (1 / 0) makes it NaN, as on the CPU.
-        const float scale = exp_shifted(thread_max, max) * (1.0f / sum);
+        const float inv_sum = 1.0f / sum;
 #pragma unroll
         for (int j = 0; j < SLOTS; ++j) {
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                v[j][e] *= scale;
+                v[j][e] *= inv_sum;
             }
             const long long base = start + (static_cast<long long>(j) * blockDim.x + threadIdx.x) * V;
             store_or_clip<T, V>(y_row, base, end, aligned, v[j]);
@@ -324,11 +324,8 @@ PAGODA_SOFTMAX_KERNELS(bf16_t, bf16)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 PAGODA_SOFTMAX_CLUSTER_KERNEL(float, f32, 2)
 PAGODA_SOFTMAX_CLUSTER_KERNEL(float, f32, 4)
-PAGODA_SOFTMAX_CLUSTER_KERNEL(float, f32, 8)
 PAGODA_SOFTMAX_CLUSTER_KERNEL(half_t, f16, 2)
 PAGODA_SOFTMAX_CLUSTER_KERNEL(half_t, f16, 4)
-PAGODA_SOFTMAX_CLUSTER_KERNEL(half_t, f16, 8)
 PAGODA_SOFTMAX_CLUSTER_KERNEL(bf16_t, bf16, 2)
 PAGODA_SOFTMAX_CLUSTER_KERNEL(bf16_t, bf16, 4)
-PAGODA_SOFTMAX_CLUSTER_KERNEL(bf16_t, bf16, 8)
 #endif

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pagoda_engine::{ChatMessage, Device, Engine, GenerationParams, Prompt, SamplingConfig};
+use pagoda_engine::{ChatMessage, DType, Device, Engine, GenerationParams, Prompt, SamplingConfig};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +29,13 @@ enum Command {
 enum DeviceArg {
     Cpu,
     Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
 }
 
 #[derive(Args)]
@@ -57,8 +64,15 @@ struct GenerateArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// Keep generating past end-of-sequence tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// Weight dtype (and on a GPU the compute dtype); default: as stored on the CPU, f16 or bf16
+    /// on a GPU.
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
     /// The text to continue.
     prompt: String,
 }
@@ -91,7 +105,7 @@ fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
             min_p: args.min_p,
         },
         seed: args.seed,
-        ignore_eos: false,
+        ignore_eos: args.ignore_eos,
     };
     params.validate()?;
     let load_start = Instant::now();

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use pagoda_kernels::cpu::sampling::Sampler;
 use pagoda_kv::{BlockTable, KvCache, KvCacheConfig};
-use pagoda_models::{Batch, BatchSequence, CheckpointFormat, Model, load_model};
+use pagoda_models::{Batch, BatchSequence, CheckpointFormat, LoadOptions, Model, load_model};
 use pagoda_tensor::gguf::GgufFile;
 use pagoda_tensor::{DType, Device};
 
@@ -48,6 +48,7 @@ pub struct Generation {
 pub struct EngineBuilder {
     model: Option<PathBuf>,
     device: Device,
+    dtype: Option<DType>,
     block_size: usize,
     max_context_tokens: Option<usize>,
 }
@@ -61,6 +62,13 @@ impl EngineBuilder {
 
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
+        self
+    }
+
+    /// The dtype of the weights (and on a GPU of activations and the KV cache); by default the
+    /// checkpoint's own on the CPU, f16 or bf16 on a GPU.
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = Some(dtype);
         self
     }
 
@@ -81,17 +89,17 @@ impl EngineBuilder {
         let path = self
             .model
             .ok_or(Error::Config("no model given: call .model(path)".into()))?;
-        if self.device != Device::Cpu {
-            return Err(Error::Config(format!(
-                "device {:?} is not supported by the engine yet; use the CPU",
-                self.device
-            )));
-        }
         if self.block_size == 0 {
             return Err(Error::Config("block size must be positive".into()));
         }
         let (tokenizer, chat_template) = load_tokenizer(&path)?;
-        let model = load_model(&path)?;
+        let model = load_model(
+            &path,
+            &LoadOptions {
+                device: self.device,
+                dtype: self.dtype,
+            },
+        )?;
         let info = model.info().clone();
         if tokenizer.vocab_size() > info.vocab_size {
             return Err(Error::Config(format!(
@@ -111,8 +119,8 @@ impl EngineBuilder {
             block_size: self.block_size,
             num_kv_heads: info.num_kv_heads,
             head_dim: info.head_dim,
-            dtype: DType::F32,
-            device: self.device,
+            dtype: info.dtype,
+            device: info.device,
         })?;
         Ok(Engine {
             model,
@@ -138,6 +146,7 @@ impl Engine {
         EngineBuilder {
             model: None,
             device: Device::Cpu,
+            dtype: None,
             block_size: DEFAULT_BLOCK_SIZE,
             max_context_tokens: None,
         }
@@ -245,7 +254,7 @@ impl Engine {
         let mut pending: Vec<u32> = prompt_ids.to_vec();
         while output.len() < params.max_tokens {
             let logits = self.forward(&pending, table)?;
-            let token = sampler.sample(logits.as_slice::<f32>()?)?;
+            let token = sampler.sample(&logits.to_vec_f32()?)?;
             first_token_at.get_or_insert_with(|| start.elapsed());
             if !params.ignore_eos && self.tokenizer.eos_token_ids().contains(&token) {
                 finish_reason = FinishReason::Stop;

@@ -11,7 +11,7 @@ pub use chat_template::{ChatMessage, ChatTemplate};
 pub use engine::{Engine, EngineBuilder, Generation, Prompt};
 pub use error::{Error, Result};
 pub use pagoda_kernels::cpu::sampling::SamplingConfig;
-pub use pagoda_tensor::Device;
+pub use pagoda_tensor::{DType, Device};
 pub use params::{FinishReason, GenerationParams};
 pub use tokenizer::Tokenizer;
 

@@ -10,5 +10,6 @@ pub mod cuda;
 #[path = "cuda_stub/mod.rs"]
 pub mod cuda;
 mod error;
+pub mod ops;
 
 pub use error::{Error, Result};

@@ -1,23 +1,21 @@
 //! GPT-NeoX, as used by the Pythia suite.
 
-use std::sync::Arc;
-
-use pagoda_kernels::cpu::activation;
 use pagoda_kernels::cpu::rope::RopeTable;
+use pagoda_kernels::ops;
 use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, GptNeoxConfig};
-use crate::layers::{
-    Embedding, Linear, Norm, PagedSelfAttention, add_in_place, check_kv_cache, gather_rows,
-};
+use crate::layers::{Embedding, ForwardContext, Linear, Norm, PagedSelfAttention};
 use crate::weights::WeightLoader;
-use crate::{Architecture, Batch, Model, ModelInfo, Result};
+use crate::{Batch, Model, ModelInfo, Result};
 
 struct Layer {
     input_layernorm: Norm,
     post_attention_layernorm: Norm,
-    query_key_value: Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
     dense: Linear,
     dense_h_to_4h: Linear,
     dense_4h_to_h: Linear,
@@ -34,12 +32,18 @@ pub struct GptNeox {
 }
 
 impl GptNeox {
-    pub(crate) fn load(config: GptNeoxConfig, loader: &WeightLoader<'_>) -> Result<Self> {
+    pub(crate) fn load(
+        config: GptNeoxConfig,
+        loader: &WeightLoader<'_>,
+        info: ModelInfo,
+    ) -> Result<Self> {
         let c = &config;
         let (hidden, eps) = (c.hidden_size, c.layer_norm_eps);
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let p = format!("gpt_neox.layers.{i}");
+                let [q_proj, k_proj, v_proj] =
+                    split_query_key_value(loader, c, &format!("{p}.attention.query_key_value"))?;
                 Ok(Layer {
                     input_layernorm: Norm::layer_norm(
                         loader,
@@ -53,13 +57,9 @@ impl GptNeox {
                         hidden,
                         eps,
                     )?,
-                    query_key_value: Linear::load(
-                        loader,
-                        &format!("{p}.attention.query_key_value"),
-                        hidden,
-                        3 * hidden,
-                        c.attention_bias,
-                    )?,
+                    q_proj,
+                    k_proj,
+                    v_proj,
                     dense: Linear::load(
                         loader,
                         &format!("{p}.attention.dense"),
@@ -96,21 +96,14 @@ impl GptNeox {
             c.max_position_embeddings,
             None,
         )?;
-        let info = ModelInfo {
-            architecture: Architecture::GptNeox,
-            num_layers: c.num_hidden_layers,
-            num_kv_heads: c.num_attention_heads,
-            head_dim: c.head_dim(),
-            vocab_size: c.vocab_size,
-            max_position_embeddings: c.max_position_embeddings,
-        };
         Ok(Self {
-            attention: PagedSelfAttention {
-                num_heads: c.num_attention_heads,
-                num_kv_heads: c.num_attention_heads,
-                head_dim: c.head_dim(),
-                rope: Arc::new(rope),
-            },
+            attention: PagedSelfAttention::new(
+                c.num_attention_heads,
+                c.num_attention_heads,
+                c.head_dim(),
+                rope,
+                &info.device,
+            )?,
             final_layer_norm: Norm::layer_norm(loader, "gpt_neox.final_layer_norm", hidden, eps)?,
             embed_in,
             embed_out,
@@ -124,67 +117,57 @@ impl GptNeox {
         &self.config
     }
 
-    fn attention(
-        &self,
-        layer: usize,
-        x: &[f32],
-        batch: &Batch,
-        kv: &mut KvCache,
-    ) -> Result<Vec<f32>> {
-        let weights = &self.layers[layer];
-        let tokens = batch.num_tokens();
-        let qkv = weights.query_key_value.forward(x, tokens)?;
-        let (q, mut k, v) = split_qkv_per_head(
-            &qkv,
-            tokens,
-            self.config.num_attention_heads,
-            self.info.head_dim,
-        );
-        let mut q = q;
-        let context = self
-            .attention
-            .forward(layer, &mut q, &mut k, &v, batch, kv)?;
-        weights.dense.forward(&context, tokens)
-    }
-
-    fn mlp(&self, layer: usize, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
-        let weights = &self.layers[layer];
-        let mut h = weights.dense_h_to_4h.forward(x, tokens)?;
-        match self.config.hidden_act {
-            Activation::GeluExact => activation::gelu_exact(&mut h),
-            Activation::GeluTanh => activation::gelu_tanh(&mut h),
-            Activation::Silu => h.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp()),
-        }
-        weights.dense_4h_to_h.forward(&h, tokens)
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let h = layer.dense_h_to_4h.forward(x)?;
+        let h = match self.config.hidden_act {
+            Activation::GeluExact => ops::gelu(&h, false)?,
+            Activation::GeluTanh => ops::gelu(&h, true)?,
+            Activation::Silu => {
+                return Err(crate::Error::Config {
+                    path: "config.json".into(),
+                    message: "GPT-NeoX with silu is not supported".into(),
+                });
+            }
+        };
+        layer.dense_4h_to_h.forward(&h)
     }
 }
 
-/// GPT-NeoX's fused projection lays its output out per head as `[q | k | v]` (each `head_dim`
-/// wide), not as three blocks; this regroups it into `[tokens, heads * head_dim]` for each.
-fn split_qkv_per_head(
-    qkv: &[f32],
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let width = heads * head_dim;
-    let mut parts = [
-        vec![0.0; tokens * width],
-        vec![0.0; tokens * width],
-        vec![0.0; tokens * width],
-    ];
-    for t in 0..tokens {
-        for h in 0..heads {
-            let src = (t * heads + h) * 3 * head_dim;
-            let dst = t * width + h * head_dim;
-            for (i, part) in parts.iter_mut().enumerate() {
-                part[dst..dst + head_dim]
-                    .copy_from_slice(&qkv[src + i * head_dim..src + (i + 1) * head_dim]);
+/// GPT-NeoX's fused projection lays its output rows out per head as `[q | k | v]` (each
+/// `head_dim` rows), not as three blocks; it is split here into three projections so that Q, K
+/// and V come out contiguous, as the attention kernels read them.
+fn split_query_key_value(
+    loader: &WeightLoader<'_>,
+    c: &GptNeoxConfig,
+    prefix: &str,
+) -> Result<[Linear; 3]> {
+    let (hidden, heads, head_dim) = (c.hidden_size, c.num_attention_heads, c.head_dim());
+    let weight = loader
+        .raw_matrix(&format!("{prefix}.weight"), 3 * hidden, hidden)?
+        .reshape([heads, 3, head_dim, hidden])?;
+    let bias = if c.attention_bias {
+        Some(
+            loader
+                .raw_vector(&format!("{prefix}.bias"), 3 * hidden)?
+                .reshape([heads, 3, head_dim])?,
+        )
+    } else {
+        None
+    };
+    let part = |i: usize| -> Result<Linear> {
+        let w = weight
+            .narrow(1, i, 1)?
+            .contiguous()?
+            .reshape([hidden, hidden])?;
+        let b = match &bias {
+            Some(b) => {
+                Some(loader.place_vector(b.narrow(1, i, 1)?.contiguous()?.reshape([hidden])?)?)
             }
-        }
-    }
-    let [q, k, v] = parts;
-    (q, k, v)
+            None => None,
+        };
+        Ok(Linear::new(loader.place_matrix(w)?, b))
+    };
+    Ok([part(0)?, part(1)?, part(2)?])
 }
 
 impl Model for GptNeox {
@@ -193,26 +176,38 @@ impl Model for GptNeox {
     }
 
     fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Tensor> {
-        batch.validate(self.info.max_position_embeddings)?;
-        check_kv_cache(&self.info, kv)?;
-        let tokens = batch.num_tokens();
-        let mut hidden = self.embed_in.forward(&batch.tokens)?;
+        let ctx = ForwardContext::new(batch, &self.info, kv)?;
+        let mut residual = self.embed_in.forward(&ctx.tokens)?;
+        // The sum of the last layer's sublayer outputs, not yet added to the residual: the add
+        // runs fused with the next norm.
+        let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn = self.attention(i, &layer.input_layernorm.forward(&hidden)?, batch, kv)?;
+            let x = layer
+                .input_layernorm
+                .add_forward(pending.take(), &mut residual)?;
+            let attn = self.attention.forward(
+                i,
+                layer.q_proj.forward(&x)?,
+                layer.k_proj.forward(&x)?,
+                layer.v_proj.forward(&x)?,
+                &ctx,
+                kv,
+            )?;
+            let attn = layer.dense.forward(&attn)?;
             if self.config.use_parallel_residual {
-                let mlp = self.mlp(i, &layer.post_attention_layernorm.forward(&hidden)?, tokens)?;
-                add_in_place(&mut hidden, &attn);
-                add_in_place(&mut hidden, &mlp);
+                // x + attn(ln1(x)) + mlp(ln2(x))
+                let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(&residual)?)?;
+                pending = Some(ops::add(&attn, &mlp)?);
             } else {
-                add_in_place(&mut hidden, &attn);
-                let mlp = self.mlp(i, &layer.post_attention_layernorm.forward(&hidden)?, tokens)?;
-                add_in_place(&mut hidden, &mlp);
+                // h = x + attn(ln1(x)); h + mlp(ln2(h))
+                let h = layer
+                    .post_attention_layernorm
+                    .add_forward(Some(attn), &mut residual)?;
+                pending = Some(self.mlp(layer, &h)?);
             }
         }
-        let last = gather_rows(&hidden, self.config.hidden_size, &batch.logits_rows);
-        let normed = self.final_layer_norm.forward(&last)?;
-        let rows = batch.logits_rows.len();
-        let logits = self.embed_out.forward(&normed, rows)?;
-        Ok(Tensor::from_vec(logits, [rows, self.info.vocab_size])?)
+        let hidden = self.final_layer_norm.add_forward(pending, &mut residual)?;
+        let rows = ops::embedding(&hidden, &ctx.logits_rows)?;
+        self.embed_out.forward(&rows)
     }
 }

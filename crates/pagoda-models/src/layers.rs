@@ -1,23 +1,19 @@
-//! The building blocks both architectures share, on the CPU kernels.
+//! The building blocks both architectures share, on [`pagoda_kernels::ops`], so that one model
+//! definition runs on the CPU and on a GPU.
 
-use std::sync::Arc;
-
-use pagoda_kernels::cpu::attention::{AttentionParams, SequenceSpan, paged_attention};
-use pagoda_kernels::cpu::kv_write::{PageGeometry, write_kv};
-use pagoda_kernels::cpu::rope::{RopeTable, apply_rope};
-use pagoda_kernels::cpu::{embedding, gemm, norm};
+use pagoda_kernels::cpu::attention::AttentionParams;
+use pagoda_kernels::cpu::rope::RopeTable;
+use pagoda_kernels::ops::{self, AttentionLayout, LayerKv, NormWeights, Rope, SequenceRows};
 use pagoda_kv::KvCache;
-use pagoda_tensor::Tensor;
+use pagoda_tensor::{Device, Tensor};
 
-use crate::weights::{WeightLoader, as_weights};
+use crate::weights::WeightLoader;
 use crate::{Batch, Error, ModelInfo, Result};
 
 /// `y = x Wᵀ + b` with `W` stored `[out_features, in_features]`, as in `nn.Linear`.
 pub(crate) struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
-    in_features: usize,
-    out_features: usize,
 }
 
 impl Linear {
@@ -34,41 +30,20 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self::new(weight, bias))
+        Ok(Self { weight, bias })
     }
 
     pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let (out_features, in_features) = (weight.dims()[0], weight.dims()[1]);
-        Self {
-            weight,
-            bias,
-            in_features,
-            out_features,
-        }
+        Self { weight, bias }
     }
 
-    pub(crate) fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let mut out = vec![0.0; rows * self.out_features];
-        let bias = match &self.bias {
-            Some(b) => Some(b.as_slice::<f32>()?),
-            None => None,
-        };
-        gemm::linear(
-            x,
-            rows,
-            self.in_features,
-            as_weights(&self.weight)?,
-            self.out_features,
-            bias,
-            &mut out,
-        )?;
-        Ok(out)
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear(x, &self.weight, self.bias.as_ref())?)
     }
 }
 
 pub(crate) struct Embedding {
     table: Tensor,
-    hidden: usize,
 }
 
 impl Embedding {
@@ -80,14 +55,11 @@ impl Embedding {
     ) -> Result<Self> {
         Ok(Self {
             table: loader.matrix(name, vocab, hidden)?,
-            hidden,
         })
     }
 
-    pub(crate) fn forward(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut out = vec![0.0; ids.len() * self.hidden];
-        embedding::embedding(as_weights(&self.table)?, self.hidden, ids, &mut out)?;
-        Ok(out)
+    pub(crate) fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(ops::embedding(&self.table, ids)?)
     }
 
     /// The table as an output projection, for models that tie their embeddings.
@@ -96,16 +68,11 @@ impl Embedding {
     }
 }
 
-pub(crate) enum Norm {
-    Layer {
-        weight: Tensor,
-        bias: Tensor,
-        eps: f32,
-    },
-    Rms {
-        weight: Tensor,
-        eps: f32,
-    },
+/// RMSNorm (no bias) or LayerNorm.
+pub(crate) struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f32,
 }
 
 impl Norm {
@@ -115,9 +82,9 @@ impl Norm {
         hidden: usize,
         eps: f32,
     ) -> Result<Self> {
-        Ok(Self::Layer {
+        Ok(Self {
             weight: loader.vector(&format!("{prefix}.weight"), hidden)?,
-            bias: loader.vector(&format!("{prefix}.bias"), hidden)?,
+            bias: Some(loader.vector(&format!("{prefix}.bias"), hidden)?),
             eps,
         })
     }
@@ -128,118 +95,150 @@ impl Norm {
         hidden: usize,
         eps: f32,
     ) -> Result<Self> {
-        Ok(Self::Rms {
+        Ok(Self {
             weight: loader.vector(&format!("{prefix}.weight"), hidden)?,
+            bias: None,
             eps,
         })
     }
 
-    pub(crate) fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let mut out = vec![0.0; x.len()];
-        match self {
-            Self::Layer { weight, bias, eps } => {
-                let hidden = weight.elem_count();
-                norm::layer_norm(
-                    x,
-                    hidden,
-                    weight.as_slice()?,
-                    bias.as_slice()?,
-                    *eps,
-                    &mut out,
-                )?
-            }
-            Self::Rms { weight, eps } => {
-                let hidden = weight.elem_count();
-                norm::rms_norm(x, hidden, weight.as_slice()?, *eps, &mut out)?
-            }
+    fn weights(&self) -> NormWeights<'_> {
+        NormWeights {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            eps: self.eps,
         }
-        Ok(out)
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::norm(x, &self.weights())?)
+    }
+
+    /// Adds the sublayer output `pending` (if any) into `residual`, then normalises it: a
+    /// pre-norm transformer's residual step, fused.
+    pub(crate) fn add_forward(
+        &self,
+        pending: Option<Tensor>,
+        residual: &mut Tensor,
+    ) -> Result<Tensor> {
+        match pending {
+            Some(x) => Ok(ops::add_norm(&x, residual, &self.weights())?),
+            None => self.forward(residual),
+        }
     }
 }
 
-/// Causal self-attention over the paged KV cache: RoPE on Q and K, K/V written into the
-/// sequence's pages, then attention over everything the sequence has cached.
+/// A batch's metadata, placed once per forward pass on the model's device.
+pub(crate) struct ForwardContext {
+    pub(crate) tokens: Tensor,
+    pub(crate) positions: Tensor,
+    pub(crate) slots: Tensor,
+    pub(crate) logits_rows: Tensor,
+    pub(crate) layout: AttentionLayout,
+}
+
+impl ForwardContext {
+    pub(crate) fn new(batch: &Batch, info: &ModelInfo, kv: &KvCache) -> Result<Self> {
+        batch.validate(info.max_position_embeddings)?;
+        check_kv_cache(info, kv)?;
+        let device = info.device;
+        let upload = |values: &[u32]| -> Result<Tensor> {
+            Ok(Tensor::from_slice(values, [values.len()])?.to_device(&device)?)
+        };
+        let rows: Vec<u32> = batch.logits_rows.iter().map(|&r| r as u32).collect();
+        let sequences = batch
+            .sequences
+            .iter()
+            .map(|s| SequenceRows {
+                query_start: s.query_start,
+                query_len: s.query_len,
+                context_len: s.context_len,
+                block_table: s.block_table.clone(),
+            })
+            .collect();
+        let config = kv.config();
+        Ok(Self {
+            tokens: upload(&batch.tokens)?,
+            positions: upload(&batch.positions)?,
+            slots: upload(&batch.slots)?,
+            logits_rows: upload(&rows)?,
+            layout: AttentionLayout::new(sequences, config.block_size, config.num_blocks, &device)?,
+        })
+    }
+}
+
+/// Causal self-attention over the paged KV cache: RoPE on Q, RoPE on K fused with writing K/V
+/// into the sequence's pages, then attention over everything the sequence has cached.
 pub(crate) struct PagedSelfAttention {
-    pub(crate) num_heads: usize,
-    pub(crate) num_kv_heads: usize,
-    pub(crate) head_dim: usize,
-    pub(crate) rope: Arc<RopeTable>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    rope: Rope,
 }
 
 impl PagedSelfAttention {
+    pub(crate) fn new(
+        num_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        rope: RopeTable,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rope: Rope::new(rope, device)?,
+        })
+    }
+
     /// `q`: `[tokens, num_heads * head_dim]`, `k`, `v`: `[tokens, num_kv_heads * head_dim]`.
     /// Returns `[tokens, num_heads * head_dim]`.
     pub(crate) fn forward(
         &self,
         layer: usize,
-        q: &mut [f32],
-        k: &mut [f32],
-        v: &[f32],
-        batch: &Batch,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        ctx: &ForwardContext,
         kv: &mut KvCache,
-    ) -> Result<Vec<f32>> {
-        apply_rope(
-            q,
-            self.num_heads,
-            self.head_dim,
-            &batch.positions,
-            &self.rope,
-        )?;
-        apply_rope(
-            k,
-            self.num_kv_heads,
-            self.head_dim,
-            &batch.positions,
-            &self.rope,
-        )?;
-        let config = kv.config();
-        let geometry = PageGeometry {
-            num_blocks: config.num_blocks,
-            block_size: config.block_size,
-            num_kv_heads: config.num_kv_heads,
-            head_dim: config.head_dim,
-        };
+    ) -> Result<Tensor> {
+        let tokens = q.dims()[0];
+        let mut q = reshaped(q, &[tokens, self.num_heads, self.head_dim])?;
+        let k = reshaped(k, &[tokens, self.num_kv_heads, self.head_dim])?;
+        let v = reshaped(v, &[tokens, self.num_kv_heads, self.head_dim])?;
+        ops::apply_rope(&mut q, &ctx.positions, &self.rope)?;
         let pages = kv.layer_mut(layer);
-        write_kv(
-            k,
-            v,
-            &batch.slots,
-            &geometry,
-            pages.k.as_mut_slice()?,
-            pages.v.as_mut_slice()?,
+        ops::rope_write_kv(
+            &k,
+            &v,
+            &ctx.positions,
+            &ctx.slots,
+            &self.rope,
+            LayerKv {
+                k_pages: &mut pages.k,
+                v_pages: &mut pages.v,
+            },
         )?;
-        let spans: Vec<SequenceSpan<'_>> = batch
-            .sequences
-            .iter()
-            .map(|s| SequenceSpan {
-                query_start: s.query_start,
-                query_len: s.query_len,
-                context_len: s.context_len,
-                block_table: &s.block_table,
-            })
-            .collect();
         let params = AttentionParams {
             num_heads: self.num_heads,
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
             scale: (self.head_dim as f32).powf(-0.5),
         };
-        let mut out = vec![0.0; q.len()];
-        paged_attention(
-            q,
-            &spans,
-            &params,
-            &geometry,
-            pages.k.as_slice()?,
-            pages.v.as_slice()?,
-            &mut out,
-        )?;
-        Ok(out)
+        let out = ops::paged_attention(&q, &ctx.layout, &params, &pages.k, &pages.v)?;
+        reshaped(out, &[tokens, self.num_heads * self.head_dim])
     }
 }
 
+/// A reshaped view of `t` that owns its storage alone (the original is consumed), so it can be
+/// written in place.
+pub(crate) fn reshaped(t: Tensor, dims: &[usize]) -> Result<Tensor> {
+    Ok(t.reshape(dims.to_vec())?)
+}
+
 /// Fails early when the KV cache was built for another model.
-pub(crate) fn check_kv_cache(info: &ModelInfo, kv: &KvCache) -> Result<()> {
+fn check_kv_cache(info: &ModelInfo, kv: &KvCache) -> Result<()> {
     let c = kv.config();
     if c.num_layers != info.num_layers
         || c.num_kv_heads != info.num_kv_heads
@@ -255,16 +254,11 @@ pub(crate) fn check_kv_cache(info: &ModelInfo, kv: &KvCache) -> Result<()> {
             info.head_dim
         )));
     }
+    if c.dtype != info.dtype || c.device != info.device {
+        return Err(Error::Batch(format!(
+            "the KV cache holds {} on {:?}, the model computes in {} on {:?}",
+            c.dtype, c.device, info.dtype, info.device
+        )));
+    }
     Ok(())
-}
-
-/// Picks the rows whose logits were asked for out of `[tokens, hidden]`.
-pub(crate) fn gather_rows(x: &[f32], hidden: usize, rows: &[usize]) -> Vec<f32> {
-    rows.iter()
-        .flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied())
-        .collect()
-}
-
-pub(crate) fn add_in_place(acc: &mut [f32], x: &[f32]) {
-    acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
 }

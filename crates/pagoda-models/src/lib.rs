@@ -20,10 +20,10 @@ pub use config::{Architecture, GptNeoxConfig, LlamaConfig, ModelConfig};
 pub use error::{Error, Result};
 pub use gpt_neox::GptNeox;
 pub use llama::Llama;
-pub use loader::{CheckpointFormat, load_model};
+pub use loader::{CheckpointFormat, LoadOptions, load_model};
 
 use pagoda_kv::KvCache;
-use pagoda_tensor::Tensor;
+use pagoda_tensor::{DType, Device, Tensor};
 
 /// The shape facts of a model that the engine and the KV cache need.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,6 +35,10 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     /// The longest sequence (prompt + generated) the model's position encoding supports.
     pub max_position_embeddings: usize,
+    /// Where the model runs.
+    pub device: Device,
+    /// The dtype of activations, logits and the KV cache: f32 on the CPU, f16 or bf16 on a GPU.
+    pub dtype: DType,
 }
 
 /// A causal language model that runs over flat batches of tokens.
@@ -42,7 +46,7 @@ pub trait Model: Send + Sync {
     fn info(&self) -> &ModelInfo;
 
     /// Runs every token of `batch` through the model, writing their K/V into `kv` at
-    /// `batch.slots`, and returns f32 logits `[batch.logits_rows.len(), vocab_size]` for the
-    /// rows that asked for them, in that order.
+    /// `batch.slots`, and returns logits `[batch.logits_rows.len(), vocab_size]` (on the model's
+    /// device, in its dtype) for the rows that asked for them, in that order.
     fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Tensor>;
 }

@@ -1,18 +1,14 @@
 //! Llama 2/3.x and models of the same shape (SmolLM2).
 
-use std::sync::Arc;
-
-use pagoda_kernels::cpu::activation;
 use pagoda_kernels::cpu::rope::RopeTable;
+use pagoda_kernels::ops;
 use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, LlamaConfig};
-use crate::layers::{
-    Embedding, Linear, Norm, PagedSelfAttention, add_in_place, check_kv_cache, gather_rows,
-};
+use crate::layers::{Embedding, ForwardContext, Linear, Norm, PagedSelfAttention};
 use crate::weights::WeightLoader;
-use crate::{Architecture, Batch, Error, Model, ModelInfo, Result};
+use crate::{Batch, Error, Model, ModelInfo, Result};
 
 struct Layer {
     input_layernorm: Norm,
@@ -37,7 +33,11 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub(crate) fn load(config: LlamaConfig, loader: &WeightLoader<'_>) -> Result<Self> {
+    pub(crate) fn load(
+        config: LlamaConfig,
+        loader: &WeightLoader<'_>,
+        info: ModelInfo,
+    ) -> Result<Self> {
         let c = &config;
         if c.hidden_act != Activation::Silu {
             return Err(Error::Config {
@@ -106,21 +106,14 @@ impl Llama {
             c.max_position_embeddings,
             c.rope_scaling,
         )?;
-        let info = ModelInfo {
-            architecture: Architecture::Llama,
-            num_layers: c.num_hidden_layers,
-            num_kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            vocab_size: c.vocab_size,
-            max_position_embeddings: c.max_position_embeddings,
-        };
         Ok(Self {
-            attention: PagedSelfAttention {
-                num_heads: c.num_attention_heads,
-                num_kv_heads: c.num_key_value_heads,
-                head_dim: c.head_dim,
-                rope: Arc::new(rope),
-            },
+            attention: PagedSelfAttention::new(
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim,
+                rope,
+                &info.device,
+            )?,
             norm: Norm::rms_norm(loader, "model.norm", hidden, eps)?,
             embed_tokens,
             lm_head,
@@ -141,29 +134,32 @@ impl Model for Llama {
     }
 
     fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Tensor> {
-        batch.validate(self.info.max_position_embeddings)?;
-        check_kv_cache(&self.info, kv)?;
-        let tokens = batch.num_tokens();
-        let mut hidden = self.embed_tokens.forward(&batch.tokens)?;
+        let ctx = ForwardContext::new(batch, &self.info, kv)?;
+        let mut residual = self.embed_tokens.forward(&ctx.tokens)?;
+        // The last sublayer's output, not yet added to the residual: the add runs fused with the
+        // next norm.
+        let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let x = layer.input_layernorm.forward(&hidden)?;
-            let mut q = layer.q_proj.forward(&x, tokens)?;
-            let mut k = layer.k_proj.forward(&x, tokens)?;
-            let v = layer.v_proj.forward(&x, tokens)?;
-            let context = self.attention.forward(i, &mut q, &mut k, &v, batch, kv)?;
-            add_in_place(&mut hidden, &layer.o_proj.forward(&context, tokens)?);
-
-            let x = layer.post_attention_layernorm.forward(&hidden)?;
-            let gate = layer.gate_proj.forward(&x, tokens)?;
-            let up = layer.up_proj.forward(&x, tokens)?;
-            let mut act = vec![0.0; gate.len()];
-            activation::silu_and_mul(&gate, &up, &mut act)?;
-            add_in_place(&mut hidden, &layer.down_proj.forward(&act, tokens)?);
+            let x = layer
+                .input_layernorm
+                .add_forward(pending.take(), &mut residual)?;
+            let attn = self.attention.forward(
+                i,
+                layer.q_proj.forward(&x)?,
+                layer.k_proj.forward(&x)?,
+                layer.v_proj.forward(&x)?,
+                &ctx,
+                kv,
+            )?;
+            let x = layer
+                .post_attention_layernorm
+                .add_forward(Some(layer.o_proj.forward(&attn)?), &mut residual)?;
+            let act =
+                ops::silu_and_mul(&layer.gate_proj.forward(&x)?, &layer.up_proj.forward(&x)?)?;
+            pending = Some(layer.down_proj.forward(&act)?);
         }
-        let last = gather_rows(&hidden, self.config.hidden_size, &batch.logits_rows);
-        let normed = self.norm.forward(&last)?;
-        let rows = batch.logits_rows.len();
-        let logits = self.lm_head.forward(&normed, rows)?;
-        Ok(Tensor::from_vec(logits, [rows, self.info.vocab_size])?)
+        let hidden = self.norm.add_forward(pending, &mut residual)?;
+        let rows = ops::embedding(&hidden, &ctx.logits_rows)?;
+        self.lm_head.forward(&rows)
     }
 }

@@ -4,10 +4,11 @@ use std::path::Path;
 
 use pagoda_tensor::gguf::GgufFile;
 use pagoda_tensor::safetensors::SafeTensors;
+use pagoda_tensor::{DType, Device};
 
 use crate::gguf_llama::{GgufLlamaWeights, llama_config};
-use crate::weights::WeightLoader;
-use crate::{Error, GptNeox, Llama, Model, ModelConfig, Result};
+use crate::weights::{WeightLoader, WeightSource};
+use crate::{Architecture, Error, GptNeox, Llama, Model, ModelConfig, ModelInfo, Result};
 
 /// How a checkpoint is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,19 +36,34 @@ impl CheckpointFormat {
     }
 }
 
+/// Where and in what precision to run a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// The dtype of the weight matrices, and on a GPU of the activations and the KV cache too.
+    /// `None`: on the CPU, each matrix as stored (GGUF quantized tensors as f32); on a GPU, the
+    /// checkpoint's bf16 if it is stored so, else f16. CPU activations are always f32.
+    pub dtype: Option<DType>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: None,
+        }
+    }
+}
+
 /// Loads the model at `path`: a Hugging Face directory (config.json + safetensors, sharded or
-/// not) or a GGUF file. Weights keep their stored float dtype where the CPU kernels take it
-/// (f32, f16, bf16); GGUF quantized tensors are dequantized to f32.
-pub fn load_model(path: &Path) -> Result<Box<dyn Model>> {
+/// not) or a GGUF file (Llama).
+pub fn load_model(path: &Path, options: &LoadOptions) -> Result<Box<dyn Model>> {
     match CheckpointFormat::detect(path)? {
         CheckpointFormat::HuggingFace => {
             let config = ModelConfig::from_file(&path.join("config.json"))?;
             let weights = SafeTensors::open_dir(path)?;
-            let loader = WeightLoader::new(&weights);
-            Ok(match config {
-                ModelConfig::GptNeox(c) => Box::new(GptNeox::load(c, &loader)?),
-                ModelConfig::Llama(c) => Box::new(Llama::load(c, &loader)?),
-            })
+            let stored = stored_float_dtype(&weights);
+            build(config, &weights, options, stored)
         }
         CheckpointFormat::Gguf => {
             let file = GgufFile::open(path)?;
@@ -57,8 +73,92 @@ pub fn load_model(path: &Path) -> Result<Box<dyn Model>> {
                 num_heads: config.num_attention_heads,
                 num_kv_heads: config.num_key_value_heads,
             };
-            let loader = WeightLoader::new(&weights);
-            Ok(Box::new(Llama::load(config, &loader)?))
+            build(ModelConfig::Llama(config), &weights, options, DType::F32)
         }
     }
+}
+
+fn build(
+    config: ModelConfig,
+    weights: &dyn WeightSource,
+    options: &LoadOptions,
+    stored: DType,
+) -> Result<Box<dyn Model>> {
+    let (matrix_dtype, dtype) = match options.device {
+        Device::Cpu => (options.dtype, DType::F32),
+        Device::Cuda(_) => {
+            let dtype = options.dtype.unwrap_or(if stored == DType::BF16 {
+                DType::BF16
+            } else {
+                DType::F16
+            });
+            (Some(dtype), dtype)
+        }
+    };
+    if let Some(d) = matrix_dtype
+        && !d.is_float()
+    {
+        return Err(Error::WeightDType {
+            name: "every matrix".into(),
+            dtype: d,
+            what: "model (use f32, f16 or bf16)",
+        });
+    }
+    let loader = WeightLoader::new(weights, options.device, matrix_dtype);
+    let info =
+        |architecture, num_layers, num_kv_heads, head_dim, vocab_size, max_position_embeddings| {
+            ModelInfo {
+                architecture,
+                num_layers,
+                num_kv_heads,
+                head_dim,
+                vocab_size,
+                max_position_embeddings,
+                device: options.device,
+                dtype,
+            }
+        };
+    Ok(match config {
+        ModelConfig::GptNeox(c) => {
+            let info = info(
+                Architecture::GptNeox,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.head_dim(),
+                c.vocab_size,
+                c.max_position_embeddings,
+            );
+            Box::new(GptNeox::load(c, &loader, info)?)
+        }
+        ModelConfig::Llama(c) => {
+            let info = info(
+                Architecture::Llama,
+                c.num_hidden_layers,
+                c.num_key_value_heads,
+                c.head_dim,
+                c.vocab_size,
+                c.max_position_embeddings,
+            );
+            Box::new(Llama::load(c, &loader, info)?)
+        }
+    })
+}
+
+/// The float dtype most of a checkpoint's tensors are stored in.
+fn stored_float_dtype(weights: &SafeTensors) -> DType {
+    let mut counts = [0usize; 3];
+    for name in weights.names() {
+        match weights.info(name).map(|(dtype, _)| dtype) {
+            Some(DType::F32) => counts[0] += 1,
+            Some(DType::F16) => counts[1] += 1,
+            Some(DType::BF16) => counts[2] += 1,
+            _ => {}
+        }
+    }
+    let most = counts
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, c)| **c)
+        .map_or(0, |(i, _)| i);
+    [DType::F32, DType::F16, DType::BF16][most]
 }

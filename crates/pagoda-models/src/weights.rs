@@ -1,9 +1,8 @@
-//! Where a model's tensors come from, and the shape checks that make a wrong checkpoint fail
-//! with the tensor's name instead of a wrong answer.
+//! Where a model's tensors come from, and the checks that make a wrong checkpoint fail with the
+//! tensor's name instead of a wrong answer.
 
-use pagoda_kernels::cpu::gemm::Weights;
 use pagoda_tensor::safetensors::SafeTensors;
-use pagoda_tensor::{DType, Tensor};
+use pagoda_tensor::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
@@ -37,32 +36,66 @@ impl WeightSource for SafeTensors {
     }
 }
 
-/// Loads tensors from a [`WeightSource`] and checks their shapes.
+/// Loads tensors from a [`WeightSource`], checks their shapes, and puts them where the model
+/// runs: matrices in the model's weight dtype, vectors (norm weights, biases) in f32.
 pub(crate) struct WeightLoader<'a> {
     source: &'a dyn WeightSource,
+    device: Device,
+    /// `None` keeps each matrix's stored dtype.
+    matrix_dtype: Option<DType>,
 }
 
 impl<'a> WeightLoader<'a> {
-    pub(crate) fn new(source: &'a dyn WeightSource) -> Self {
-        Self { source }
+    pub(crate) fn new(
+        source: &'a dyn WeightSource,
+        device: Device,
+        matrix_dtype: Option<DType>,
+    ) -> Self {
+        Self {
+            source,
+            device,
+            matrix_dtype,
+        }
     }
 
     pub(crate) fn contains(&self, name: &str) -> bool {
         self.source.contains(name)
     }
 
-    /// A `[rows, cols]` weight matrix in its stored float dtype.
-    pub(crate) fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+    /// A `[rows, cols]` weight matrix, still on the CPU in its stored dtype, for loaders that
+    /// rearrange it before [`place_matrix`](Self::place_matrix).
+    pub(crate) fn raw_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
         let tensor = self.source.load_matrix(name)?;
         check_shape(name, &tensor, &[rows, cols])?;
-        Ok(tensor.contiguous()?)
+        Ok(tensor)
     }
 
-    /// A vector (norm weight, bias) as f32.
-    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+    /// A vector on the CPU in f32, for loaders that rearrange it before
+    /// [`place_vector`](Self::place_vector).
+    pub(crate) fn raw_vector(&self, name: &str, len: usize) -> Result<Tensor> {
         let tensor = self.source.load_f32(name)?;
         check_shape(name, &tensor, &[len])?;
-        Ok(tensor.contiguous()?)
+        Ok(tensor)
+    }
+
+    pub(crate) fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+        self.place_matrix(self.raw_matrix(name, rows, cols)?)
+    }
+
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        self.place_vector(self.raw_vector(name, len)?)
+    }
+
+    pub(crate) fn place_matrix(&self, tensor: Tensor) -> Result<Tensor> {
+        let tensor = match self.matrix_dtype {
+            Some(dtype) if dtype != tensor.dtype() => tensor.to_dtype(dtype)?,
+            _ => tensor.contiguous()?,
+        };
+        Ok(tensor.to_device(&self.device)?)
+    }
+
+    pub(crate) fn place_vector(&self, tensor: Tensor) -> Result<Tensor> {
+        Ok(tensor.contiguous()?.to_device(&self.device)?)
     }
 }
 
@@ -76,20 +109,4 @@ fn check_shape(name: &str, tensor: &Tensor, expected: &[usize]) -> Result<()> {
             got: tensor.dims().to_vec(),
         })
     }
-}
-
-/// Borrows a contiguous CPU float tensor as GEMM weights.
-pub(crate) fn as_weights(tensor: &Tensor) -> Result<Weights<'_>> {
-    Ok(match tensor.dtype() {
-        DType::F32 => Weights::F32(tensor.as_slice()?),
-        DType::F16 => Weights::F16(tensor.as_slice()?),
-        DType::BF16 => Weights::BF16(tensor.as_slice()?),
-        dtype => {
-            return Err(Error::WeightDType {
-                name: "matrix".into(),
-                dtype,
-                what: "matrix multiplication",
-            });
-        }
-    })
 }

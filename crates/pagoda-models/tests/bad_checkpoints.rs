@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pagoda_models::{Error, load_model};
+use pagoda_models::{Error, LoadOptions, load_model};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -26,7 +26,7 @@ fn edited_copy(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfil
 }
 
 fn load_error(path: &Path) -> Error {
-    match load_model(path) {
+    match load_model(path, &LoadOptions::default()) {
         Ok(_) => panic!("{} loaded", path.display()),
         Err(e) => e,
     }

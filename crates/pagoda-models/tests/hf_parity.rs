@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use pagoda_kv::{BlockTable, KvCache, KvCacheConfig};
-use pagoda_models::{Batch, BatchSequence, Model, load_model};
+use pagoda_models::{Batch, BatchSequence, LoadOptions, Model, load_model};
 use pagoda_tensor::{DType, Device};
 use serde::Deserialize;
 
@@ -36,7 +36,8 @@ fn fixture(name: &str) -> PathBuf {
 
 fn load(name: &str) -> (Box<dyn Model>, Reference) {
     let dir = fixture(name);
-    let model = load_model(&dir).unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    let model =
+        load_model(&dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("loading {name}: {e}"));
     let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
     (
         model,

@@ -58,25 +58,43 @@ impl Weights<'_> {
     fn range_to_f32(&self, start: usize, out: &mut [f32]) {
         let range = start..start + out.len();
         match self {
-            Weights::F32(w) => out.copy_from_slice(&w[range]),
-            Weights::F16(w) => convert(&w[range], out),
-            Weights::BF16(w) => convert(&w[range], out),
+            Weights::F32(w) => f32::widen(&w[range], out),
+            Weights::F16(w) => f16::widen(&w[range], out),
+            Weights::BF16(w) => bf16::widen(&w[range], out),
         }
     }
 }
 
 /// A weight storage type, widened to f32 where it is used.
-///
-/// The conversions are branch-free bit manipulation, so that loops over them vectorize with the
-/// baseline instruction set; `half`'s own conversions test for F16C at run time on each call.
 trait Element: Copy + Send + Sync {
+    /// The value as f32, by branch-free bit manipulation, so that loops over it vectorize with
+    /// the baseline instruction set (`half`'s own conversions test for F16C at every call).
     fn to_f32(self) -> f32;
+
+    /// `x · w` with the fastest kernel this CPU runs.
+    fn dot(x: &[f32], w: &[Self]) -> f32;
+
+    /// `dst = src` widened to f32, with the fastest kernel this CPU runs.
+    fn widen(src: &[Self], dst: &mut [f32]);
 }
 
 impl Element for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+
+    fn dot(x: &[f32], w: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU has the features the kernel is compiled for, as just checked.
+            return unsafe { avx2::dot_f32(x, w) };
+        }
+        dot_portable(x, w)
+    }
+
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -85,6 +103,24 @@ impl Element for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+
+    fn dot(x: &[f32], w: &[bf16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU has the features the kernel is compiled for, as just checked.
+            return unsafe { avx2::dot_bf16(x, w) };
+        }
+        dot_portable(x, w)
+    }
+
+    fn widen(src: &[bf16], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU has the features the kernel is compiled for, as just checked.
+            return unsafe { avx2::widen_bf16(src, dst) };
+        }
+        widen_portable(src, dst);
     }
 }
 
@@ -107,9 +143,27 @@ impl Element for f16 {
         };
         f32::from_bits(value | sign)
     }
+
+    fn dot(x: &[f32], w: &[f16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU has the features the kernel is compiled for, as just checked.
+            return unsafe { avx2::dot_f16(x, w) };
+        }
+        dot_portable(x, w)
+    }
+
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU has the features the kernel is compiled for, as just checked.
+            return unsafe { avx2::widen_f16(src, dst) };
+        }
+        widen_portable(src, dst);
+    }
 }
 
-fn convert<T: Element>(src: &[T], dst: &mut [f32]) {
+fn widen_portable<T: Element>(src: &[T], dst: &mut [f32]) {
     for (dst, &src) in dst.iter_mut().zip(src) {
         *dst = src.to_f32();
     }
@@ -148,10 +202,9 @@ pub fn linear(
         }
         return Ok(());
     }
-    if m <= ROW_DOTS_MAX_M {
-        row_dots(x, m, k, w, bias, out);
-    } else {
-        panel_gemm(x, m, k, w, n, bias, out);
+    match w {
+        _ if m <= ROW_DOTS_MAX_M => row_dots(x, m, k, w, bias, out),
+        _ => panel_gemm(x, m, k, w, n, bias, out),
     }
     Ok(())
 }
@@ -200,17 +253,15 @@ pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32
 
 /// Dot product of two equally long f32 slices.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot_widened(a, b)
+    f32::dot(a, b)
 }
 
-/// Dot product of `x` with `w` widened to f32.
+/// `x · w` in portable Rust, for CPUs without the kernels of [`avx2`].
 ///
-/// Independent partial sums let the compiler keep them in SIMD registers (a single running sum is
-/// a serial chain of additions that it may not reorder), enough of them to hide the latency of
-/// the additions; they are then added pairwise.
-#[inline(always)]
-fn dot_widened<T: Element>(x: &[f32], w: &[T]) -> f32 {
-    const LANES: usize = 32;
+/// Independent partial sums let the compiler keep them in SIMD registers: a single running sum is
+/// a serial chain of additions that it may not reorder.
+fn dot_portable<T: Element>(x: &[f32], w: &[T]) -> f32 {
+    const LANES: usize = 16;
     debug_assert_eq!(x.len(), w.len());
     let (x_blocks, x_tail) = x.as_chunks::<LANES>();
     let (w_blocks, w_tail) = w.as_chunks::<LANES>();
@@ -220,22 +271,123 @@ fn dot_widened<T: Element>(x: &[f32], w: &[T]) -> f32 {
             partial[lane] += x[lane] * w[lane].to_f32();
         }
     }
-    for (lane, (&x, &w)) in x_tail.iter().zip(w_tail).enumerate() {
-        partial[lane] += x * w.to_f32();
+    let tail: f32 = x_tail
+        .iter()
+        .zip(w_tail)
+        .map(|(&x, &w)| x * w.to_f32())
+        .sum();
+    partial.iter().sum::<f32>() + tail
+}
+
+/// Dot-product kernels for x86-64 CPUs with AVX2, FMA and F16C (Intel Haswell, AMD Zen and
+/// later): weights widened to f32 in registers, eight lanes at a time.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::{bf16, f16};
+
+    use super::Element;
+
+    /// Whether this CPU runs the kernels below; the detection is cached by the standard library.
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for lane in 0..width {
-            partial[lane] += partial[lane + width];
-        }
-        width /= 2;
+
+    /// Eight f32 weights.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load_f32(w: &[f32; 8]) -> __m256 {
+        // SAFETY: `w` is 8 readable f32; the load has no alignment requirement.
+        unsafe { _mm256_loadu_ps(w.as_ptr()) }
     }
-    partial[0]
+
+    /// Eight f16 weights, converted by the F16C instruction.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn load_f16(w: &[f16; 8]) -> __m256 {
+        // SAFETY: `w` is 16 readable bytes; the load has no alignment requirement.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(w.as_ptr().cast()) })
+    }
+
+    /// Eight bf16 weights: each is the upper half of an f32, so widen to 32 bits and shift.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load_bf16(w: &[bf16; 8]) -> __m256 {
+        // SAFETY: `w` is 16 readable bytes; the load has no alignment requirement.
+        let bits = unsafe { _mm_loadu_si128(w.as_ptr().cast()) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn horizontal_sum(acc: [__m256; 4]) -> f32 {
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` has room for 8 f32; the store has no alignment requirement.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        lanes.iter().sum()
+    }
+
+    /// Defines `$name(x, w) = x · w` for weights of type `$weight`, loaded by `$load`. Four
+    /// accumulators keep enough independent multiply-adds in flight to hide their latency.
+    macro_rules! dot_kernel {
+        ($name:ident, $weight:ty, $load:ident) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) fn $name(x: &[f32], w: &[$weight]) -> f32 {
+                debug_assert_eq!(x.len(), w.len());
+                let (x_steps, x_tail) = x.as_chunks::<32>();
+                let (w_steps, w_tail) = w.as_chunks::<32>();
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (x, w) in x_steps.iter().zip(w_steps) {
+                    let (x, _) = x.as_chunks::<8>();
+                    let (w, _) = w.as_chunks::<8>();
+                    for ((acc, x), w) in acc.iter_mut().zip(x).zip(w) {
+                        *acc = _mm256_fmadd_ps(load_f32(x), $load(w), *acc);
+                    }
+                }
+                let tail: f32 = x_tail
+                    .iter()
+                    .zip(w_tail)
+                    .map(|(&x, &w)| x * w.to_f32())
+                    .sum();
+                horizontal_sum(acc) + tail
+            }
+        };
+    }
+
+    dot_kernel!(dot_f32, f32, load_f32);
+    dot_kernel!(dot_f16, f16, load_f16);
+    dot_kernel!(dot_bf16, bf16, load_bf16);
+
+    /// Defines `$name(src, dst)`, `dst = src` widened to f32, for `$weight` loaded by `$load`.
+    macro_rules! widen_kernel {
+        ($name:ident, $weight:ty, $load:ident) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) fn $name(src: &[$weight], dst: &mut [f32]) {
+                debug_assert_eq!(src.len(), dst.len());
+                let (src_steps, src_tail) = src.as_chunks::<8>();
+                let (dst_steps, dst_tail) = dst.as_chunks_mut::<8>();
+                for (src, dst) in src_steps.iter().zip(dst_steps) {
+                    // SAFETY: `dst` has room for 8 f32; the store has no alignment requirement.
+                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), $load(src)) };
+                }
+                for (src, dst) in src_tail.iter().zip(dst_tail) {
+                    *dst = src.to_f32();
+                }
+            }
+        };
+    }
+
+    widen_kernel!(widen_f16, f16, load_f16);
+    widen_kernel!(widen_bf16, bf16, load_bf16);
 }
 
 /// Up to this many rows of `x`, [`linear`] takes dot products with each row of `w` rather than
 /// calling `gemm`, whose packing does not pay off for so few rows.
-const ROW_DOTS_MAX_M: usize = 1;
+const ROW_DOTS_MAX_M: usize = 8;
 
 /// Weight elements one task of [`row_dots`] covers: enough that scheduling is noise, few enough
 /// that the rows of a decode-sized matrix spread over every thread.
@@ -287,7 +439,11 @@ fn row_dots_typed<T: Element>(
         .zip(w.par_chunks(rows_per_task * k))
         .enumerate()
         .for_each(|(task, (out_t, w))| {
-            dot_each_row_dispatch(x, k, w, out_t);
+            for (products, w) in out_t.chunks_exact_mut(m).zip(w.chunks_exact(k)) {
+                for (product, x) in products.iter_mut().zip(x.chunks_exact(k)) {
+                    *product = T::dot(x, w);
+                }
+            }
             if let Some(bias) = bias {
                 let bias = &bias[task * rows_per_task..];
                 for (products, b) in out_t.chunks_exact_mut(m).zip(bias) {
@@ -297,42 +453,57 @@ fn row_dots_typed<T: Element>(
         });
 }
 
-/// `out_t[j, i] = x[i] · w[j]` for the rows `x[i]` and `w[j]` of `k` elements.
-#[inline(always)]
-fn dot_each_row<T: Element>(x: &[f32], k: usize, w: &[T], out_t: &mut [f32]) {
-    let m = x.len() / k;
-    for (products, w) in out_t.chunks_exact_mut(m).zip(w.chunks_exact(k)) {
-        for (product, x) in products.iter_mut().zip(x.chunks_exact(k)) {
-            *product = dot_widened(x, w);
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)` for `k > 0`: one call of `gemm`, which splits the
+/// work across threads itself.
+fn gemm_f32(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    if let Some(bias) = bias {
+        for row in out.chunks_exact_mut(n) {
+            row.copy_from_slice(bias);
         }
     }
-}
-
-/// [`dot_each_row`] compiled for AVX2: twice the SIMD width of the x86-64 baseline, which the
-/// f16 conversion needs to keep up with memory.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn dot_each_row_avx2<T: Element>(x: &[f32], k: usize, w: &[T], out_t: &mut [f32]) {
-    dot_each_row(x, k, w, out_t);
-}
-
-/// [`dot_each_row`] with the widest instruction set the CPU offers.
-fn dot_each_row_dispatch<T: Element>(x: &[f32], k: usize, w: &[T], out_t: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, as just checked.
-        return unsafe { dot_each_row_avx2(x, k, w, out_t) };
+    // SAFETY: `linear` checked the lengths: `x` holds m x k elements, read with strides (k, 1);
+    // `w` holds n x k, read as the k x n right-hand side with strides (1, k); `out` holds m x n
+    // with strides (n, 1) and is exclusively borrowed. With a bias `out` was filled with it above
+    // and is read back (`read_dst`), otherwise only written.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            bias.is_some(),
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
     }
-    dot_each_row(x, k, w, out_t);
 }
 
 /// Weight elements in one panel of `w` rows: its f32 copy (256 KiB) stays in a core's L2 cache
 /// while `gemm` multiplies all of `x` by it.
 const PANEL_ELEMENTS: usize = 1 << 16;
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)` for `k > 0`, parallel over panels of rows of `w`
-/// (columns of `out`); each panel is converted to f32 (unless it is f32 already) and handed to
-/// `gemm`.
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)` for `k > 0` and f16 or bf16 weights, parallel over
+/// panels of rows of `w` (columns of `out`); each panel is converted to f32 and handed to `gemm`.
 fn panel_gemm(
     x: &[f32],
     m: usize,
@@ -357,19 +528,18 @@ fn panel_gemm(
         .into_par_iter()
         .for_each(|task| {
             let mut scratch = Vec::new();
+            let mut row = vec![0.0; k];
             for panel in task * panels_per_task..((task + 1) * panels_per_task).min(panels) {
                 let first_row = panel * panel_rows;
                 let rows = panel_rows.min(n - first_row);
-                let elements = first_row * k..(first_row + rows) * k;
-                let panel_f32: &[f32] = match w {
-                    Weights::F32(w) => &w[elements],
-                    Weights::F16(_) | Weights::BF16(_) => {
-                        scratch.resize(elements.len(), 0.0);
-                        w.range_to_f32(elements.start, &mut scratch);
-                        &scratch
+                scratch.resize(rows * k, 0.0);
+                for j in 0..rows {
+                    w.row_to_f32(first_row + j, k, &mut row);
+                    for (p, &v) in row.iter().enumerate() {
+                        scratch[p * rows + j] = v;
                     }
-                };
-                // SAFETY: `x` holds m x k elements with strides (k, 1); `panel_f32` holds
+                }
+                // SAFETY: `x` holds m x k elements with strides (k, 1); `scratch` holds
                 // `rows` rows of `w`, read as the k x rows right-hand side with strides (1, k).
                 // The destination is the m x rows block of `out` (m x n, strides (n, 1), length
                 // checked by `linear`) starting at column `first_row`: inside `out`, and disjoint
@@ -388,9 +558,9 @@ fn panel_gemm(
                         x.as_ptr(),
                         1,
                         k as isize,
-                        panel_f32.as_ptr(),
-                        k as isize,
+                        scratch.as_ptr(),
                         1,
+                        rows as isize,
                         1.0,
                         1.0,
                         false,
@@ -468,7 +638,8 @@ mod tests {
     }
 
     const SIZES_K: [usize; 6] = [1, 3, 16, 67, 129, 600];
-    const SIZES_M: [usize; 4] = [1, 2, 5, 33];
+    /// Both sides of `ROW_DOTS_MAX_M`, where `linear` switches from row dots to `gemm`.
+    const SIZES_M: [usize; 5] = [1, 2, 8, 9, 33];
     const SIZES_N: [usize; 4] = [1, 7, 64, 300];
 
     #[test]
@@ -587,7 +758,7 @@ mod tests {
     #[test]
     fn dot_matches_sequential_sum_for_every_tail_length() {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
-        for len in 0..40 {
+        for len in 0..80 {
             let a = random_vec(&mut rng, len);
             let b = random_vec(&mut rng, len);
             let expected: f64 = a
@@ -595,10 +766,49 @@ mod tests {
                 .zip(&b)
                 .map(|(a, b)| f64::from(*a) * f64::from(*b))
                 .sum();
-            assert!(
-                (f64::from(dot(&a, &b)) - expected).abs() < 1e-5,
-                "len {len}"
-            );
+            for value in [dot(&a, &b), dot_portable(&a, &b)] {
+                assert!((f64::from(value) - expected).abs() < 1e-5, "len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn dot_kernels_match_the_portable_dot_product() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for len in (0..70).chain([576, 1000]) {
+            let x = random_vec(&mut rng, len);
+            let w = random_vec(&mut rng, len);
+            let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let magnitude: f32 = x.iter().zip(&w).map(|(x, w)| (x * w).abs()).sum::<f32>() + 1e-6;
+            let pairs = [
+                (f32::dot(&x, &w), dot_portable(&x, &w)),
+                (f16::dot(&x, &w_f16), dot_portable(&x, &w_f16)),
+                (bf16::dot(&x, &w_bf16), dot_portable(&x, &w_bf16)),
+            ];
+            for (fast, portable) in pairs {
+                assert!(
+                    (fast - portable).abs() <= 1e-6 * magnitude,
+                    "len {len}: {fast} vs {portable}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn widening_kernels_match_the_portable_conversion() {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        for len in [0, 1, 7, 8, 9, 100] {
+            let w = random_vec(&mut rng, len);
+            let w_f16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let (mut fast, mut portable) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            f16::widen(&w_f16, &mut fast);
+            widen_portable(&w_f16, &mut portable);
+            assert_eq!(fast, portable);
+            bf16::widen(&w_bf16, &mut fast);
+            widen_portable(&w_bf16, &mut portable);
+            assert_eq!(fast, portable);
         }
     }
 

@@ -1,0 +1,418 @@
+//! Tensor-level ops: what the models call. Each one checks where its tensors live and runs the
+//! CPU implementation (f32 activations) or the CUDA launcher (f16, bf16 or f32).
+
+use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
+
+use crate::cpu::attention::{AttentionParams, SequenceSpan};
+use crate::cpu::gemm::Weights;
+use crate::cpu::kv_write::PageGeometry;
+use crate::cpu::rope::RopeTable;
+use crate::{Error, Result, cpu, cuda};
+
+/// `x · wᵀ (+ bias)` with `w` stored `[n, k]`, as in `nn.Linear`; `x` is `[m, k]`.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => {
+            let [m, k] = dims2("linear", x)?;
+            let n = w.dims()[0];
+            let mut out = vec![0.0; m * n];
+            let bias = bias.map(Tensor::as_slice::<f32>).transpose()?;
+            cpu::gemm::linear(x.as_slice()?, m, k, weights(w)?, n, bias, &mut out)?;
+            Ok(Tensor::from_vec(out, [m, n])?)
+        }
+        Device::Cuda(_) => cuda::gemm::linear(x, w, bias),
+    }
+}
+
+/// Rows `ids` (U32) of `table` `[rows, hidden]`: token embeddings, or any row gather.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    match table.device() {
+        Device::Cpu => {
+            let [_, hidden] = dims2("embedding", table)?;
+            let ids = ids.as_slice::<u32>()?;
+            let mut out = vec![0.0; ids.len() * hidden];
+            cpu::embedding::embedding(weights(table)?, hidden, ids, &mut out)?;
+            Ok(Tensor::from_vec(out, [ids.len(), hidden])?)
+        }
+        Device::Cuda(_) => cuda::embedding::embedding(table, ids),
+    }
+}
+
+/// A norm layer's parameters: RMSNorm when `bias` is `None`, LayerNorm otherwise.
+pub struct NormWeights<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub eps: f32,
+}
+
+/// The norm of each row of `x` `[rows, hidden]`.
+pub fn norm(x: &Tensor, p: &NormWeights<'_>) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => {
+            let [_, hidden] = dims2("norm", x)?;
+            let mut out = vec![0.0; x.elem_count()];
+            cpu_norm(x.as_slice()?, hidden, p, &mut out)?;
+            Ok(Tensor::from_vec(out, x.dims().to_vec())?)
+        }
+        Device::Cuda(_) => match p.bias {
+            Some(bias) => cuda::norm::layer_norm(x, p.weight, bias, p.eps),
+            None => cuda::norm::rms_norm(x, p.weight, p.eps),
+        },
+    }
+}
+
+/// `residual += x`, then the norm of the new residual: the step between two sublayers of a
+/// pre-norm transformer, in one pass over the data.
+pub fn add_norm(x: &Tensor, residual: &mut Tensor, p: &NormWeights<'_>) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => {
+            let [_, hidden] = dims2("add_norm", x)?;
+            let sum = residual.as_mut_slice::<f32>()?;
+            let x = x.as_slice::<f32>()?;
+            if x.len() != sum.len() {
+                return Err(Error::Shape {
+                    op: "add_norm",
+                    message: format!("x has {} values, the residual {}", x.len(), sum.len()),
+                });
+            }
+            sum.iter_mut().zip(x).for_each(|(r, v)| *r += v);
+            let mut out = vec![0.0; sum.len()];
+            cpu_norm(sum, hidden, p, &mut out)?;
+            Ok(Tensor::from_vec(out, residual.dims().to_vec())?)
+        }
+        Device::Cuda(_) => match p.bias {
+            Some(bias) => cuda::norm::add_layer_norm(x, residual, p.weight, bias, p.eps),
+            None => cuda::norm::add_rms_norm(x, residual, p.weight, p.eps),
+        },
+    }
+}
+
+fn cpu_norm(x: &[f32], hidden: usize, p: &NormWeights<'_>, out: &mut [f32]) -> Result<()> {
+    let weight = p.weight.as_slice()?;
+    match p.bias {
+        Some(bias) => cpu::norm::layer_norm(x, hidden, weight, bias.as_slice()?, p.eps, out),
+        None => cpu::norm::rms_norm(x, hidden, weight, p.eps, out),
+    }
+}
+
+/// `a + b`, elementwise.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match a.device() {
+        Device::Cpu => {
+            let (x, y) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
+            if x.len() != y.len() {
+                return Err(Error::Shape {
+                    op: "add",
+                    message: format!("{:?} + {:?}", a.dims(), b.dims()),
+                });
+            }
+            let sum = x.iter().zip(y).map(|(x, y)| x + y).collect();
+            Ok(Tensor::from_vec(sum, a.dims().to_vec())?)
+        }
+        Device::Cuda(_) => cuda::activation::add(a, b),
+    }
+}
+
+/// GELU, exact (erf) or with the tanh approximation.
+pub fn gelu(x: &Tensor, tanh_approximation: bool) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => {
+            let mut out = x.as_slice::<f32>()?.to_vec();
+            if tanh_approximation {
+                cpu::activation::gelu_tanh(&mut out);
+            } else {
+                cpu::activation::gelu_exact(&mut out);
+            }
+            Ok(Tensor::from_vec(out, x.dims().to_vec())?)
+        }
+        Device::Cuda(_) => cuda::activation::gelu(x, tanh_approximation),
+    }
+}
+
+/// `silu(gate) * up`, the SwiGLU gate.
+pub fn silu_and_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    match gate.device() {
+        Device::Cpu => {
+            let mut out = vec![0.0; gate.elem_count()];
+            cpu::activation::silu_and_mul(gate.as_slice()?, up.as_slice()?, &mut out)?;
+            Ok(Tensor::from_vec(out, gate.dims().to_vec())?)
+        }
+        Device::Cuda(_) => cuda::activation::silu_and_mul(gate, up),
+    }
+}
+
+/// A RoPE cos/sin table, with its copy on the device the model runs on.
+pub struct Rope {
+    table: RopeTable,
+    cuda: Option<cuda::rope::CudaRopeTable>,
+}
+
+impl Rope {
+    pub fn new(table: RopeTable, device: &Device) -> Result<Self> {
+        let cuda = match device {
+            Device::Cpu => None,
+            Device::Cuda(ordinal) => Some(cuda::rope::CudaRopeTable::new(
+                &table,
+                &CudaDevice::get(*ordinal)?,
+            )?),
+        };
+        Ok(Self { table, cuda })
+    }
+
+    pub fn table(&self) -> &RopeTable {
+        &self.table
+    }
+
+    fn cuda(&self, op: &'static str) -> Result<&cuda::rope::CudaRopeTable> {
+        self.cuda.as_ref().ok_or_else(|| Error::Shape {
+            op,
+            message: "the RoPE table was built for the CPU, the tensors are on a GPU".into(),
+        })
+    }
+}
+
+/// Rotates `x` `[tokens, heads, head_dim]` in place at each token's position (U32 `[tokens]`).
+pub fn apply_rope(x: &mut Tensor, positions: &Tensor, rope: &Rope) -> Result<()> {
+    match x.device() {
+        Device::Cpu => {
+            let [_, heads, head_dim] = dims3("apply_rope", x)?;
+            let positions = positions.as_slice::<u32>()?;
+            cpu::rope::apply_rope(x.as_mut_slice()?, heads, head_dim, positions, &rope.table)
+        }
+        Device::Cuda(_) => cuda::rope::apply_rope(x, positions, rope.cuda("apply_rope")?),
+    }
+}
+
+/// The paged KV pages of one layer, `[num_blocks, block_size, kv_heads, head_dim]` each.
+pub struct LayerKv<'a> {
+    pub k_pages: &'a mut Tensor,
+    pub v_pages: &'a mut Tensor,
+}
+
+fn page_geometry(pages: &Tensor) -> Result<PageGeometry> {
+    match *pages.dims() {
+        [num_blocks, block_size, num_kv_heads, head_dim] => Ok(PageGeometry {
+            num_blocks,
+            block_size,
+            num_kv_heads,
+            head_dim,
+        }),
+        _ => Err(Error::Shape {
+            op: "kv pages",
+            message: format!("pages must be 4-D, got {:?}", pages.dims()),
+        }),
+    }
+}
+
+/// Writes the new tokens' K (rotated by RoPE on the way) and V `[tokens, kv_heads, head_dim]`
+/// into their slots (U32 `[tokens]`) of the pages: RoPE on K and the page write are one kernel on
+/// the GPU.
+pub fn rope_write_kv(
+    k: &Tensor,
+    v: &Tensor,
+    positions: &Tensor,
+    slots: &Tensor,
+    rope: &Rope,
+    kv: LayerKv<'_>,
+) -> Result<()> {
+    match k.device() {
+        Device::Cpu => {
+            let geometry = page_geometry(kv.k_pages)?;
+            let mut rotated = k.as_slice::<f32>()?.to_vec();
+            let positions = positions.as_slice::<u32>()?;
+            cpu::rope::apply_rope(
+                &mut rotated,
+                geometry.num_kv_heads,
+                geometry.head_dim,
+                positions,
+                &rope.table,
+            )?;
+            cpu::kv_write::write_kv(
+                &rotated,
+                v.as_slice()?,
+                slots.as_slice()?,
+                &geometry,
+                kv.k_pages.as_mut_slice()?,
+                kv.v_pages.as_mut_slice()?,
+            )
+        }
+        Device::Cuda(_) => cuda::kv_write::rope_write_kv(
+            k,
+            v,
+            positions,
+            slots,
+            rope.cuda("rope_write_kv")?,
+            kv.k_pages,
+            kv.v_pages,
+        ),
+    }
+}
+
+/// One sequence's rows of a flat batch and the blocks holding its context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SequenceRows {
+    pub query_start: usize,
+    pub query_len: usize,
+    /// Tokens in the pages for this sequence, the new ones included.
+    pub context_len: usize,
+    pub block_table: Vec<u32>,
+}
+
+/// Where each sequence's rows and context are, in the form the attention of the batch's device
+/// reads: built once per forward pass, used by every layer.
+pub struct AttentionLayout {
+    sequences: Vec<SequenceRows>,
+    cuda: Option<cuda::paged_attention::DeviceBatchLayout>,
+}
+
+impl AttentionLayout {
+    /// `block_size` and `num_blocks` are the pages' geometry, which the block tables index.
+    pub fn new(
+        sequences: Vec<SequenceRows>,
+        block_size: usize,
+        num_blocks: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let cuda = match device {
+            Device::Cpu => None,
+            Device::Cuda(ordinal) => {
+                let max_blocks = sequences
+                    .iter()
+                    .map(|s| s.block_table.len())
+                    .max()
+                    .unwrap_or(0)
+                    .max(1);
+                let mut query_start = vec![0u32];
+                let mut context_len = Vec::with_capacity(sequences.len());
+                let mut tables = Vec::with_capacity(sequences.len() * max_blocks);
+                for s in &sequences {
+                    if s.query_start != *query_start.last().unwrap_or(&0) as usize {
+                        return Err(Error::Shape {
+                            op: "AttentionLayout",
+                            message: "sequences must occupy consecutive rows".into(),
+                        });
+                    }
+                    query_start.push(to_u32("query rows", s.query_start + s.query_len)?);
+                    context_len.push(to_u32("context length", s.context_len)?);
+                    tables.extend_from_slice(&s.block_table);
+                    // Padding past a sequence's blocks is never read; block 0 keeps it in range.
+                    tables.resize(tables.len() + max_blocks - s.block_table.len(), 0);
+                }
+                Some(cuda::paged_attention::DeviceBatchLayout::new(
+                    &query_start,
+                    &context_len,
+                    &tables,
+                    max_blocks,
+                    block_size,
+                    num_blocks,
+                    &CudaDevice::get(*ordinal)?,
+                )?)
+            }
+        };
+        Ok(Self { sequences, cuda })
+    }
+
+    pub fn sequences(&self) -> &[SequenceRows] {
+        &self.sequences
+    }
+}
+
+/// Causal attention of each sequence's query rows `q` `[tokens, heads, head_dim]` over the
+/// context its block table holds in the pages (GQA when there are fewer KV heads).
+pub fn paged_attention(
+    q: &Tensor,
+    layout: &AttentionLayout,
+    params: &AttentionParams,
+    k_pages: &Tensor,
+    v_pages: &Tensor,
+) -> Result<Tensor> {
+    match q.device() {
+        Device::Cpu => {
+            let geometry = page_geometry(k_pages)?;
+            let spans: Vec<SequenceSpan<'_>> = layout
+                .sequences
+                .iter()
+                .map(|s| SequenceSpan {
+                    query_start: s.query_start,
+                    query_len: s.query_len,
+                    context_len: s.context_len,
+                    block_table: &s.block_table,
+                })
+                .collect();
+            let mut out = vec![0.0; q.elem_count()];
+            cpu::attention::paged_attention(
+                q.as_slice()?,
+                &spans,
+                params,
+                &geometry,
+                k_pages.as_slice()?,
+                v_pages.as_slice()?,
+                &mut out,
+            )?;
+            Ok(Tensor::from_vec(out, q.dims().to_vec())?)
+        }
+        Device::Cuda(_) => {
+            let device_layout = layout.cuda.as_ref().ok_or_else(|| Error::Shape {
+                op: "paged_attention",
+                message: "the layout was built for the CPU, the tensors are on a GPU".into(),
+            })?;
+            cuda::paged_attention::paged_attention(q, device_layout, params, k_pages, v_pages)
+        }
+    }
+}
+
+/// The index of the largest value of each row of `logits` `[rows, vocab]`, as U32 `[rows]`.
+pub fn argmax(logits: &Tensor) -> Result<Tensor> {
+    match logits.device() {
+        Device::Cpu => {
+            let [rows, vocab] = dims2("argmax", logits)?;
+            let values = logits.to_vec_f32()?;
+            let ids = (0..rows)
+                .map(|r| cpu::sampling::argmax(&values[r * vocab..(r + 1) * vocab]))
+                .collect::<Result<Vec<u32>>>()?;
+            Ok(Tensor::from_vec(ids, [rows])?)
+        }
+        Device::Cuda(_) => cuda::sampling::argmax(logits),
+    }
+}
+
+fn weights(w: &Tensor) -> Result<Weights<'_>> {
+    Ok(match w.dtype() {
+        DType::F32 => Weights::F32(w.as_slice()?),
+        DType::F16 => Weights::F16(w.as_slice()?),
+        DType::BF16 => Weights::BF16(w.as_slice()?),
+        dtype => {
+            return Err(Error::Shape {
+                op: "linear",
+                message: format!("weights of dtype {dtype} cannot be multiplied"),
+            });
+        }
+    })
+}
+
+fn dims2(op: &'static str, t: &Tensor) -> Result<[usize; 2]> {
+    match *t.dims() {
+        [a, b] => Ok([a, b]),
+        _ => Err(Error::Shape {
+            op,
+            message: format!("expected a 2-D tensor, got {:?}", t.dims()),
+        }),
+    }
+}
+
+fn dims3(op: &'static str, t: &Tensor) -> Result<[usize; 3]> {
+    match *t.dims() {
+        [a, b, c] => Ok([a, b, c]),
+        _ => Err(Error::Shape {
+            op,
+            message: format!("expected a 3-D tensor, got {:?}", t.dims()),
+        }),
+    }
+}
+
+fn to_u32(what: &str, value: usize) -> Result<u32> {
+    u32::try_from(value).map_err(|_| Error::Shape {
+        op: "AttentionLayout",
+        message: format!("{what} {value} does not fit in u32"),
+    })
+}
