@@ -1,5 +1,7 @@
 //! The `pagoda` command-line tool.
 
+mod bench;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +25,38 @@ struct Cli {
 enum Command {
     /// Continue a prompt; only the generated text goes to stdout, logs go to stderr.
     Generate(GenerateArgs),
+    /// Measure speed; prints one JSON line per run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// W1: batch-1 greedy decode of a random prompt, against the floor of reading every weight
+    /// once per token at the card's copy bandwidth.
+    Decode(DecodeArgs),
+}
+
+#[derive(Args)]
+struct DecodeArgs {
+    /// A GGUF file or a Hugging Face model directory (no tokenizer needed).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: DeviceArg,
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 256)]
+    new_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Seed of the random prompt.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -79,8 +113,9 @@ struct GenerateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Generate(args) => generate(args),
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Generate(args) => generate(args).map_err(Into::into),
+        Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,11 +126,43 @@ fn main() -> ExitCode {
     }
 }
 
+impl DeviceArg {
+    fn device(self) -> Device {
+        match self {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda(0),
+        }
+    }
+}
+
+impl DTypeArg {
+    fn dtype(self) -> DType {
+        match self {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+fn bench_decode(args: DecodeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let report = bench::DecodeBench {
+        model: &args.model,
+        device: args.device.device(),
+        dtype: args.dtype.map(DTypeArg::dtype),
+        prompt_len: args.prompt_len,
+        new_tokens: args.new_tokens,
+        warmup: args.warmup,
+        reps: args.reps,
+        seed: args.seed,
+    }
+    .run()?;
+    println!("{report}");
+    Ok(())
+}
+
 fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
-    let device = match args.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::Cuda(0),
-    };
+    let device = args.device.device();
     let params = GenerationParams {
         max_tokens: args.max_tokens,
         sampling: SamplingConfig {
@@ -109,10 +176,11 @@ fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
     };
     params.validate()?;
     let load_start = Instant::now();
-    let mut engine = Engine::builder()
-        .model(&args.model)
-        .device(device)
-        .build()?;
+    let mut builder = Engine::builder().model(&args.model).device(device);
+    if let Some(dtype) = args.dtype {
+        builder = builder.dtype(dtype.dtype());
+    }
+    let mut engine = builder.build()?;
     eprintln!(
         "loaded {} in {:.2} s",
         args.model.display(),

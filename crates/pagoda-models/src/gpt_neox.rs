@@ -35,7 +35,7 @@ impl GptNeox {
     pub(crate) fn load(
         config: GptNeoxConfig,
         loader: &WeightLoader<'_>,
-        info: ModelInfo,
+        mut info: ModelInfo,
     ) -> Result<Self> {
         let c = &config;
         let (hidden, eps) = (c.hidden_size, c.layer_norm_eps);
@@ -96,15 +96,18 @@ impl GptNeox {
             c.max_position_embeddings,
             None,
         )?;
+        let attention = PagedSelfAttention::new(
+            c.num_attention_heads,
+            c.num_attention_heads,
+            c.head_dim(),
+            rope,
+            &info.device,
+        )?;
+        let final_layer_norm = Norm::layer_norm(loader, "gpt_neox.final_layer_norm", hidden, eps)?;
+        info.weight_bytes = loader.placed_bytes();
         Ok(Self {
-            attention: PagedSelfAttention::new(
-                c.num_attention_heads,
-                c.num_attention_heads,
-                c.head_dim(),
-                rope,
-                &info.device,
-            )?,
-            final_layer_norm: Norm::layer_norm(loader, "gpt_neox.final_layer_norm", hidden, eps)?,
+            attention,
+            final_layer_norm,
             embed_in,
             embed_out,
             layers,

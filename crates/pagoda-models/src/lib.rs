@@ -39,6 +39,8 @@ pub struct ModelInfo {
     pub device: Device,
     /// The dtype of activations, logits and the KV cache: f32 on the CPU, f16 or bf16 on a GPU.
     pub dtype: DType,
+    /// Bytes of all weights as placed on the device: what one decode step must read at least.
+    pub weight_bytes: usize,
 }
 
 /// A causal language model that runs over flat batches of tokens.

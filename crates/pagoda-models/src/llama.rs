@@ -36,7 +36,7 @@ impl Llama {
     pub(crate) fn load(
         config: LlamaConfig,
         loader: &WeightLoader<'_>,
-        info: ModelInfo,
+        mut info: ModelInfo,
     ) -> Result<Self> {
         let c = &config;
         if c.hidden_act != Activation::Silu {
@@ -106,15 +106,18 @@ impl Llama {
             c.max_position_embeddings,
             c.rope_scaling,
         )?;
+        let attention = PagedSelfAttention::new(
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            rope,
+            &info.device,
+        )?;
+        let norm = Norm::rms_norm(loader, "model.norm", hidden, eps)?;
+        info.weight_bytes = loader.placed_bytes();
         Ok(Self {
-            attention: PagedSelfAttention::new(
-                c.num_attention_heads,
-                c.num_key_value_heads,
-                c.head_dim,
-                rope,
-                &info.device,
-            )?,
-            norm: Norm::rms_norm(loader, "model.norm", hidden, eps)?,
+            attention,
+            norm,
             embed_tokens,
             lm_head,
             layers,

@@ -116,6 +116,8 @@ fn build(
                 max_position_embeddings,
                 device: options.device,
                 dtype,
+                // Counted as the weights load.
+                weight_bytes: 0,
             }
         };
     Ok(match config {

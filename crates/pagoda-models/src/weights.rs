@@ -40,6 +40,8 @@ impl WeightSource for SafeTensors {
 /// runs: matrices in the model's weight dtype, vectors (norm weights, biases) in f32.
 pub(crate) struct WeightLoader<'a> {
     source: &'a dyn WeightSource,
+    /// Bytes of every tensor placed so far: what a forward pass reads.
+    placed_bytes: std::cell::Cell<usize>,
     device: Device,
     /// `None` keeps each matrix's stored dtype.
     matrix_dtype: Option<DType>,
@@ -53,6 +55,7 @@ impl<'a> WeightLoader<'a> {
     ) -> Self {
         Self {
             source,
+            placed_bytes: std::cell::Cell::new(0),
             device,
             matrix_dtype,
         }
@@ -91,11 +94,21 @@ impl<'a> WeightLoader<'a> {
             Some(dtype) if dtype != tensor.dtype() => tensor.to_dtype(dtype)?,
             _ => tensor.contiguous()?,
         };
-        Ok(tensor.to_device(&self.device)?)
+        self.place(tensor)
     }
 
     pub(crate) fn place_vector(&self, tensor: Tensor) -> Result<Tensor> {
-        Ok(tensor.contiguous()?.to_device(&self.device)?)
+        self.place(tensor.contiguous()?)
+    }
+
+    fn place(&self, tensor: Tensor) -> Result<Tensor> {
+        let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
+        self.placed_bytes.set(self.placed_bytes.get() + bytes);
+        Ok(tensor.to_device(&self.device)?)
+    }
+
+    pub(crate) fn placed_bytes(&self) -> usize {
+        self.placed_bytes.get()
     }
 }
 

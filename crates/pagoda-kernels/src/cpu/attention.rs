@@ -53,13 +53,29 @@ pub fn paged_attention(
     out: &mut [f32],
 ) -> Result<()> {
     const OP: &str = "paged_attention";
-    let row_owners = validate(OP, q, seqs, params, geometry, k_pages, v_pages, out)?;
+    check_heads(OP, params, geometry)?;
+    geometry.validate(OP)?;
+    geometry.expect_pages(OP, "k_pages", k_pages.len())?;
+    geometry.expect_pages(OP, "v_pages", v_pages.len())?;
     let AttentionParams {
         num_heads,
         num_kv_heads,
         head_dim,
         scale,
     } = *params;
+    let row_len = checked_product(OP, &[num_heads, head_dim])?;
+    if !q.len().is_multiple_of(row_len) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "q has {} elements, not a multiple of {num_heads} heads x {head_dim}",
+                q.len()
+            ),
+        ));
+    }
+    let num_tokens = q.len() / row_len;
+    expect_len(OP, "out", out.len(), &[num_tokens, num_heads, head_dim])?;
+    let row_owners = assign_query_rows(OP, seqs, geometry, num_tokens)?;
     if q.is_empty() {
         return Ok(());
     }
@@ -109,18 +125,8 @@ struct RowOwner {
     query_index: usize,
 }
 
-/// Checks every argument of [`paged_attention`] and returns the owner of each query row.
-#[allow(clippy::too_many_arguments)]
-fn validate(
-    op: &'static str,
-    q: &[f32],
-    seqs: &[SequenceSpan<'_>],
-    params: &AttentionParams,
-    geometry: &PageGeometry,
-    k_pages: &[f32],
-    v_pages: &[f32],
-    out: &[f32],
-) -> Result<Vec<Option<RowOwner>>> {
+/// Checks that the head counts are positive, grouped evenly, and match the pages'.
+fn check_heads(op: &'static str, params: &AttentionParams, geometry: &PageGeometry) -> Result<()> {
     let AttentionParams {
         num_heads,
         num_kv_heads,
@@ -130,7 +136,7 @@ fn validate(
     if num_heads == 0 || num_kv_heads == 0 || head_dim == 0 {
         return Err(Error::shape(op, format!("{params:?} has a zero dimension")));
     }
-    if num_heads % num_kv_heads != 0 {
+    if !num_heads.is_multiple_of(num_kv_heads) {
         return Err(Error::shape(
             op,
             format!("num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}"),
@@ -145,22 +151,17 @@ fn validate(
             ),
         ));
     }
-    geometry.validate(op)?;
-    geometry.expect_pages(op, "k_pages", k_pages.len())?;
-    geometry.expect_pages(op, "v_pages", v_pages.len())?;
-    let row_len = checked_product(op, &[num_heads, head_dim])?;
-    if !q.len().is_multiple_of(row_len) {
-        return Err(Error::shape(
-            op,
-            format!(
-                "q has {} elements, not a multiple of {num_heads} heads x {head_dim}",
-                q.len()
-            ),
-        ));
-    }
-    let num_tokens = q.len() / row_len;
-    expect_len(op, "out", out.len(), &[num_tokens, num_heads, head_dim])?;
+    Ok(())
+}
 
+/// Checks every sequence's span and block table, and returns the owner of each of the
+/// `num_tokens` query rows.
+fn assign_query_rows(
+    op: &'static str,
+    seqs: &[SequenceSpan<'_>],
+    geometry: &PageGeometry,
+    num_tokens: usize,
+) -> Result<Vec<Option<RowOwner>>> {
     let mut owners: Vec<Option<RowOwner>> = vec![None; num_tokens];
     for (index, seq) in seqs.iter().enumerate() {
         let SequenceSpan {

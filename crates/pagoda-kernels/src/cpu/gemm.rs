@@ -202,9 +202,10 @@ pub fn linear(
         }
         return Ok(());
     }
-    match w {
-        _ if m <= ROW_DOTS_MAX_M => row_dots(x, m, k, w, bias, out),
-        _ => panel_gemm(x, m, k, w, n, bias, out),
+    if m <= ROW_DOTS_MAX_M {
+        row_dots(x, m, k, w, bias, out);
+    } else {
+        panel_gemm(x, m, k, w, n, bias, out);
     }
     Ok(())
 }
@@ -386,8 +387,9 @@ mod avx2 {
 }
 
 /// Up to this many rows of `x`, [`linear`] takes dot products with each row of `w` rather than
-/// calling `gemm`, whose packing does not pay off for so few rows.
-const ROW_DOTS_MAX_M: usize = 8;
+/// calling `gemm`: measured as fast or faster at SmolLM2 shapes (`benches/cpu_ops.rs`), and
+/// faster by far for f16/bf16 weights, which it reads without converting them to memory first.
+const ROW_DOTS_MAX_M: usize = 16;
 
 /// Weight elements one task of [`row_dots`] covers: enough that scheduling is noise, few enough
 /// that the rows of a decode-sized matrix spread over every thread.
@@ -453,57 +455,13 @@ fn row_dots_typed<T: Element>(
         });
 }
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)` for `k > 0`: one call of `gemm`, which splits the
-/// work across threads itself.
-fn gemm_f32(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    if let Some(bias) = bias {
-        for row in out.chunks_exact_mut(n) {
-            row.copy_from_slice(bias);
-        }
-    }
-    // SAFETY: `linear` checked the lengths: `x` holds m x k elements, read with strides (k, 1);
-    // `w` holds n x k, read as the k x n right-hand side with strides (1, k); `out` holds m x n
-    // with strides (n, 1) and is exclusively borrowed. With a bias `out` was filled with it above
-    // and is read back (`read_dst`), otherwise only written.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            bias.is_some(),
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        );
-    }
-}
-
 /// Weight elements in one panel of `w` rows: its f32 copy (256 KiB) stays in a core's L2 cache
 /// while `gemm` multiplies all of `x` by it.
 const PANEL_ELEMENTS: usize = 1 << 16;
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)` for `k > 0` and f16 or bf16 weights, parallel over
-/// panels of rows of `w` (columns of `out`); each panel is converted to f32 and handed to `gemm`.
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias)` for `k > 0`, parallel over panels of rows of `w`
+/// (columns of `out`); each panel is converted to f32 (unless it is f32 already) and handed to
+/// `gemm`.
 fn panel_gemm(
     x: &[f32],
     m: usize,
@@ -528,18 +486,19 @@ fn panel_gemm(
         .into_par_iter()
         .for_each(|task| {
             let mut scratch = Vec::new();
-            let mut row = vec![0.0; k];
             for panel in task * panels_per_task..((task + 1) * panels_per_task).min(panels) {
                 let first_row = panel * panel_rows;
                 let rows = panel_rows.min(n - first_row);
-                scratch.resize(rows * k, 0.0);
-                for j in 0..rows {
-                    w.row_to_f32(first_row + j, k, &mut row);
-                    for (p, &v) in row.iter().enumerate() {
-                        scratch[p * rows + j] = v;
+                let elements = first_row * k..(first_row + rows) * k;
+                let panel_f32: &[f32] = match w {
+                    Weights::F32(w) => &w[elements],
+                    Weights::F16(_) | Weights::BF16(_) => {
+                        scratch.resize(elements.len(), 0.0);
+                        w.range_to_f32(elements.start, &mut scratch);
+                        &scratch
                     }
-                }
-                // SAFETY: `x` holds m x k elements with strides (k, 1); `scratch` holds
+                };
+                // SAFETY: `x` holds m x k elements with strides (k, 1); `panel_f32` holds
                 // `rows` rows of `w`, read as the k x rows right-hand side with strides (1, k).
                 // The destination is the m x rows block of `out` (m x n, strides (n, 1), length
                 // checked by `linear`) starting at column `first_row`: inside `out`, and disjoint
@@ -558,9 +517,9 @@ fn panel_gemm(
                         x.as_ptr(),
                         1,
                         k as isize,
-                        scratch.as_ptr(),
+                        panel_f32.as_ptr(),
+                        k as isize,
                         1,
-                        rows as isize,
                         1.0,
                         1.0,
                         false,
@@ -639,7 +598,7 @@ mod tests {
 
     const SIZES_K: [usize; 6] = [1, 3, 16, 67, 129, 600];
     /// Both sides of `ROW_DOTS_MAX_M`, where `linear` switches from row dots to `gemm`.
-    const SIZES_M: [usize; 5] = [1, 2, 8, 9, 33];
+    const SIZES_M: [usize; 5] = [1, 2, 16, 17, 33];
     const SIZES_N: [usize; 4] = [1, 7, 64, 300];
 
     #[test]

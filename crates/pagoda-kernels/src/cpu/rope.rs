@@ -315,6 +315,34 @@ mod tests {
         assert!((x[1].hypot(x[3]) - 5.0f32.sqrt()).abs() < 1e-5);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// The point of RoPE: the dot product of a rotated query and key depends only on how far
+        /// apart their positions are.
+        #[test]
+        fn dot_products_depend_only_on_relative_position(
+            seed in 0u64..1000,
+            query_position in 0u32..100,
+            key_position in 0u32..100,
+            shift in 0u32..100,
+        ) {
+            let table = RopeTable::new(16, 10000.0, 200, None).unwrap();
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let q: Vec<f32> = (0..16).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let k: Vec<f32> = (0..16).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let rotated_dot = |q_position: u32, k_position: u32| {
+                let (mut q, mut k) = (q.clone(), k.clone());
+                apply_rope(&mut q, 1, 16, &[q_position], &table).unwrap();
+                apply_rope(&mut k, 1, 16, &[k_position], &table).unwrap();
+                q.iter().zip(&k).map(|(a, b)| a * b).sum::<f32>()
+            };
+            let near = rotated_dot(query_position, key_position);
+            let shifted = rotated_dot(query_position + shift, key_position + shift);
+            proptest::prop_assert!((near - shifted).abs() < 1e-4, "{near} vs {shifted}");
+        }
+    }
+
     #[test]
     fn llama3_scaling_matches_hugging_face() {
         // Llama 3.1 8B: head_dim 128, rope_theta 500000, factor 8, low 1, high 4, original 8192.

@@ -86,6 +86,29 @@ mod tests {
         assert!(masked.iter().all(|p| p.is_nan()));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Every row is a probability distribution ordered like its logits.
+        #[test]
+        fn rows_are_distributions_in_logit_order(
+            row in proptest::collection::vec(-100.0f32..100.0, 1..40),
+        ) {
+            let mut p = row.clone();
+            softmax_rows(&mut p, row.len()).unwrap();
+            let total: f32 = p.iter().sum();
+            proptest::prop_assert!((total - 1.0).abs() < 1e-5, "sum {total}");
+            for (i, (&pi, &xi)) in p.iter().zip(&row).enumerate() {
+                proptest::prop_assert!((0.0..=1.0).contains(&pi), "p[{i}] = {pi}");
+                for (&pj, &xj) in p.iter().zip(&row) {
+                    if xi > xj {
+                        proptest::prop_assert!(pi >= pj);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_shapes() {
         assert!(softmax_rows(&mut [0.0; 5], 2).is_err());

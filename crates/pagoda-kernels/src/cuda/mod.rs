@@ -7,6 +7,7 @@ pub mod activation;
 pub mod embedding;
 pub mod gemm;
 pub mod kv_write;
+pub mod memory;
 pub mod norm;
 pub mod paged_attention;
 pub mod registry;

@@ -1,0 +1,170 @@
+//! `pagoda bench decode`: W1 of the benchmark suite - batch-1 greedy decode of random tokens -
+//! reported against its floor, the time to read every weight once at the card's copy bandwidth.
+
+use std::path::Path;
+use std::time::Instant;
+
+use pagoda_kernels::ops;
+use pagoda_kv::{BlockTable, KvCache, KvCacheConfig};
+use pagoda_models::{Batch, BatchSequence, LoadOptions, Model, load_model};
+use pagoda_tensor::{CudaDevice, DType, Device};
+use rand::{RngExt, SeedableRng};
+
+/// Bytes copied per bandwidth probe: far beyond the L2 cache, so the copy runs from DRAM.
+const PROBE_BYTES: usize = 1 << 30;
+const BLOCK_SIZE: usize = 16;
+
+pub struct DecodeBench<'a> {
+    pub model: &'a Path,
+    pub device: Device,
+    pub dtype: Option<DType>,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub warmup: usize,
+    pub reps: usize,
+    pub seed: u64,
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+impl DecodeBench<'_> {
+    /// Runs the benchmark and returns its report as one JSON object.
+    pub fn run(&self) -> Result<serde_json::Value, BoxError> {
+        if self.prompt_len == 0 || self.new_tokens < 2 || self.reps == 0 {
+            return Err("bench decode needs a prompt, at least 2 new tokens and 1 rep".into());
+        }
+        let load_start = Instant::now();
+        let model = load_model(
+            self.model,
+            &LoadOptions {
+                device: self.device,
+                dtype: self.dtype,
+            },
+        )?;
+        let load_seconds = load_start.elapsed().as_secs_f64();
+        let info = model.info().clone();
+        let context = self.prompt_len + self.new_tokens;
+        if context > info.max_position_embeddings {
+            return Err(format!(
+                "prompt + new tokens = {context} exceeds the model's context of {}",
+                info.max_position_embeddings
+            )
+            .into());
+        }
+        let mut kv = KvCache::new(KvCacheConfig {
+            num_layers: info.num_layers,
+            num_blocks: context.div_ceil(BLOCK_SIZE),
+            block_size: BLOCK_SIZE,
+            num_kv_heads: info.num_kv_heads,
+            head_dim: info.head_dim,
+            dtype: info.dtype,
+            device: info.device,
+        })?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        let prompt: Vec<u32> = (0..self.prompt_len)
+            .map(|_| rng.random_range(0..info.vocab_size as u32))
+            .collect();
+
+        let mut ttft = Vec::new();
+        let mut tpot = Vec::new();
+        for rep in 0..self.warmup + self.reps {
+            let (first, per_token) = self.decode_once(model.as_ref(), &mut kv, &prompt)?;
+            if rep >= self.warmup {
+                ttft.push(first);
+                tpot.push(per_token);
+            }
+        }
+        let ttft = median(&mut ttft);
+        let tpot = median(&mut tpot);
+        let bandwidth = match self.device {
+            Device::Cuda(ordinal) => Some(pagoda_kernels::cuda::memory::copy_bandwidth(
+                &CudaDevice::get(ordinal)?,
+                PROBE_BYTES,
+                10,
+            )?),
+            Device::Cpu => None,
+        };
+        let floor = bandwidth.map(|b| info.weight_bytes as f64 / b);
+        Ok(serde_json::json!({
+            "bench": "decode",
+            "engine": "pagoda",
+            "model": self.model.display().to_string(),
+            "architecture": format!("{:?}", info.architecture),
+            "device": format!("{:?}", self.device),
+            "dtype": info.dtype.name(),
+            "weight_bytes": info.weight_bytes,
+            "prompt_len": self.prompt_len,
+            "new_tokens": self.new_tokens,
+            "reps": self.reps,
+            "load_s": load_seconds,
+            "ttft_ms": ttft * 1e3,
+            "tpot_ms": tpot * 1e3,
+            "tok_s": 1.0 / tpot,
+            "copy_bandwidth_gb_s": bandwidth.map(|b| b / 1e9),
+            "floor_tpot_ms": floor.map(|f| f * 1e3),
+            "fraction_of_floor": floor.map(|f| f / tpot),
+        }))
+    }
+
+    /// One greedy generation: returns (time to first token, mean time per later token), in
+    /// seconds. Each step waits for its token on the host, as a server streaming it would.
+    fn decode_once(
+        &self,
+        model: &dyn Model,
+        kv: &mut KvCache,
+        prompt: &[u32],
+    ) -> Result<(f64, f64), BoxError> {
+        let mut table = BlockTable::new(BLOCK_SIZE);
+        let start = Instant::now();
+        let mut token = step(model, kv, &mut table, prompt)?;
+        let first = start.elapsed().as_secs_f64();
+        let decode_start = Instant::now();
+        for _ in 1..self.new_tokens {
+            token = step(model, kv, &mut table, &[token])?;
+        }
+        let per_token = decode_start.elapsed().as_secs_f64() / (self.new_tokens - 1) as f64;
+        table.free(kv.allocator())?;
+        Ok((first, per_token))
+    }
+}
+
+/// Appends `tokens` to the sequence and returns the greedy next token.
+fn step(
+    model: &dyn Model,
+    kv: &mut KvCache,
+    table: &mut BlockTable,
+    tokens: &[u32],
+) -> Result<u32, BoxError> {
+    let start = table.num_tokens();
+    table.append(tokens.len(), kv.allocator())?;
+    let positions = (start..start + tokens.len()).map(|p| p as u32).collect();
+    let slots = (start..start + tokens.len())
+        .map(|p| {
+            table
+                .slot(p)
+                .ok_or("no slot for a position the table holds")
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
+    let batch = Batch {
+        tokens: tokens.to_vec(),
+        positions,
+        slots,
+        sequences: vec![BatchSequence {
+            query_start: 0,
+            query_len: tokens.len(),
+            context_len: table.num_tokens(),
+            block_table: table.block_ids_u32(),
+        }],
+        logits_rows: vec![tokens.len() - 1],
+    };
+    let logits = model.forward(&batch, kv)?;
+    let ids = ops::argmax(&logits)?.to_vec::<u32>()?;
+    ids.first()
+        .copied()
+        .ok_or_else(|| "argmax returned no token".into())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Builds what a GPU machine without Rust needs to test pagoda: every test binary of the crates that
+# run on CUDA, the CUDA criterion benches and the `pagoda` CLI, all with `--features cuda` in the
+# stripped `bundle` profile, plus the parity reference script, the peer benchmark scripts and the
+# runner (OUT/run.sh). See docs/gpu-testing.md.
+#
+#   scripts/gpu-bundle.sh [OUT]        (OUT defaults to gpu-bundle, which .gitignore ignores)
+#
+# Layout of OUT:
+#   bin/<test target>    test binaries, named by target (lib unit tests: the crate's lib name)
+#   bin/bench-<target>   criterion benches that need CUDA
+#   bin/pagoda           the CLI
+#   manifest.tsv         kind, file name, package and crate directory (relative to the repository
+#                        root) of every binary: the runner runs each test with that directory as
+#                        its current directory
+#   build-root           the repository root at build time, which env!("CARGO_MANIFEST_DIR") in
+#                        the tests points into
+#   gpu_parity_reference.py, peers/*.py, run.sh
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-gpu-bundle}
+case $out in /*) ;; *) out=$root/$out ;; esac
+cd "$root"
+
+# The crates whose tests exercise the CUDA backend (pagoda-sched and pagoda-server have no GPU code).
+packages=(pagoda-tensor pagoda-kernels pagoda-kv pagoda-models pagoda-engine)
+profile=bundle
+max_mib=55
+peers=${PAGODA_PEERS_DIR:-$root/../shared/peers}
+
+pkg_args=()
+for p in "${packages[@]}"; do pkg_args+=(-p "$p"); done
+
+rm -rf "$out"
+mkdir -p "$out/bin" "$out/peers"
+manifest=$out/manifest.tsv
+: >"$manifest"
+
+# Package name -> crate directory relative to the root, from cargo's own metadata.
+declare -A crate_dir
+while IFS=$'\t' read -r name dir; do
+    crate_dir[$name]=$dir
+done < <(cargo metadata --format-version 1 --no-deps |
+    jq -r --arg root "$root/" '.packages[] | [.name, (.manifest_path | ltrimstr($root) | rtrimstr("/Cargo.toml"))] | @tsv')
+
+# Reads cargo's JSON messages on stdin and prints "package<TAB>target<TAB>executable" for every
+# executable artifact of the given target kind ("test" artifacts are lib unit tests and tests/*.rs).
+executables() {
+    jq -r --arg kind "$1" 'select(.reason == "compiler-artifact" and .executable != null and .profile.test == true)
+        | select(($kind == "bench") == (.target.kind | index("bench") != null))
+        | [(.package_id | capture("(?<n>[^/#]+)#[^#]*$|/(?<m>[^/#]+)#").n // (.package_id | capture("/(?<m>[^/#]+)#").m)),
+           .target.name, .executable] | @tsv'
+}
+
+copy_all() { # kind prefix
+    local kind=$1 prefix=$2 pkg target exe name
+    while IFS=$'\t' read -r pkg target exe; do
+        name=$prefix$target
+        if [[ -e $out/bin/$name ]]; then
+            echo "gpu-bundle: two binaries named $name" >&2
+            exit 1
+        fi
+        cp "$exe" "$out/bin/$name"
+        printf '%s\t%s\t%s\t%s\n' "$kind" "$name" "$pkg" "${crate_dir[$pkg]:?no crate directory for $pkg}" >>"$manifest"
+    done
+}
+
+echo "gpu-bundle: test binaries (${packages[*]})" >&2
+cargo test "${pkg_args[@]}" --features cuda --profile "$profile" --no-run --message-format=json-render-diagnostics |
+    executables test | copy_all test ""
+
+# Only the benches that need CUDA: the CPU ones have nothing to learn on the GPU machine.
+mapfile -t cuda_benches < <(cargo metadata --format-version 1 --no-deps |
+    jq -r '.packages[] | select(.name == "pagoda-kernels") | .targets[]
+        | select(.kind | index("bench")) | select((.["required-features"] // []) | index("cuda")) | .name')
+bench_args=()
+for b in "${cuda_benches[@]}"; do bench_args+=(--bench "$b"); done
+echo "gpu-bundle: CUDA benches (${cuda_benches[*]})" >&2
+cargo bench -p pagoda-kernels --features cuda --profile "$profile" --no-run --message-format=json-render-diagnostics "${bench_args[@]}" |
+    executables bench | copy_all bench bench-
+
+echo "gpu-bundle: pagoda CLI" >&2
+cargo build -p pagoda-cli --features cuda --profile "$profile" --message-format=json-render-diagnostics |
+    jq -r 'select(.reason == "compiler-artifact" and .executable != null and .target.name == "pagoda") | .executable' |
+    while read -r exe; do
+        cp "$exe" "$out/bin/pagoda"
+        printf 'cli\tpagoda\tpagoda-cli\t%s\n' "${crate_dir[pagoda-cli]}" >>"$manifest"
+    done
+[[ -x $out/bin/pagoda ]] || { echo "gpu-bundle: the pagoda CLI was not built" >&2; exit 1; }
+
+printf '%s\n' "$root" >"$out/build-root"
+cp scripts/gpu_parity_reference.py "$out/"
+cp scripts/gpu-run.sh "$out/run.sh"
+chmod +x "$out/run.sh"
+if compgen -G "$peers/*.py" >/dev/null; then
+    cp "$peers"/*.py "$out/peers/"
+else
+    echo "gpu-bundle: no peer scripts in $peers (set PAGODA_PEERS_DIR)" >&2
+fi
+
+bytes=$(du -sb "$out" | cut -f1)
+mib=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')
+echo "gpu-bundle: $(grep -c '^test' "$manifest") test binaries, $(grep -c '^bench' "$manifest") benches, CLI; $mib MiB in $out" >&2
+if ((bytes > max_mib * 1048576)); then
+    echo "gpu-bundle: $mib MiB is over the $max_mib MiB budget (the device copies at most 64 MiB with the working tree)" >&2
+    exit 1
+fi
