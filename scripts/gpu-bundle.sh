@@ -37,32 +37,32 @@ mkdir -p "$out/bin" "$out/peers"
 manifest=$out/manifest.tsv
 : >"$manifest"
 
-# Package name -> crate directory relative to the root, from cargo's own metadata.
-declare -A crate_dir
-while IFS=$'\t' read -r name dir; do
-    crate_dir[$name]=$dir
+# Crate directory (relative to the root) -> package name, from cargo's own metadata.
+declare -A package_of
+while IFS=$'\t' read -r dir name; do
+    package_of[$dir]=$name
 done < <(cargo metadata --format-version 1 --no-deps |
-    jq -r --arg root "$root/" '.packages[] | [.name, (.manifest_path | ltrimstr($root) | rtrimstr("/Cargo.toml"))] | @tsv')
+    jq -r --arg root "$root/" '.packages[] | [(.manifest_path | ltrimstr($root) | rtrimstr("/Cargo.toml")), .name] | @tsv')
 
-# Reads cargo's JSON messages on stdin and prints "package<TAB>target<TAB>executable" for every
-# executable artifact of the given target kind ("test" artifacts are lib unit tests and tests/*.rs).
+# Reads cargo's JSON messages on stdin and prints "crate dir<TAB>target<TAB>executable" for every
+# executable test artifact: lib unit tests and tests/*.rs for kind "test", benches for "bench".
 executables() {
-    jq -r --arg kind "$1" 'select(.reason == "compiler-artifact" and .executable != null and .profile.test == true)
+    jq -r --arg kind "$1" --arg root "$root/" '
+        select(.reason == "compiler-artifact" and .executable != null and .profile.test == true)
         | select(($kind == "bench") == (.target.kind | index("bench") != null))
-        | [(.package_id | capture("(?<n>[^/#]+)#[^#]*$|/(?<m>[^/#]+)#").n // (.package_id | capture("/(?<m>[^/#]+)#").m)),
-           .target.name, .executable] | @tsv'
+        | [(.manifest_path | ltrimstr($root) | rtrimstr("/Cargo.toml")), .target.name, .executable] | @tsv'
 }
 
-copy_all() { # kind prefix
-    local kind=$1 prefix=$2 pkg target exe name
-    while IFS=$'\t' read -r pkg target exe; do
+copy_all() { # kind name-prefix
+    local kind=$1 prefix=$2 dir target exe name
+    while IFS=$'\t' read -r dir target exe; do
         name=$prefix$target
         if [[ -e $out/bin/$name ]]; then
             echo "gpu-bundle: two binaries named $name" >&2
             exit 1
         fi
         cp "$exe" "$out/bin/$name"
-        printf '%s\t%s\t%s\t%s\n' "$kind" "$name" "$pkg" "${crate_dir[$pkg]:?no crate directory for $pkg}" >>"$manifest"
+        printf '%s\t%s\t%s\t%s\n' "$kind" "$name" "${package_of[$dir]:?no package in $dir}" "$dir" >>"$manifest"
     done
 }
 
@@ -85,7 +85,7 @@ cargo build -p pagoda-cli --features cuda --profile "$profile" --message-format=
     jq -r 'select(.reason == "compiler-artifact" and .executable != null and .target.name == "pagoda") | .executable' |
     while read -r exe; do
         cp "$exe" "$out/bin/pagoda"
-        printf 'cli\tpagoda\tpagoda-cli\t%s\n' "${crate_dir[pagoda-cli]}" >>"$manifest"
+        printf 'cli\tpagoda\tpagoda-cli\tcrates/pagoda-cli\n' >>"$manifest"
     done
 [[ -x $out/bin/pagoda ]] || { echo "gpu-bundle: the pagoda CLI was not built" >&2; exit 1; }
 
