@@ -7,9 +7,10 @@
 #   scripts/gpu-bundle.sh [OUT]        (OUT defaults to gpu-bundle, which .gitignore ignores)
 #
 # Layout of OUT:
-#   bin/<test target>    test binaries, named by target (lib unit tests: the crate's lib name)
-#   bin/bench-<target>   criterion benches that need CUDA
-#   bin/pagoda           the CLI
+#   bin.tar.xz           bin/ packed (xz shrinks the binaries to a sixth; run.sh unpacks it):
+#     bin/<test target>    test binaries, named by target (lib unit tests: the crate's lib name)
+#     bin/bench-<target>   criterion benches that need CUDA
+#     bin/pagoda           the CLI
 #   manifest.tsv         kind, file name, package and crate directory (relative to the repository
 #                        root) of every binary: the runner runs each test with that directory as
 #                        its current directory
@@ -34,6 +35,7 @@ for p in "${packages[@]}"; do pkg_args+=(-p "$p"); done
 
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/peers"
+# bin/ is packed at the end; until then it holds the plain binaries.
 manifest=$out/manifest.tsv
 : >"$manifest"
 
@@ -98,6 +100,10 @@ if compgen -G "$peers/*.py" >/dev/null; then
 else
     echo "gpu-bundle: no peer scripts in $peers (set PAGODA_PEERS_DIR)" >&2
 fi
+
+echo "gpu-bundle: packing bin/ ($(du -sh "$out/bin" | cut -f1))" >&2
+tar -C "$out" -cf - bin | xz -6 -T2 >"$out/bin.tar.xz"
+rm -r "$out/bin"
 
 bytes=$(du -sb "$out" | cut -f1)
 mib=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of issue 3, pagoda and its peers in one run on one GPU, from the repository
+# root of a machine that has the bundle (scripts/gpu-bundle.sh) and PyTorch + transformers:
+#   bash benches/gpu-bench.sh [BUNDLE=gpu-bundle] [MODELS=/tmp/parity]
+# Prints one JSON line per measurement, then a short table.
+#   - the card's copy bandwidth (PyTorch) and torch.softmax on the BENCH.md shapes;
+#   - pagoda's fused softmax (criterion, GB/s);
+#   - W1 decode, batch 1, prompt 128, 256 new tokens, fp16: pagoda (`pagoda bench decode`, with
+#     its own copy-bandwidth floor) and HF transformers eager and static cache + torch.compile.
+# The models are Pythia-2.8B and Llama-3.2-3B from their real configs with random weights, made
+# by scripts/gpu_parity_reference.py if MODELS does not hold them yet.
+set -uo pipefail
+bundle=${1:-gpu-bundle}
+models=${2:-/tmp/parity}
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export PAGODA_KERNEL_CACHE=${PAGODA_KERNEL_CACHE:-/tmp/pagoda-kernels}
+log=$(mktemp)
+run() { # timeout-seconds command...
+  local limit=$1; shift
+  echo "+ $*" >&2
+  timeout "$limit" "$@" 2>&1 | tee -a "$log" | grep -E '^\{|TB/s|GB/s|time:|thrpt:' || echo "(failed or timed out: $*)" | tee -a "$log"
+}
+
+for m in pythia-2.8b llama-3.2-3b; do
+  if [ ! -f "$models/$m/config.json" ]; then
+    run 300 python3 "$bundle/gpu_parity_reference.py" --out "$models" --models "$m"
+  fi
+done
+
+run 120 python3 "$bundle/peers/kernels_and_generate.py" hw softmax
+for b in "$bundle"/bin/bench-cuda_softmax; do
+  [ -x "$b" ] && run 180 "$b" --bench --warm-up-time 1 --measurement-time 2
+done
+for m in pythia-2.8b llama-3.2-3b; do
+  run 180 "$bundle/bin/pagoda" bench decode --model "$models/$m" --device cuda --dtype f16 \
+    --prompt-len 128 --new-tokens 256 --warmup 1 --reps 3
+done
+for m in pythia-2.8b llama-3.2-3b; do
+  run 300 python3 "$bundle/peers/hf_decode.py" --model "$m" --modes fp16_eager,fp16_static_compile \
+    --reps 2 --warmup 1
+done
+
+echo "== W1 decode (fp16, prompt 128, 256 new tokens)"
+grep -E '^\{' "$log" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if r.get("bench") == "decode":
+        print(f"pagoda  {r[\"architecture\"]:8} TTFT {r[\"ttft_ms\"]:7.2f} ms  TPOT {r[\"tpot_ms\"]:6.3f} ms  "
+              f"{r[\"tok_s\"]:7.1f} tok/s  floor {r[\"floor_tpot_ms\"]:.3f} ms  {100 * r[\"fraction_of_floor\"]:.1f}% of floor")
+    elif "tpot_ms" in r or "tok_s" in r:
+        print("peer   ", json.dumps(r)[:200])
+'
