@@ -15,6 +15,7 @@ models=${2:-/tmp/parity}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export PAGODA_KERNEL_CACHE=${PAGODA_KERNEL_CACHE:-/tmp/pagoda-kernels}
 log=$(mktemp)
+[ -d "$bundle/bin" ] || tar -C "$bundle" -xJf "$bundle/bin.tar.xz"
 run() { # timeout-seconds command...
   local limit=$1; shift
   echo "+ $*" >&2

@@ -33,6 +33,11 @@ peers=${PAGODA_PEERS_DIR:-$root/../shared/peers}
 pkg_args=()
 for p in "${packages[@]}"; do pkg_args+=(-p "$p"); done
 
+# OUT is emptied first: only when it is a bundle already (or empty), never some other folder.
+if [[ -d $out && -n $(ls -A "$out") && ! -f $out/manifest.tsv ]]; then
+    echo "gpu-bundle: $out exists and is not a bundle; not overwriting it" >&2
+    exit 1
+fi
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/peers"
 # bin/ is packed at the end; until then it holds the plain binaries.
@@ -100,6 +105,8 @@ if compgen -G "$peers/*.py" >/dev/null; then
 else
     echo "gpu-bundle: no peer scripts in $peers (set PAGODA_PEERS_DIR)" >&2
 fi
+
+sort -t $'\t' -k1,1 -k4,4 -k2,2 -o "$manifest" "$manifest"
 
 echo "gpu-bundle: packing bin/ ($(du -sh "$out/bin" | cut -f1))" >&2
 tar -C "$out" -cf - bin | xz -6 -T2 >"$out/bin.tar.xz"
