@@ -42,16 +42,15 @@ const F32_CHECKPOINT_BYTES: u64 = 256 << 20;
 ///
 /// Half-precision activations round every intermediate to 11 (f16) or 8 (bf16) significant bits,
 /// a relative step of 2^-11 = 4.9e-4 and 2^-8 = 3.9e-3, and the errors of some 30 layers add up to
-/// a few such steps: transformers' own f16 and bf16 runs of the 2-layer tiny models land near 7e-4 and 7e-3
-/// (the reference records them for every model, and the report prints them beside ours). The f16
-/// bound leaves an order of magnitude for another summation order; bf16, with 3 fewer mantissa
-/// bits, rounds 8 times as coarsely and gets 4 times the f16 bound, still several times
-/// transformers' error. An indexing, masking or RoPE mistake gives errors of order 1. f32 differs
-/// from the reference only in summation order.
+/// many such steps: transformers' own f16 and bf16 runs land near 7e-4 and 7e-3 on the 2-layer tiny
+/// models and up to 7e-3 and 1.4e-1 on Llama-3.2-3B (the reference records them for every model,
+/// and the report prints them beside ours). bf16, with 3 fewer mantissa bits, rounds 8 times as
+/// coarsely as f16 and gets 8 times its bound. An indexing, masking or RoPE mistake gives errors
+/// of order 1. f32 differs from the reference only in summation order.
 fn max_relative_error(dtype: DType) -> f64 {
     match dtype {
         DType::F16 => 1e-2,
-        DType::BF16 => 4e-2,
+        DType::BF16 => 8e-2,
         _ => 1e-4,
     }
 }

@@ -161,7 +161,7 @@ fn check_parity(name: &str, options: &LoadOptions) {
         let logits = model
             .forward(&batch, &mut kv)
             .expect("forward")
-            .to_vec::<f32>()
+            .to_vec_f32()
             .unwrap();
         let mut row = 0;
         for (p, chunk) in chunks.iter().enumerate() {
@@ -202,7 +202,7 @@ fn check_parity(name: &str, options: &LoadOptions) {
         let logits = model
             .forward(&batch, &mut kv)
             .expect("decode")
-            .to_vec::<f32>()
+            .to_vec_f32()
             .unwrap();
         next = logits.chunks(vocab).map(argmax).collect();
         for (g, &t) in generated.iter_mut().zip(&next) {

@@ -96,6 +96,10 @@ impl CudaDevice {
         let context = CudaContext::new(ordinal)
             .map_err(|e| driver_error(format_args!("creating context on cuda:{ordinal}"), e))?;
         keep_freed_memory(&context, ordinal)?;
+        // SAFETY: all work of a device runs on its one stream (kernels, copies, cuBLAS), so stream
+        // order alone puts every read after the write it depends on; per-buffer events would only
+        // add two event objects to every allocation and a record to every launch.
+        unsafe { context.disable_event_tracking() };
         let stream = context.default_stream();
         Ok(CudaDevice {
             ordinal,
