@@ -42,16 +42,19 @@ for m in pythia-2.8b llama-3.2-3b; do
 done
 
 echo "== W1 decode (fp16, prompt 128, 256 new tokens)"
-grep -E '^\{' "$log" | python3 -c '
+python3 - "$log" <<'PY'
 import json, sys
-for line in sys.stdin:
+for line in open(sys.argv[1]):
     try:
         r = json.loads(line)
     except ValueError:
         continue
     if r.get("bench") == "decode":
-        print(f"pagoda  {r[\"architecture\"]:8} TTFT {r[\"ttft_ms\"]:7.2f} ms  TPOT {r[\"tpot_ms\"]:6.3f} ms  "
-              f"{r[\"tok_s\"]:7.1f} tok/s  floor {r[\"floor_tpot_ms\"]:.3f} ms  {100 * r[\"fraction_of_floor\"]:.1f}% of floor")
-    elif "tpot_ms" in r or "tok_s" in r:
-        print("peer   ", json.dumps(r)[:200])
-'
+        print("pagoda      %-8s TTFT %7.2f ms  TPOT %6.3f ms  %7.1f tok/s  floor %.3f ms  %.1f%% of floor"
+              % (r["architecture"], r["ttft_ms"], r["tpot_ms"], r["tok_s"], r["floor_tpot_ms"], 100 * r["fraction_of_floor"]))
+    elif "decode_tok_s" in r:
+        print("HF %-20s %-13s TTFT %7.2f ms  TPOT %6.3f ms  %7.1f tok/s"
+              % (r["mode"], r["model"], r["ttft_ms"], r["tpot_ms"], r["decode_tok_s"]))
+    elif r.get("what") in ("softmax", "d2d_copy"):
+        print("torch", json.dumps(r))
+PY

@@ -69,10 +69,21 @@ impl DecodeBench<'_> {
         let mut tpot = Vec::new();
         for rep in 0..self.warmup + self.reps {
             let (first, per_token) = self.decode_once(model.as_ref(), &mut kv, &prompt)?;
+            if rep + 1 == self.warmup {
+                pagoda_kernels::profile::reset();
+            }
             if rep >= self.warmup {
                 ttft.push(first);
                 tpot.push(per_token);
             }
+        }
+        // With PAGODA_PROFILE set: where the timed reps spent their time, op by op.
+        for (op, calls, seconds) in pagoda_kernels::profile::report() {
+            eprintln!(
+                "profile {op:18} {calls:8} calls {:10.3} ms {:8.2} us/call",
+                seconds * 1e3,
+                seconds * 1e6 / calls as f64
+            );
         }
         let ttft = median(&mut ttft);
         let tpot = median(&mut tpot);

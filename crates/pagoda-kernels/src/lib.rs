@@ -11,5 +11,6 @@ pub mod cuda;
 pub mod cuda;
 mod error;
 pub mod ops;
+pub mod profile;
 
 pub use error::{Error, Result};

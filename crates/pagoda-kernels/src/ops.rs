@@ -7,10 +7,12 @@ use crate::cpu::attention::{AttentionParams, SequenceSpan};
 use crate::cpu::gemm::Weights;
 use crate::cpu::kv_write::PageGeometry;
 use crate::cpu::rope::RopeTable;
+use crate::profile::OpTimer;
 use crate::{Error, Result, cpu, cuda};
 
 /// `x · wᵀ (+ bias)` with `w` stored `[n, k]`, as in `nn.Linear`; `x` is `[m, k]`.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _timer = OpTimer::start("linear", x.device());
     match x.device() {
         Device::Cpu => {
             let [m, k] = dims2("linear", x)?;
@@ -26,6 +28,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 
 /// Rows `ids` (U32) of `table` `[rows, hidden]`: token embeddings, or any row gather.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let _timer = OpTimer::start("embedding", table.device());
     match table.device() {
         Device::Cpu => {
             let [_, hidden] = dims2("embedding", table)?;
@@ -47,6 +50,7 @@ pub struct NormWeights<'a> {
 
 /// The norm of each row of `x` `[rows, hidden]`.
 pub fn norm(x: &Tensor, p: &NormWeights<'_>) -> Result<Tensor> {
+    let _timer = OpTimer::start("norm", x.device());
     match x.device() {
         Device::Cpu => {
             let [_, hidden] = dims2("norm", x)?;
@@ -64,6 +68,7 @@ pub fn norm(x: &Tensor, p: &NormWeights<'_>) -> Result<Tensor> {
 /// `residual += x`, then the norm of the new residual: the step between two sublayers of a
 /// pre-norm transformer, in one pass over the data.
 pub fn add_norm(x: &Tensor, residual: &mut Tensor, p: &NormWeights<'_>) -> Result<Tensor> {
+    let _timer = OpTimer::start("add_norm", x.device());
     match x.device() {
         Device::Cpu => {
             let [_, hidden] = dims2("add_norm", x)?;
@@ -97,6 +102,7 @@ fn cpu_norm(x: &[f32], hidden: usize, p: &NormWeights<'_>, out: &mut [f32]) -> R
 
 /// `a + b`, elementwise.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _timer = OpTimer::start("add", a.device());
     match a.device() {
         Device::Cpu => {
             let (x, y) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
@@ -115,6 +121,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// GELU, exact (erf) or with the tanh approximation.
 pub fn gelu(x: &Tensor, tanh_approximation: bool) -> Result<Tensor> {
+    let _timer = OpTimer::start("gelu", x.device());
     match x.device() {
         Device::Cpu => {
             let mut out = x.as_slice::<f32>()?.to_vec();
@@ -131,6 +138,7 @@ pub fn gelu(x: &Tensor, tanh_approximation: bool) -> Result<Tensor> {
 
 /// `silu(gate) * up`, the SwiGLU gate.
 pub fn silu_and_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let _timer = OpTimer::start("silu_and_mul", gate.device());
     match gate.device() {
         Device::Cpu => {
             let mut out = vec![0.0; gate.elem_count()];
@@ -173,6 +181,7 @@ impl Rope {
 
 /// Rotates `x` `[tokens, heads, head_dim]` in place at each token's position (U32 `[tokens]`).
 pub fn apply_rope(x: &mut Tensor, positions: &Tensor, rope: &Rope) -> Result<()> {
+    let _timer = OpTimer::start("apply_rope", x.device());
     match x.device() {
         Device::Cpu => {
             let [_, heads, head_dim] = dims3("apply_rope", x)?;
@@ -215,6 +224,7 @@ pub fn rope_write_kv(
     rope: &Rope,
     kv: LayerKv<'_>,
 ) -> Result<()> {
+    let _timer = OpTimer::start("rope_write_kv", k.device());
     match k.device() {
         Device::Cpu => {
             let geometry = page_geometry(kv.k_pages)?;
@@ -273,6 +283,7 @@ impl AttentionLayout {
         num_blocks: usize,
         device: &Device,
     ) -> Result<Self> {
+        let _timer = OpTimer::start("attention_layout", *device);
         let cuda = match device {
             Device::Cpu => None,
             Device::Cuda(ordinal) => {
@@ -326,6 +337,7 @@ pub fn paged_attention(
     k_pages: &Tensor,
     v_pages: &Tensor,
 ) -> Result<Tensor> {
+    let _timer = OpTimer::start("paged_attention", q.device());
     match q.device() {
         Device::Cpu => {
             let geometry = page_geometry(k_pages)?;
@@ -363,6 +375,7 @@ pub fn paged_attention(
 
 /// The index of the largest value of each row of `logits` `[rows, vocab]`, as U32 `[rows]`.
 pub fn argmax(logits: &Tensor) -> Result<Tensor> {
+    let _timer = OpTimer::start("argmax", logits.device());
     match logits.device() {
         Device::Cpu => {
             let [rows, vocab] = dims2("argmax", logits)?;

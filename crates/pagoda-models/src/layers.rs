@@ -142,6 +142,7 @@ impl ForwardContext {
         batch.validate(info.max_position_embeddings)?;
         check_kv_cache(info, kv)?;
         let device = info.device;
+        let _timer = pagoda_kernels::profile::OpTimer::start("forward_context", device);
         let upload = |values: &[u32]| -> Result<Tensor> {
             Ok(Tensor::from_slice(values, [values.len()])?.to_device(&device)?)
         };
