@@ -41,6 +41,8 @@ for m in pythia-2.8b llama-3.2-3b; do
     --reps 2 --warmup 1
 done
 
+# On the device machine, the whole log comes back through $OUT.
+if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/gpu-bench.log"; fi
 echo "== W1 decode (fp16, prompt 128, 256 new tokens)"
 python3 - "$log" <<'PY'
 import json, sys

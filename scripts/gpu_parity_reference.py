@@ -105,6 +105,25 @@ def build(name: str, tiny: bool, device: torch.device, seed: int):
     return model.eval()
 
 
+def write_tokenizer(folder: Path, vocab: int) -> None:
+    """A small byte-level BPE tokenizer.json, so that the engine and `pagoda generate` can run the
+    random-weight checkpoint from text (the text it writes is noise; the point is the path)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab, 600),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    text = "The quick brown fox jumps over the lazy dog. Pagodas have many roofs, one above another. " * 20
+    tokenizer.train_from_iterator([text], trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
 def write_model(name: str, args, out: Path) -> dict:
     device = torch.device(args.device)
     folder = out / (f"{name}-tiny" if args.tiny else name)
@@ -116,6 +135,7 @@ def write_model(name: str, args, out: Path) -> dict:
     t_init = time.perf_counter() - t0
 
     model.save_pretrained(folder, safe_serialization=True)
+    write_tokenizer(folder, vocab)
     t_save = time.perf_counter() - t0 - t_init
 
     gen = torch.Generator().manual_seed(args.seed + 1)
