@@ -1,6 +1,7 @@
 //! CUDA paged attention against the CPU oracle: ragged batches mixing decode, prefill and chunked
 //! prefill rows, grouped-query heads, scattered non-monotonic block ids, contexts that are not a
-//! multiple of the block size, a single token, and one 32k-token context.
+//! multiple of the block size, a single token, decode batches of a real model's shape, and one
+//! 32k-token context.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -197,6 +198,33 @@ fn a_single_token() {
             },
             dtype,
         );
+    }
+}
+
+#[test]
+fn decode_batches_shaped_like_llama_3_2_3b() {
+    let Some(device) = gpu_or_skip("paged_attention_decode_batches") else {
+        return;
+    };
+    let mut rng = TestRng::new("paged_attention_decode_batches");
+    // 24 query heads over 8 KV heads of 128 dimensions: one sequence (its context cut into several
+    // splits), then four of ragged lengths, one of them shorter than a split.
+    let batches: [&[(usize, usize)]; 2] = [&[(1, 190)], &[(1, 130), (1, 190), (1, 17), (1, 161)]];
+    for dtype in FLOAT_DTYPES {
+        for seqs in batches {
+            run(
+                &device,
+                &mut rng,
+                &Case {
+                    seqs,
+                    num_heads: 24,
+                    num_kv_heads: 8,
+                    head_dim: 128,
+                    block_size: 16,
+                },
+                dtype,
+            );
+        }
     }
 }
 

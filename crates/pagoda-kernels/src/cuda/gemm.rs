@@ -1,5 +1,6 @@
 //! Dense matrix products on cuBLAS: [`linear`] (the `nn.Linear` convention, weight `[n, k]`)
-//! and [`matmul_strided_batched`]. f32, f16 or bf16 operands, always accumulated in f32
+//! and [`matmul_strided_batched`]; `linear` with at most eight rows runs on `kernels/gemv.cu`
+//! instead (see `super::gemv`). f32, f16 or bf16 operands, always accumulated in f32
 //! (`CUBLAS_COMPUTE_32F`: tensor cores for f16/bf16, strict f32 without TF32 for f32).
 //!
 //! cuBLAS is column-major and our tensors are row-major. A row-major `[r, c]` matrix is the
@@ -14,6 +15,7 @@ use pagoda_tensor::cudarc::driver::{DevicePtr, DevicePtrMut};
 use pagoda_tensor::{CudaDevice, DType, Tensor};
 
 use super::activation::broadcast_rows;
+use super::gemv;
 use super::tensor_access::{
     FLOAT_DTYPES, alloc_output, common_device, device_view, dims_of, expect_dtype,
     expect_same_dtype, into_tensor,
@@ -84,7 +86,9 @@ fn c_int_arg(op: &'static str, name: &str, value: usize) -> Result<c_int> {
 /// `x · wᵀ (+ bias)`: `x` is `[.., k]`, `w` is `[n, k]` (the `nn.Linear` layout), the result
 /// `[.., n]` in `x`'s dtype. `x` and `w` share a dtype; `bias` (`[n]`) is f32 or that dtype and
 /// is added inside the product's f32 accumulation (the output is seeded with it and cuBLAS
-/// computes `1·x·wᵀ + 1·bias`), so the result is rounded once.
+/// computes `1·x·wᵀ + 1·bias`), so the result is rounded once. Products of at most
+/// eight rows (decode) run on a dedicated kernel instead, with the same f32 accumulation and
+/// single rounding.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     const OP: &str = "linear";
     let mut tensors = vec![("x", x), ("w", w)];
@@ -105,6 +109,10 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let m: usize = outer.iter().product();
     let mut dims = outer.to_vec();
     dims.push(n);
+    if (1..=gemv::MAX_ROWS).contains(&m) && n > 0 {
+        // Decode-sized products: one kernel launch costs the host far less than a cuBLAS call.
+        return gemv::gemv(OP, &device, x, w, bias, (m, n, k), &dims);
+    }
 
     let mut out = alloc_output(OP, &device, x.dtype(), &dims)?;
     let stream = device.stream();

@@ -6,6 +6,7 @@
 pub mod activation;
 pub mod embedding;
 pub mod gemm;
+pub(crate) mod gemv;
 pub mod kv_write;
 pub mod memory;
 pub mod norm;

@@ -3,11 +3,13 @@
 //! computes it: prefill, chunked prefill after cached context and single-token decode alike, with
 //! grouped-query attention and head dimensions up to 256, softmax statistics in f32.
 //!
-//! This is the straightforward kernel (one thread block per query row and head, an online softmax
-//! over the context); the batch layout it reads is the one the fast kernels read too.
+//! One thread block per query row, head and context split computes a tile of scores at a time in
+//! shared memory, with one softmax rescale per tile. When the batch has too few (row, head) pairs
+//! to fill the GPU - decode - the context is cut into splits whose partial results a second kernel
+//! merges (the flash-decoding scheme), so a short batch still reads its K/V with many blocks.
 
 use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
-use pagoda_tensor::{CudaDevice, Device, Tensor};
+use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
 
 use super::registry::{KernelModule, function};
 use super::tensor_access::{
@@ -21,7 +23,18 @@ use crate::{Error, Result};
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// Warps per thread block; must equal `WARPS` in paged_attention.cu.
-const WARPS: u32 = 4;
+const WARPS: u32 = 8;
+
+/// Threads per block of the kernel that merges a row's splits (it loops over the head dimensions).
+const COMBINE_THREADS: u32 = 128;
+
+/// Thread blocks worth launching before splitting contexts stops paying: a few per SM of the
+/// largest GPUs (132 SMs on an H100 SXM), small enough that the merge and its scratch stay cheap.
+const TARGET_BLOCKS: usize = 512;
+
+/// Splits hold a multiple of this many context tokens (one key per warp of the block, four times
+/// over: the tokens one round of loads covers), so a split never leaves most warps idle.
+const SPLIT_GRANULE: usize = 32;
 
 /// Where each sequence of a flat batch keeps its query rows and its context, on the device.
 ///
@@ -37,6 +50,7 @@ pub struct DeviceBatchLayout {
     block_tables: Tensor,
     num_seqs: usize,
     num_tokens: usize,
+    max_context_len: usize,
     max_blocks_per_seq: usize,
     block_size: usize,
     num_blocks: usize,
@@ -118,6 +132,7 @@ impl DeviceBatchLayout {
             block_tables: upload(block_tables, vec![num_seqs, max_blocks_per_seq])?,
             num_seqs,
             num_tokens: query_start[num_seqs] as usize,
+            max_context_len: context_len.iter().map(|&c| c as usize).max().unwrap_or(0),
             max_blocks_per_seq,
             block_size,
             num_blocks,
@@ -218,6 +233,14 @@ pub fn paged_attention(
     if num_tokens == 0 {
         return into_tensor(out, &dims);
     }
+    let (num_splits, split_len) = split_context(num_tokens * num_heads, layout.max_context_len);
+    // With one split the kernel writes the output itself and never touches the scratch.
+    let scratch_dims = if num_splits > 1 {
+        [num_tokens, num_heads, num_splits, head_dim + 2]
+    } else {
+        [1, 1, 1, 1]
+    };
+    let mut scratch = alloc_output(OP, &device, DType::F32, &scratch_dims)?;
     let name = kernel_name(OP, "paged_attention", q.dtype())?;
     let kernel = function(&device, KernelModule::PagedAttention, &name)?;
     let args = [
@@ -229,7 +252,9 @@ pub fn paged_attention(
         head_dim as u32,
         arg_u32(OP, "block_size", layout.block_size)?,
         arg_u32(OP, "num_blocks", layout.num_blocks)?,
+        arg_u32(OP, "split_len", split_len)?,
     ];
+    let num_splits_arg = arg_u32(OP, "num_splits", num_splits)?;
     let (q_view, k_view, v_view) = (
         device_view(OP, "q", q)?,
         device_view(OP, "k_pages", k_pages)?,
@@ -239,7 +264,11 @@ pub fn paged_attention(
     let context_len = device_view(OP, "context_len", &layout.context_len)?;
     let block_tables = device_view(OP, "block_tables", &layout.block_tables)?;
     let config = LaunchConfig {
-        grid_dim: (args[2].min(i32::MAX as u32), num_heads as u32, 1),
+        grid_dim: (
+            args[2].min(i32::MAX as u32),
+            num_heads as u32,
+            num_splits_arg,
+        ),
         block_dim: (WARPS * 32, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -250,6 +279,7 @@ pub fn paged_attention(
         .arg(&k_view)
         .arg(&v_view)
         .arg(out.slice_mut())
+        .arg(scratch.slice_mut())
         .arg(&query_start)
         .arg(&context_len)
         .arg(&block_tables);
@@ -258,10 +288,80 @@ pub fn paged_attention(
     }
     launch.arg(&scale);
     // SAFETY: the arguments follow paged_attention's signature in paged_attention.cu (q, k_pages,
-    // v_pages, out, query_start, context_len, block_tables, num_seqs, max_blocks, num_tokens,
-    // num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale); every buffer has the
-    // shape checked above in the kernel name's dtype (metadata u32), the layout was validated
-    // against these pages when it was built, head_dim <= 256 and the block has WARPS warps.
+    // v_pages, out, scratch, query_start, context_len, block_tables, num_seqs, max_blocks,
+    // num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, split_len, scale);
+    // every buffer has the shape checked above in the kernel name's dtype (metadata u32, scratch
+    // f32 [num_tokens, num_heads, num_splits, head_dim + 2] whenever num_splits > 1), the layout
+    // was validated against these pages when it was built, head_dim <= 256, the block has WARPS
+    // warps and num_splits * split_len covers the longest context.
     unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
+    if num_splits > 1 {
+        let combine_name = kernel_name(OP, "paged_attention_combine", q.dtype())?;
+        let combine = function(&device, KernelModule::PagedAttention, &combine_name)?;
+        let config = LaunchConfig {
+            grid_dim: (args[2].min(i32::MAX as u32), num_heads as u32, 1),
+            block_dim: (COMBINE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(&combine);
+        launch
+            .arg(scratch.slice())
+            .arg(out.slice_mut())
+            .arg(&query_start)
+            .arg(&context_len)
+            .arg(&args[0])
+            .arg(&args[2])
+            .arg(&args[3])
+            .arg(&args[5])
+            .arg(&args[8])
+            .arg(&num_splits_arg);
+        // SAFETY: the arguments follow paged_attention_combine's signature (scratch, out,
+        // query_start, context_len, num_seqs, num_tokens, num_heads, head_dim, split_len,
+        // num_splits); the scratch was filled by the launch above on the same stream for every
+        // split at or before each row's position, which is all the merge reads.
+        unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &combine_name, e))?;
+    }
     into_tensor(out, &dims)
+}
+
+/// How many splits to cut the longest context into, and how many tokens each holds: enough
+/// splits for about [`TARGET_BLOCKS`] blocks in all, none shorter than [`SPLIT_GRANULE`] tokens;
+/// one split when the (row, head) pairs alone fill the GPU (prefill).
+fn split_context(pairs: usize, max_context_len: usize) -> (usize, usize) {
+    let max_splits = max_context_len.div_ceil(SPLIT_GRANULE).max(1);
+    let wanted = TARGET_BLOCKS.div_ceil(pairs.max(1)).clamp(1, max_splits);
+    let split_len = max_context_len
+        .div_ceil(wanted)
+        .next_multiple_of(SPLIT_GRANULE)
+        .max(SPLIT_GRANULE);
+    (max_context_len.div_ceil(split_len).max(1), split_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_cover_the_context_and_fill_the_gpu() {
+        for pairs in [1, 24, 96, 511, 512, 4096] {
+            for context in [0, 1, 31, 32, 33, 190, 4097, 32773] {
+                let (splits, len) = split_context(pairs, context);
+                assert!(splits >= 1 && len % SPLIT_GRANULE == 0, "{pairs} {context}");
+                assert!(
+                    splits * len >= context,
+                    "{pairs} {context}: {splits} x {len}"
+                );
+                // No split is empty: the last one starts inside the context.
+                assert!(
+                    context == 0 || (splits - 1) * len < context,
+                    "{pairs} {context}"
+                );
+                if pairs >= TARGET_BLOCKS {
+                    assert_eq!(splits, 1, "{pairs} {context}");
+                }
+            }
+        }
+        // Decode of one sequence with 24 heads and 190 tokens of context: 6 splits of 32 tokens.
+        assert_eq!(split_context(24, 190), (6, 32));
+    }
 }

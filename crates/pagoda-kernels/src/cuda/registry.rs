@@ -43,6 +43,8 @@ pub enum KernelModule {
     PagedAttention,
     /// `kernels/sampling.cu`: argmax and filtered sampling.
     Sampling,
+    /// `kernels/gemv.cu`: skinny matrix products (a few rows of x against a weight matrix).
+    Gemv,
 }
 
 /// Our headers, handed to NVRTC by name so that `#include "common.cuh"` resolves without a
@@ -55,7 +57,7 @@ const OPTIONS: [&str; 1] = ["-std=c++17"];
 
 impl KernelModule {
     /// Every module, in a fixed order.
-    pub const ALL: [KernelModule; 8] = [
+    pub const ALL: [KernelModule; 9] = [
         KernelModule::Norm,
         KernelModule::Activation,
         KernelModule::Embedding,
@@ -64,6 +66,7 @@ impl KernelModule {
         KernelModule::KvWrite,
         KernelModule::PagedAttention,
         KernelModule::Sampling,
+        KernelModule::Gemv,
     ];
 
     /// The file stem: the module's source is `kernels/<name>.cu`.
@@ -77,6 +80,7 @@ impl KernelModule {
             KernelModule::KvWrite => "kv_write",
             KernelModule::PagedAttention => "paged_attention",
             KernelModule::Sampling => "sampling",
+            KernelModule::Gemv => "gemv",
         }
     }
 
@@ -91,6 +95,7 @@ impl KernelModule {
             KernelModule::KvWrite => include_str!("../../../../kernels/kv_write.cu"),
             KernelModule::PagedAttention => include_str!("../../../../kernels/paged_attention.cu"),
             KernelModule::Sampling => include_str!("../../../../kernels/sampling.cu"),
+            KernelModule::Gemv => include_str!("../../../../kernels/gemv.cu"),
         }
     }
 

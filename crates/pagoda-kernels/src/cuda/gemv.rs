@@ -1,0 +1,116 @@
+//! Launcher of `kernels/gemv.cu`: `x · wᵀ (+ bias)` for a few rows of `x`, the decode-time
+//! shape of every linear layer. [`super::gemm::linear`] sends products with at most
+//! [`MAX_ROWS`] rows here: they are bound by reading the weights once, and one kernel launch
+//! costs the host far less than a cuBLAS call.
+
+use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
+use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
+use pagoda_tensor::{CudaDevice, DType, Tensor};
+
+use super::registry::{KernelModule, function};
+use super::tensor_access::{
+    alloc_output, arg_u32, device_view, expect_dims, expect_dtype, into_tensor, kernel_name,
+    launch_error,
+};
+use crate::{Error, Result};
+
+/// The most rows of `x` the kernel takes (`GEMV_MAX_M` in gemv.cu).
+pub(crate) const MAX_ROWS: usize = 8;
+
+/// Output columns (weight rows) per warp (`GEMV_ROWS` in gemv.cu).
+const ROWS_PER_WARP: usize = 2;
+
+/// Warps per block, tried from the largest: the first that still gives every SM this many
+/// blocks is used, so narrow outputs (a GQA K/V projection) spread over the whole GPU.
+const WARPS_PER_BLOCK: [usize; 3] = [8, 4, 2];
+const BLOCKS_PER_SM: usize = 2;
+
+/// `bias_kind` values of the kernel.
+const BIAS_NONE: i32 = 0;
+const BIAS_F32: i32 = 1;
+const BIAS_SAME: i32 = 2;
+
+/// `out [m, n] = x [m, k] · w [n, k]ᵀ (+ bias [n])` with `1 <= m <=` [`MAX_ROWS`], `n >= 1`;
+/// `x` and `w` are contiguous, on `device`, of the float dtype `dtype` (checked by the caller),
+/// the bias f32 or `dtype`. `dims` is the output shape (x's leading dimensions, then n).
+pub(crate) fn gemv(
+    op: &'static str,
+    device: &CudaDevice,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    (m, n, k): (usize, usize, usize),
+    dims: &[usize],
+) -> Result<Tensor> {
+    if m == 0 || m > MAX_ROWS || n == 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "the skinny product takes 1..={MAX_ROWS} rows and n >= 1, got m = {m}, n = {n}"
+            ),
+        ));
+    }
+    let dtype = x.dtype();
+    let bias_kind = match bias {
+        None => BIAS_NONE,
+        Some(bias) => {
+            expect_dtype(op, "bias", bias, &[dtype, DType::F32])?;
+            expect_dims(op, "bias", bias, &[n])?;
+            if bias.dtype() == DType::F32 {
+                BIAS_F32
+            } else {
+                BIAS_SAME
+            }
+        }
+    };
+    let name = kernel_name(op, "gemv", dtype)?;
+    let kernel = function(device, KernelModule::Gemv, &name)?;
+    let x_view = device_view(op, "x", x)?;
+    let w_view = device_view(op, "w", w)?;
+    let bias_view = bias.map(|b| device_view(op, "bias", b)).transpose()?;
+    let (m_arg, n_arg, k_arg) = (
+        arg_u32(op, "m", m)?,
+        arg_u32(op, "n", n)?,
+        arg_u32(op, "k", k)?,
+    );
+
+    let warps_needed = n.div_ceil(ROWS_PER_WARP);
+    let sms = device
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| Error::cuda(op, format!("querying the SM count: {e}")))?;
+    let target_blocks = usize::try_from(sms).unwrap_or(1).max(1) * BLOCKS_PER_SM;
+    let warps = WARPS_PER_BLOCK
+        .into_iter()
+        .find(|&w| warps_needed.div_ceil(w) >= target_blocks)
+        .unwrap_or(WARPS_PER_BLOCK[WARPS_PER_BLOCK.len() - 1]);
+    let blocks = arg_u32(op, "blocks", warps_needed.div_ceil(warps))?;
+    let config = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        // At most 8 warps of 32 threads.
+        block_dim: ((warps * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+
+    let mut out = alloc_output(op, device, dtype, dims)?;
+    let stream = device.stream();
+    let mut launch = stream.launch_builder(&kernel);
+    launch.arg(&x_view).arg(&w_view);
+    // Without a bias the kernel never reads the pointer; x stands in for it.
+    match bias_view.as_ref() {
+        Some(bias) => launch.arg(bias),
+        None => launch.arg(&x_view),
+    };
+    launch
+        .arg(&bias_kind)
+        .arg(out.slice_mut())
+        .arg(&m_arg)
+        .arg(&n_arg)
+        .arg(&k_arg);
+    // SAFETY: the arguments match gemv.cu's (x, w, bias, bias_kind, out, m, n, k); x holds
+    // m x k, w n x k and out m x n elements of `dtype`, the bias n elements of the kind
+    // `bias_kind` names (or is unread), as checked here and by the caller; the grid covers the n
+    // output columns at ROWS_PER_WARP per warp.
+    unsafe { launch.launch(config) }.map_err(|e| launch_error(op, &name, e))?;
+    into_tensor(out, dims)
+}

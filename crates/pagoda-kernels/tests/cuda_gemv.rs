@@ -1,0 +1,180 @@
+//! The skinny-product kernel behind `cuda::gemm::linear` for at most eight rows, against
+//! `cpu::gemm::linear`: every row count it takes (and the first one it does not), odd and
+//! vector-width k and n, biases of both dtypes, unaligned views, and Llama-sized layers.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::{FLOAT_DTYPES, TestRng};
+use pagoda_kernels::cpu::gemm::Weights;
+use pagoda_kernels::{Error, cpu, cuda};
+use pagoda_tensor::{CudaDevice, DType, Tensor};
+
+fn cpu_linear(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; m * n];
+    cpu::gemm::linear(x, m, k, Weights::F32(w), n, bias, &mut out).unwrap();
+    out
+}
+
+/// Runs `linear` on poisoned memory and compares it with the oracle.
+fn check(
+    device: &CudaDevice,
+    what: &str,
+    (x, x_host): (&Tensor, &[f32]),
+    (w, w_host): (&Tensor, &[f32]),
+    bias: Option<(&Tensor, &[f32])>,
+    (m, k, n): (usize, usize, usize),
+) {
+    let dtype = x.dtype();
+    common::poison_pool(device, m * n * dtype.size_in_bytes());
+    let out =
+        cuda::gemm::linear(x, w, bias.map(|(b, _)| b)).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!((out.dims(), out.dtype()), (&[m, n][..], dtype), "{what}");
+    let expected = cpu_linear(x_host, m, k, w_host, n, bias.map(|(_, h)| h));
+    common::assert_close(what, &common::download(&out), &expected, dtype);
+}
+
+/// m = 9 is the first row count left to cuBLAS: the boundary on both sides.
+const ROWS: [usize; 6] = [1, 2, 3, 5, 8, 9];
+
+/// (k, n): k of 1, odd, past 4096 (scalar loop), multiples of 8 (16-byte loop, with and without
+/// a partly filled last warp), and k = 0 (the result is the bias).
+const SHAPES: [(usize, usize); 9] = [
+    (1, 1),
+    (7, 67),
+    (67, 7),
+    (4097, 67),
+    (8, 1),
+    (256, 67),
+    (3072, 130),
+    (1000, 4097),
+    (0, 5),
+];
+
+#[test]
+fn few_row_products_match_the_cpu_oracle() {
+    let Some(device) = common::gpu_or_skip("few_row_products_match_the_cpu_oracle") else {
+        return;
+    };
+    let mut rng = TestRng::new("few_row_products_match_the_cpu_oracle");
+    for dtype in FLOAT_DTYPES {
+        for m in ROWS {
+            for (k, n) in SHAPES {
+                let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
+                let (w, w_host) = common::random_tensor(&mut rng, &[n, k], dtype, 1.0, &device);
+                let shape = (m, k, n);
+                let what = format!("linear {dtype} {shape:?}");
+                check(&device, &what, (&x, &x_host), (&w, &w_host), None, shape);
+                let mut bias_dtypes = vec![DType::F32];
+                if dtype != DType::F32 {
+                    bias_dtypes.push(dtype);
+                }
+                for bias_dtype in bias_dtypes {
+                    let (b, b_host) =
+                        common::random_tensor(&mut rng, &[n], bias_dtype, 1.0, &device);
+                    let what = format!("linear {dtype} + {bias_dtype} bias {shape:?}");
+                    let bias = Some((&b, &b_host[..]));
+                    check(&device, &what, (&x, &x_host), (&w, &w_host), bias, shape);
+                }
+            }
+        }
+    }
+}
+
+/// `len` elements viewed one element into a larger buffer: contiguous, but not 16-byte aligned.
+fn offset_by_one(
+    rng: &mut TestRng,
+    dims: &[usize],
+    dtype: DType,
+    device: &CudaDevice,
+) -> (Tensor, Vec<f32>) {
+    let len: usize = dims.iter().product();
+    let (buffer, host) = common::random_tensor(rng, &[len + 1], dtype, 1.0, device);
+    let view = buffer
+        .narrow(0, 1, len)
+        .and_then(|t| t.reshape(dims.to_vec()))
+        .unwrap_or_else(|e| panic!("viewing {dims:?} at offset 1: {e}"));
+    assert!(view.is_contiguous());
+    (view, host[1..].to_vec())
+}
+
+#[test]
+fn unaligned_views_take_the_scalar_path() {
+    let Some(device) = common::gpu_or_skip("unaligned_views_take_the_scalar_path") else {
+        return;
+    };
+    let mut rng = TestRng::new("unaligned_views_take_the_scalar_path");
+    let (m, k, n) = (3, 256, 33);
+    for dtype in FLOAT_DTYPES {
+        let (x, x_host) = offset_by_one(&mut rng, &[m, k], dtype, &device);
+        let (w, w_host) = common::random_tensor(&mut rng, &[n, k], dtype, 1.0, &device);
+        let what = format!("linear {dtype} with x at offset 1");
+        check(
+            &device,
+            &what,
+            (&x, &x_host),
+            (&w, &w_host),
+            None,
+            (m, k, n),
+        );
+        let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
+        let (w, w_host) = offset_by_one(&mut rng, &[n, k], dtype, &device);
+        let what = format!("linear {dtype} with w at offset 1");
+        check(
+            &device,
+            &what,
+            (&x, &x_host),
+            (&w, &w_host),
+            None,
+            (m, k, n),
+        );
+    }
+}
+
+#[test]
+fn decode_sized_llama_layers_match_the_cpu_oracle() {
+    let Some(device) = common::gpu_or_skip("decode_sized_llama_layers_match_the_cpu_oracle") else {
+        return;
+    };
+    let mut rng = TestRng::new("decode_sized_llama_layers_match_the_cpu_oracle");
+    // Llama-3.2-3B: the MLP up projection (3072 -> 8192) and the down projection (8192 -> 3072).
+    for (k, n) in [(3072, 8192), (8192, 3072)] {
+        for dtype in FLOAT_DTYPES {
+            let (w, w_host) = common::random_tensor(&mut rng, &[n, k], dtype, 1.0, &device);
+            for m in [1, 8] {
+                let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
+                let (b, b_host) = common::random_tensor(&mut rng, &[n], DType::F32, 1.0, &device);
+                let shape = (m, k, n);
+                let what = format!("linear {dtype} {shape:?}");
+                check(&device, &what, (&x, &x_host), (&w, &w_host), None, shape);
+                let what = format!("linear {dtype} + f32 bias {shape:?}");
+                let bias = Some((&b, &b_host[..]));
+                check(&device, &what, (&x, &x_host), (&w, &w_host), bias, shape);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bias_of_the_wrong_length_or_dtype_is_an_error() {
+    let Some(device) = common::gpu_or_skip("a_bias_of_the_wrong_length_or_dtype_is_an_error")
+    else {
+        return;
+    };
+    let mut rng = TestRng::new("a_bias_of_the_wrong_length_or_dtype_is_an_error");
+    let (x, _) = common::random_tensor(&mut rng, &[2, 16], DType::F16, 1.0, &device);
+    let (w, _) = common::random_tensor(&mut rng, &[5, 16], DType::F16, 1.0, &device);
+    let (short, _) = common::random_tensor(&mut rng, &[4], DType::F16, 1.0, &device);
+    let err = cuda::gemm::linear(&x, &w, Some(&short)).unwrap_err();
+    assert!(matches!(err, Error::Shape { .. }), "{err:?}");
+    let (bf16_bias, _) = common::random_tensor(&mut rng, &[5], DType::BF16, 1.0, &device);
+    let err = cuda::gemm::linear(&x, &w, Some(&bf16_bias)).unwrap_err();
+    assert!(matches!(err, Error::DType { .. }), "{err:?}");
+}

@@ -1,0 +1,151 @@
+// Skinny matrix products for decode: out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias[n]) for m <= 8.
+//
+// At small m a product is a pass over the weights, so the kernel is built to read every weight
+// exactly once at full memory bandwidth: each warp owns GEMV_ROWS consecutive output columns j
+// (weight rows), streams those weight rows with 16-byte loads (GEMV_BATCH words per row in
+// flight), and multiplies every loaded vector against all m rows of x. x itself is small (m x k elements) and shared by every warp,
+// so it is read through the L1 cache rather than staged in shared memory: that keeps the loop
+// free of block barriers and needs no k tiling for k up to the widest hidden sizes.
+// Partial sums are f32 per lane, combined with one warp reduction per output; the bias is added
+// in f32 and the result rounded once to the output dtype.
+
+#include "common.cuh"
+
+// The largest m this kernel takes; the launcher sends bigger products to cuBLAS.
+constexpr int GEMV_MAX_M = 8;
+// Weight rows per warp: each x vector loaded is used this many times.
+constexpr int GEMV_ROWS = 2;
+
+// bias_kind: what `bias` points to.
+constexpr int BIAS_NONE = 0;
+constexpr int BIAS_F32 = 1;
+constexpr int BIAS_SAME = 2;
+
+// 16-byte steps of each weight row a warp requests before using the first one.
+constexpr int GEMV_BATCH = 4;
+
+// One 16-byte step of the vectorized loop: the GEMV_ROWS weight words `raw` (elements c ..
+// c + Pack<T>::N of each row) against the same columns of every row of x.
+template <typename T>
+__device__ __forceinline__ void gemv_step(const T* __restrict__ x, const uint4 (&raw)[GEMV_ROWS],
+                                          unsigned c, unsigned m, unsigned k,
+                                          float (&acc)[GEMV_ROWS][GEMV_MAX_M]) {
+    constexpr int P = Pack<T>::N;
+    float wv[GEMV_ROWS][P];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        const T* elems = reinterpret_cast<const T*>(&raw[r]);
+#pragma unroll
+        for (int e = 0; e < P; ++e) wv[r][e] = to_float(elems[e]);
+    }
+#pragma unroll
+    for (int i = 0; i < GEMV_MAX_M; ++i) {
+        if (i < m) {
+            float xv[P];
+            load_pack(x + static_cast<size_t>(i) * k + c, xv);
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; ++r)
+#pragma unroll
+                for (int e = 0; e < P; ++e) acc[r][i] = fmaf(wv[r][e], xv[e], acc[r][i]);
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void gemv_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                            const void* __restrict__ bias, int bias_kind,
+                                            T* __restrict__ out, unsigned m, unsigned n,
+                                            unsigned k) {
+    const unsigned lane = threadIdx.x & 31;
+    const unsigned warp = threadIdx.x >> 5;
+    const unsigned warps = blockDim.x >> 5;
+    const unsigned row0 = (blockIdx.x * warps + warp) * GEMV_ROWS;
+    // Whole warps leave together; nothing below synchronises the block.
+    if (row0 >= n) return;
+
+    // Rows past n (the last warp of an odd n) re-read row n - 1 and are not written.
+    const T* w_rows[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        const unsigned j = min(row0 + r, n - 1);
+        w_rows[r] = w + static_cast<size_t>(j) * k;
+    }
+
+    float acc[GEMV_ROWS][GEMV_MAX_M];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r)
+#pragma unroll
+        for (int i = 0; i < GEMV_MAX_M; ++i) acc[r][i] = 0.0f;
+
+    constexpr int P = Pack<T>::N;
+    // Every row starts 16-byte aligned only when both base pointers are and k fills whole
+    // 16-byte words; otherwise (odd k, a view at an odd offset) the scalar loop runs.
+    const bool vectorized = (k % P == 0) && is_aligned16(x) && is_aligned16(w);
+    if (vectorized) {
+        const unsigned stride = 32u * P;
+        unsigned c = lane * P;
+        // Whole batches first: all GEMV_BATCH x GEMV_ROWS weight words of a batch are requested
+        // before the first is used, so enough bytes are in flight per warp to cover the memory
+        // latency (the branches on m below would otherwise keep the compiler from hoisting the
+        // next step's loads).
+        for (; c + (GEMV_BATCH - 1) * stride < k; c += GEMV_BATCH * stride) {
+            uint4 raw[GEMV_BATCH][GEMV_ROWS];
+#pragma unroll
+            for (int u = 0; u < GEMV_BATCH; ++u)
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; ++r)
+                    raw[u][r] = *reinterpret_cast<const uint4*>(w_rows[r] + c + u * stride);
+#pragma unroll
+            for (int u = 0; u < GEMV_BATCH; ++u) gemv_step<T>(x, raw[u], c + u * stride, m, k, acc);
+        }
+        for (; c < k; c += stride) {
+            uint4 raw[GEMV_ROWS];
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; ++r)
+                raw[r] = *reinterpret_cast<const uint4*>(w_rows[r] + c);
+            gemv_step<T>(x, raw, c, m, k, acc);
+        }
+    } else {
+        for (unsigned c = lane; c < k; c += 32) {
+            float wv[GEMV_ROWS];
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; ++r) wv[r] = to_float(w_rows[r][c]);
+#pragma unroll
+            for (int i = 0; i < GEMV_MAX_M; ++i) {
+                if (i < m) {
+                    const float xv = to_float(x[static_cast<size_t>(i) * k + c]);
+#pragma unroll
+                    for (int r = 0; r < GEMV_ROWS; ++r) acc[r][i] = fmaf(wv[r], xv, acc[r][i]);
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) {
+        const unsigned j = row0 + r;
+        float b = 0.0f;
+        if (j < n && bias_kind != BIAS_NONE) {
+            if (bias_kind == BIAS_F32) b = static_cast<const float*>(bias)[j];
+            else if (bias_kind == BIAS_SAME) b = to_float(static_cast<const T*>(bias)[j]);
+        }
+#pragma unroll
+        for (int i = 0; i < GEMV_MAX_M; ++i) {
+            // `i < m` is the same in every lane, so the whole warp takes part in the shuffle.
+            if (i < m) {
+                const float sum = warp_sum(acc[r][i]);
+                if (lane == 0 && j < n) out[static_cast<size_t>(i) * n + j] = from_float<T>(sum + b);
+            }
+        }
+    }
+}
+
+#define GEMV_KERNEL(suffix, T)                                                                  \
+    extern "C" __global__ void gemv_##suffix(const T* __restrict__ x, const T* __restrict__ w,  \
+                                             const void* __restrict__ bias, int bias_kind,      \
+                                             T* __restrict__ out, unsigned m, unsigned n,       \
+                                             unsigned k) {                                      \
+        gemv_kernel<T>(x, w, bias, bias_kind, out, m, n, k);                                    \
+    }
+PAGODA_FOR_EACH_FLOAT(GEMV_KERNEL)
+#undef GEMV_KERNEL
