@@ -26,14 +26,14 @@ constexpr int GEMV_BATCH = 4;
 
 // One 16-byte step of the vectorized loop: the GEMV_ROWS weight words `raw` (elements c ..
 // c + Pack<T>::N of each row) against the same columns of every row of x.
-template <typename T>
-__device__ __forceinline__ void gemv_step(const T* __restrict__ x, const uint4 (&raw)[GEMV_ROWS],
+template <typename T, int ROWS = GEMV_ROWS>
+__device__ __forceinline__ void gemv_step(const T* __restrict__ x, const uint4 (&raw)[ROWS],
                                           unsigned c, unsigned m, unsigned k,
-                                          float (&acc)[GEMV_ROWS][GEMV_MAX_M]) {
+                                          float (&acc)[ROWS][GEMV_MAX_M]) {
     constexpr int P = Pack<T>::N;
-    float wv[GEMV_ROWS][P];
+    float wv[ROWS][P];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r) {
+    for (int r = 0; r < ROWS; ++r) {
         const T* elems = reinterpret_cast<const T*>(&raw[r]);
 #pragma unroll
         for (int e = 0; e < P; ++e) wv[r][e] = to_float(elems[e]);
@@ -44,7 +44,7 @@ __device__ __forceinline__ void gemv_step(const T* __restrict__ x, const uint4 (
             float xv[P];
             load_pack(x + static_cast<size_t>(i) * k + c, xv);
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; ++r)
+            for (int r = 0; r < ROWS; ++r)
 #pragma unroll
                 for (int e = 0; e < P; ++e) acc[r][i] = fmaf(wv[r][e], xv[e], acc[r][i]);
         }
@@ -140,6 +140,117 @@ __device__ __forceinline__ void gemv_kernel(const T* __restrict__ x, const T* __
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The block-split form: a block of whole warps owns ROWS weight rows and every thread of the block
+// strides over k, so a narrow layer (n = 1024) still fills every SM with loads, and each thread
+// requests BATCH x ROWS 16-byte words before its first multiply. Weights are read with
+// `ld.global.nc.L1::no_allocate` when STREAM: read-only for the kernel's life and used once, they
+// should not evict x from L1. The partial sums meet in shared memory once, at the end.
+// ---------------------------------------------------------------------------------------------
+
+// The most warps of a block-split launch (the launcher uses at most 256 threads).
+constexpr int GEMV_MAX_WARPS = 8;
+
+template <bool STREAM>
+__device__ __forceinline__ uint4 load_weights(const void* p) {
+    if constexpr (STREAM) {
+        uint4 v;
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+            : "l"(p));
+        return v;
+    } else {
+        return *reinterpret_cast<const uint4*>(p);
+    }
+}
+
+template <typename T, int ROWS, int BATCH, bool STREAM>
+__device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                  const void* __restrict__ bias, int bias_kind,
+                                                  T* __restrict__ out, unsigned m, unsigned n,
+                                                  unsigned k) {
+    __shared__ float partial[GEMV_MAX_WARPS][ROWS * GEMV_MAX_M];
+    const unsigned tid = threadIdx.x;
+    const unsigned threads = blockDim.x;
+    const unsigned lane = tid & 31;
+    const unsigned warp = tid >> 5;
+    const unsigned row0 = blockIdx.x * ROWS;
+
+    // Rows past n (the last block of an n that ROWS does not divide) re-read row n - 1 and are
+    // not written.
+    const T* w_rows[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) w_rows[r] = w + static_cast<size_t>(min(row0 + r, n - 1)) * k;
+
+    float acc[ROWS][GEMV_MAX_M];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int i = 0; i < GEMV_MAX_M; ++i) acc[r][i] = 0.0f;
+
+    constexpr int P = Pack<T>::N;
+    const bool vectorized = (k % P == 0) && is_aligned16(x) && is_aligned16(w);
+    if (vectorized) {
+        const unsigned words = k / P;
+        for (unsigned c = tid; c < words; c += BATCH * threads) {
+            // Loads past the row's end are skipped (their words are never used), so the
+            // whole batch, the last one included, is requested before any multiply.
+            uint4 raw[BATCH][ROWS];
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                const unsigned word = c + u * threads;
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+                    raw[u][r] = word < words
+                                    ? load_weights<STREAM>(w_rows[r] + static_cast<size_t>(word) * P)
+                                    : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                const unsigned word = c + u * threads;
+                if (word < words) gemv_step<T, ROWS>(x, raw[u], word * P, m, k, acc);
+            }
+        }
+    } else {
+        for (unsigned c = tid; c < k; c += threads) {
+            float wv[ROWS];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) wv[r] = to_float(w_rows[r][c]);
+#pragma unroll
+            for (int i = 0; i < GEMV_MAX_M; ++i) {
+                if (i < m) {
+                    const float xv = to_float(x[static_cast<size_t>(i) * k + c]);
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) acc[r][i] = fmaf(wv[r], xv, acc[r][i]);
+                }
+            }
+        }
+    }
+
+    // `i < m` is the same in every lane, so whole warps take part in each shuffle.
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int i = 0; i < GEMV_MAX_M; ++i)
+            if (i < m) {
+                const float sum = warp_sum(acc[r][i]);
+                if (lane == 0) partial[warp][r * GEMV_MAX_M + i] = sum;
+            }
+    __syncthreads();
+    if (tid < ROWS * m) {
+        const unsigned r = tid / m;
+        const unsigned i = tid % m;
+        const unsigned j = row0 + r;
+        if (j < n) {
+            float sum = 0.0f;
+            for (unsigned v = 0; v < threads / 32; ++v) sum += partial[v][r * GEMV_MAX_M + i];
+            if (bias_kind == BIAS_F32) sum += static_cast<const float*>(bias)[j];
+            else if (bias_kind == BIAS_SAME) sum += to_float(static_cast<const T*>(bias)[j]);
+            out[static_cast<size_t>(i) * n + j] = from_float<T>(sum);
+        }
+    }
+}
+
 #define GEMV_KERNEL(suffix, T)                                                                  \
     extern "C" __global__ void gemv_##suffix(const T* __restrict__ x, const T* __restrict__ w,  \
                                              const void* __restrict__ bias, int bias_kind,      \
@@ -149,3 +260,21 @@ __device__ __forceinline__ void gemv_kernel(const T* __restrict__ x, const T* __
     }
 PAGODA_FOR_EACH_FLOAT(GEMV_KERNEL)
 #undef GEMV_KERNEL
+
+#define GEMV_SPLIT_KERNEL(name, ROWS, BATCH, STREAM, suffix, T)                                 \
+    extern "C" __global__ void name##_##suffix(const T* __restrict__ x, const T* __restrict__ w, \
+                                               const void* __restrict__ bias, int bias_kind,     \
+                                               T* __restrict__ out, unsigned m, unsigned n,      \
+                                               unsigned k) {                                     \
+        gemv_split_kernel<T, ROWS, BATCH, STREAM>(x, w, bias, bias_kind, out, m, n, k);          \
+    }
+#define GEMV_SPLIT_R2(suffix, T) GEMV_SPLIT_KERNEL(gemv_split_r2, 2, 4, true, suffix, T)
+#define GEMV_SPLIT_R4(suffix, T) GEMV_SPLIT_KERNEL(gemv_split_r4, 4, 2, true, suffix, T)
+#define GEMV_SPLIT_R4_PLAIN(suffix, T) GEMV_SPLIT_KERNEL(gemv_split_r4_plain, 4, 2, false, suffix, T)
+PAGODA_FOR_EACH_FLOAT(GEMV_SPLIT_R2)
+PAGODA_FOR_EACH_FLOAT(GEMV_SPLIT_R4)
+PAGODA_FOR_EACH_FLOAT(GEMV_SPLIT_R4_PLAIN)
+#undef GEMV_SPLIT_R2
+#undef GEMV_SPLIT_R4
+#undef GEMV_SPLIT_R4_PLAIN
+#undef GEMV_SPLIT_KERNEL

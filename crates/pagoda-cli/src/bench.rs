@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use pagoda_kernels::ops;
 use pagoda_kv::{BlockTable, KvCache, KvCacheConfig};
-use pagoda_models::{Batch, BatchSequence, LoadOptions, Model, load_model};
+use pagoda_models::{Batch, LoadOptions, Model, load_model};
 use pagoda_tensor::{CudaDevice, DType, Device};
 use rand::{RngExt, SeedableRng};
 
@@ -146,28 +146,8 @@ fn step(
     table: &mut BlockTable,
     tokens: &[u32],
 ) -> Result<u32, BoxError> {
-    let start = table.num_tokens();
     table.append(tokens.len(), kv.allocator())?;
-    let positions = (start..start + tokens.len()).map(|p| p as u32).collect();
-    let slots = (start..start + tokens.len())
-        .map(|p| {
-            table
-                .slot(p)
-                .ok_or("no slot for a position the table holds")
-        })
-        .collect::<Result<Vec<u32>, _>>()?;
-    let batch = Batch {
-        tokens: tokens.to_vec(),
-        positions,
-        slots,
-        sequences: vec![BatchSequence {
-            query_start: 0,
-            query_len: tokens.len(),
-            context_len: table.num_tokens(),
-            block_table: table.block_ids_u32(),
-        }],
-        logits_rows: vec![tokens.len() - 1],
-    };
+    let batch = Batch::last_of_sequence(tokens, table)?;
     let logits = model.forward(&batch, kv)?;
     let ids = ops::argmax(&logits)?.to_vec::<u32>()?;
     ids.first()

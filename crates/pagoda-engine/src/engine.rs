@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use pagoda_kernels::cpu::sampling::Sampler;
 use pagoda_kv::{BlockTable, KvCache, KvCacheConfig};
-use pagoda_models::{Batch, BatchSequence, CheckpointFormat, LoadOptions, Model, load_model};
+use pagoda_models::{Batch, CheckpointFormat, LoadOptions, Model, load_model};
 use pagoda_tensor::gguf::GgufFile;
 use pagoda_tensor::{DType, Device};
 
@@ -284,28 +284,8 @@ impl Engine {
 
     /// Appends `tokens` to the sequence of `table` and returns the logits of the last one.
     fn forward(&mut self, tokens: &[u32], table: &mut BlockTable) -> Result<pagoda_tensor::Tensor> {
-        let start = table.num_tokens();
         table.append(tokens.len(), self.kv.allocator())?;
-        let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
-        let slots = (start..start + tokens.len())
-            .map(|p| {
-                table
-                    .slot(p)
-                    .ok_or_else(|| Error::Internal(format!("no KV slot for position {p}")))
-            })
-            .collect::<Result<Vec<u32>>>()?;
-        let batch = Batch {
-            tokens: tokens.to_vec(),
-            positions,
-            slots,
-            sequences: vec![BatchSequence {
-                query_start: 0,
-                query_len: tokens.len(),
-                context_len: table.num_tokens(),
-                block_table: table.block_ids_u32(),
-            }],
-            logits_rows: vec![tokens.len() - 1],
-        };
+        let batch = Batch::last_of_sequence(tokens, table)?;
         Ok(self.model.forward(&batch, &mut self.kv)?)
     }
 }

@@ -1,3 +1,5 @@
+use pagoda_kv::BlockTable;
+
 use crate::{Error, Result};
 
 /// One sequence's part of a flat batch.
@@ -27,6 +29,40 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The batch that runs one sequence's newest `tokens`, which `table` already holds (they are
+    /// its last `tokens.len()` positions), asking for the logits of the last one.
+    pub fn last_of_sequence(tokens: &[u32], table: &BlockTable) -> Result<Self> {
+        let end = table.num_tokens();
+        let start = end
+            .checked_sub(tokens.len())
+            .filter(|_| !tokens.is_empty())
+            .ok_or_else(|| {
+                Error::Batch(format!(
+                    "{} new tokens for a sequence of {end} tokens",
+                    tokens.len()
+                ))
+            })?;
+        let slots = (start..end)
+            .map(|p| {
+                table
+                    .slot(p)
+                    .ok_or_else(|| Error::Batch(format!("no KV slot for position {p}")))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        Ok(Self {
+            tokens: tokens.to_vec(),
+            positions: (start..end).map(|p| p as u32).collect(),
+            slots,
+            sequences: vec![BatchSequence {
+                query_start: 0,
+                query_len: tokens.len(),
+                context_len: end,
+                block_table: table.block_ids_u32(),
+            }],
+            logits_rows: vec![tokens.len() - 1],
+        })
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.tokens.len()
     }

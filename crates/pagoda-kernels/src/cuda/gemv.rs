@@ -3,7 +3,6 @@
 //! [`MAX_ROWS`] rows here: they are bound by reading the weights once, and one kernel launch
 //! costs the host far less than a cuBLAS call.
 
-use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
 use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, DType, Tensor};
 
@@ -17,13 +16,15 @@ use crate::{Error, Result};
 /// The most rows of `x` the kernel takes (`GEMV_MAX_M` in gemv.cu).
 pub(crate) const MAX_ROWS: usize = 8;
 
-/// Output columns (weight rows) per warp (`GEMV_ROWS` in gemv.cu).
-const ROWS_PER_WARP: usize = 2;
+/// Weight rows (output columns) per block: `ROWS` of the `gemv_split_r4` kernels.
+const ROWS_PER_BLOCK: usize = 4;
 
-/// Warps per block, tried from the largest: the first that still gives every SM this many
-/// blocks is used, so narrow outputs (a GQA K/V projection) spread over the whole GPU.
-const WARPS_PER_BLOCK: [usize; 3] = [8, 4, 2];
-const BLOCKS_PER_SM: usize = 2;
+/// 16-byte weight words per row from which a block of [`WIDE_THREADS`] rather than
+/// [`NARROW_THREADS`] threads strides over k: each thread should keep a few words of every row in
+/// flight, and the narrow block keeps more blocks resident per SM for short rows.
+const WIDE_ROW_WORDS: usize = 1024;
+const NARROW_THREADS: u32 = 128;
+const WIDE_THREADS: u32 = 256;
 
 /// `bias_kind` values of the kernel.
 const BIAS_NONE: i32 = 0;
@@ -63,7 +64,7 @@ pub(crate) fn gemv(
             }
         }
     };
-    let name = kernel_name(op, "gemv", dtype)?;
+    let name = kernel_name(op, "gemv_split_r4", dtype)?;
     let kernel = function(device, KernelModule::Gemv, &name)?;
     let x_view = device_view(op, "x", x)?;
     let w_view = device_view(op, "w", w)?;
@@ -74,21 +75,17 @@ pub(crate) fn gemv(
         arg_u32(op, "k", k)?,
     );
 
-    let warps_needed = n.div_ceil(ROWS_PER_WARP);
-    let sms = device
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(|e| Error::cuda(op, format!("querying the SM count: {e}")))?;
-    let target_blocks = usize::try_from(sms).unwrap_or(1).max(1) * BLOCKS_PER_SM;
-    let warps = WARPS_PER_BLOCK
-        .into_iter()
-        .find(|&w| warps_needed.div_ceil(w) >= target_blocks)
-        .unwrap_or(WARPS_PER_BLOCK[WARPS_PER_BLOCK.len() - 1]);
-    let blocks = arg_u32(op, "blocks", warps_needed.div_ceil(warps))?;
+    // Words of one weight row; a k that is no whole number of words runs the scalar loop,
+    // for which the same geometry serves.
+    let row_words = k * dtype.size_in_bytes() / 16;
+    let threads = if row_words >= WIDE_ROW_WORDS {
+        WIDE_THREADS
+    } else {
+        NARROW_THREADS
+    };
     let config = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        // At most 8 warps of 32 threads.
-        block_dim: ((warps * 32) as u32, 1, 1),
+        grid_dim: (arg_u32(op, "blocks", n.div_ceil(ROWS_PER_BLOCK))?, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
 
@@ -110,7 +107,7 @@ pub(crate) fn gemv(
     // SAFETY: the arguments match gemv.cu's (x, w, bias, bias_kind, out, m, n, k); x holds
     // m x k, w n x k and out m x n elements of `dtype`, the bias n elements of the kind
     // `bias_kind` names (or is unread), as checked here and by the caller; the grid covers the n
-    // output columns at ROWS_PER_WARP per warp.
+    // output columns at ROWS_PER_BLOCK per block of at most 256 threads (GEMV_MAX_WARPS).
     unsafe { launch.launch(config) }.map_err(|e| launch_error(op, &name, e))?;
     into_tensor(out, dims)
 }
