@@ -6,16 +6,17 @@ use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, GptNeoxConfig};
-use crate::layers::{Embedding, ForwardContext, Linear, Norm, PagedSelfAttention};
+use crate::layers::{
+    Embedding, ForwardContext, FusedLinear, Linear, Norm, PagedSelfAttention, three,
+};
 use crate::weights::WeightLoader;
 use crate::{Batch, Model, ModelInfo, Result};
 
 struct Layer {
     input_layernorm: Norm,
     post_attention_layernorm: Norm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `query_key_value`, with its rows regrouped as `[q; k; v]`.
+    qkv_proj: FusedLinear,
     dense: Linear,
     dense_h_to_4h: Linear,
     dense_4h_to_h: Linear,
@@ -42,7 +43,7 @@ impl GptNeox {
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let p = format!("gpt_neox.layers.{i}");
-                let [q_proj, k_proj, v_proj] =
+                let qkv_proj =
                     split_query_key_value(loader, c, &format!("{p}.attention.query_key_value"))?;
                 Ok(Layer {
                     input_layernorm: Norm::layer_norm(
@@ -57,9 +58,7 @@ impl GptNeox {
                         hidden,
                         eps,
                     )?,
-                    q_proj,
-                    k_proj,
-                    v_proj,
+                    qkv_proj,
                     dense: Linear::load(
                         loader,
                         &format!("{p}.attention.dense"),
@@ -137,40 +136,36 @@ impl GptNeox {
 }
 
 /// GPT-NeoX's fused projection lays its output rows out per head as `[q | k | v]` (each
-/// `head_dim` rows), not as three blocks; it is split here into three projections so that Q, K
-/// and V come out contiguous, as the attention kernels read them.
+/// `head_dim` rows); they are regrouped here as `[all q; all k; all v]` so that Q, K and V come out
+/// as contiguous blocks, as the attention kernels read them.
 fn split_query_key_value(
     loader: &WeightLoader<'_>,
     c: &GptNeoxConfig,
     prefix: &str,
-) -> Result<[Linear; 3]> {
+) -> Result<FusedLinear> {
     let (hidden, heads, head_dim) = (c.hidden_size, c.num_attention_heads, c.head_dim());
     let weight = loader
         .raw_matrix(&format!("{prefix}.weight"), 3 * hidden, hidden)?
-        .reshape([heads, 3, head_dim, hidden])?;
+        .reshape([heads, 3, head_dim, hidden])?
+        .permute(&[1, 0, 2, 3])?
+        .contiguous()?
+        .reshape([3 * hidden, hidden])?;
     let bias = if c.attention_bias {
-        Some(
-            loader
-                .raw_vector(&format!("{prefix}.bias"), 3 * hidden)?
-                .reshape([heads, 3, head_dim])?,
-        )
+        let bias = loader
+            .raw_vector(&format!("{prefix}.bias"), 3 * hidden)?
+            .reshape([heads, 3, head_dim])?
+            .permute(&[1, 0, 2])?
+            .contiguous()?
+            .reshape([3 * hidden])?;
+        Some(loader.place_vector(bias)?)
     } else {
         None
     };
-    let part = |i: usize| -> Result<Linear> {
-        let w = weight
-            .narrow(1, i, 1)?
-            .contiguous()?
-            .reshape([hidden, hidden])?;
-        let b = match &bias {
-            Some(b) => {
-                Some(loader.place_vector(b.narrow(1, i, 1)?.contiguous()?.reshape([hidden])?)?)
-            }
-            None => None,
-        };
-        Ok(Linear::new(loader.place_matrix(w)?, b))
-    };
-    Ok([part(0)?, part(1)?, part(2)?])
+    Ok(FusedLinear::new(
+        loader.place_matrix(weight)?,
+        bias,
+        vec![hidden; 3],
+    ))
 }
 
 impl Model for GptNeox {
@@ -188,14 +183,8 @@ impl Model for GptNeox {
             let x = layer
                 .input_layernorm
                 .add_forward(pending.take(), &mut residual)?;
-            let attn = self.attention.forward(
-                i,
-                layer.q_proj.forward(&x)?,
-                layer.k_proj.forward(&x)?,
-                layer.v_proj.forward(&x)?,
-                &ctx,
-                kv,
-            )?;
+            let [q, k, v] = three(layer.qkv_proj.forward(&x)?)?;
+            let attn = self.attention.forward(i, q, k, v, &ctx, kv)?;
             let attn = layer.dense.forward(&attn)?;
             if self.config.use_parallel_residual {
                 // x + attn(ln1(x)) + mlp(ln2(x))

@@ -5,7 +5,7 @@ use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cpu::rope::RopeTable;
 use pagoda_kernels::ops::{self, AttentionLayout, LayerKv, NormWeights, Rope, SequenceRows};
 use pagoda_kv::KvCache;
-use pagoda_tensor::{Device, Tensor};
+use pagoda_tensor::{DType, Device, Tensor};
 
 use crate::weights::WeightLoader;
 use crate::{Batch, Error, ModelInfo, Result};
@@ -39,6 +39,112 @@ impl Linear {
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::linear(x, &self.weight, self.bias.as_ref())?)
+    }
+}
+
+/// Several projections of the same input stored as one matrix, `[out_1 + out_2 + .., in]`.
+///
+/// A single row (a decode step) runs one product over the whole matrix and takes each part as a
+/// view of the output row, which is contiguous: one launch instead of several, and one longer
+/// stream of weights. More rows run one product per part over row ranges of the same matrix, so
+/// every part comes out contiguous as the kernels that follow read it.
+pub(crate) struct FusedLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    widths: Vec<usize>,
+}
+
+impl FusedLinear {
+    /// Loads `{prefix}.{part}.weight` (and `.bias`) for each `(part, out_features)`.
+    pub(crate) fn load(
+        loader: &WeightLoader<'_>,
+        prefix: &str,
+        parts: &[(&str, usize)],
+        in_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weights = parts
+            .iter()
+            .map(|(part, out)| {
+                loader.raw_matrix(&format!("{prefix}.{part}.weight"), *out, in_features)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let biases = if bias {
+            let biases = parts
+                .iter()
+                .map(|(part, out)| loader.raw_vector(&format!("{prefix}.{part}.bias"), *out))
+                .collect::<Result<Vec<_>>>()?;
+            Some(loader.place_vector(concat_rows(&biases)?)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight: loader.place_matrix(concat_rows(&weights)?)?,
+            bias: biases,
+            widths: parts.iter().map(|(_, out)| *out).collect(),
+        })
+    }
+
+    /// A fused matrix already in `[part 1; part 2; ..]` row order.
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>, widths: Vec<usize>) -> Self {
+        Self {
+            weight,
+            bias,
+            widths,
+        }
+    }
+
+    /// `x` `[rows, in]` through every part: one `[rows, out_i]` tensor per part.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let rows = x.dims()[0];
+        let mut parts = Vec::with_capacity(self.widths.len());
+        let mut start = 0;
+        if rows == 1 {
+            let out = ops::linear(x, &self.weight, self.bias.as_ref())?;
+            for &width in &self.widths {
+                parts.push(out.narrow(1, start, width)?);
+                start += width;
+            }
+        } else {
+            for &width in &self.widths {
+                let weight = self.weight.narrow(0, start, width)?;
+                let bias = self
+                    .bias
+                    .as_ref()
+                    .map(|b| b.narrow(0, start, width))
+                    .transpose()?;
+                parts.push(ops::linear(x, &weight, bias.as_ref())?);
+                start += width;
+            }
+        }
+        Ok(parts)
+    }
+}
+
+/// The three parts of a fused Q/K/V projection.
+pub(crate) fn three(parts: Vec<Tensor>) -> Result<[Tensor; 3]> {
+    <[Tensor; 3]>::try_from(parts)
+        .map_err(|parts| Error::Batch(format!("expected Q, K and V, got {} parts", parts.len())))
+}
+
+/// Stacks matrices (or vectors) of one dtype along their first dimension, on the CPU.
+fn concat_rows(parts: &[Tensor]) -> Result<Tensor> {
+    fn stack<T: pagoda_tensor::Element>(parts: &[Tensor]) -> Result<Tensor> {
+        let mut dims = parts[0].dims().to_vec();
+        dims[0] = parts.iter().map(|p| p.dims()[0]).sum();
+        let mut values = Vec::with_capacity(dims.iter().product());
+        for part in parts {
+            values.extend(part.to_vec::<T>()?);
+        }
+        Ok(Tensor::from_vec(values, dims)?)
+    }
+    match parts.first().map(Tensor::dtype) {
+        Some(DType::F32) => stack::<f32>(parts),
+        Some(DType::F16) => stack::<half::f16>(parts),
+        Some(DType::BF16) => stack::<half::bf16>(parts),
+        other => Err(Error::Batch(format!(
+            "cannot stack weights of dtype {other:?}"
+        ))),
     }
 }
 
@@ -205,10 +311,8 @@ impl PagedSelfAttention {
         kv: &mut KvCache,
     ) -> Result<Tensor> {
         let tokens = q.dims()[0];
-        let mut q = reshaped(q, &[tokens, self.num_heads, self.head_dim])?;
         let k = reshaped(k, &[tokens, self.num_kv_heads, self.head_dim])?;
         let v = reshaped(v, &[tokens, self.num_kv_heads, self.head_dim])?;
-        ops::apply_rope(&mut q, &ctx.positions, &self.rope)?;
         let pages = kv.layer_mut(layer);
         ops::rope_write_kv(
             &k,
@@ -221,6 +325,11 @@ impl PagedSelfAttention {
                 v_pages: &mut pages.v,
             },
         )?;
+        // Q may be a view of a fused projection's output: once K and V are gone it holds that
+        // storage alone and can be rotated in place.
+        drop((k, v));
+        let mut q = reshaped(q, &[tokens, self.num_heads, self.head_dim])?;
+        ops::apply_rope(&mut q, &ctx.positions, &self.rope)?;
         let params = AttentionParams {
             num_heads: self.num_heads,
             num_kv_heads: self.num_kv_heads,

@@ -6,19 +6,20 @@ use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, LlamaConfig};
-use crate::layers::{Embedding, ForwardContext, Linear, Norm, PagedSelfAttention};
+use crate::layers::{
+    Embedding, ForwardContext, FusedLinear, Linear, Norm, PagedSelfAttention, three,
+};
 use crate::weights::WeightLoader;
 use crate::{Batch, Error, Model, ModelInfo, Result};
 
 struct Layer {
     input_layernorm: Norm,
     post_attention_layernorm: Norm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj`, fused.
+    qkv_proj: FusedLinear,
     o_proj: Linear,
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `gate_proj` and `up_proj`, fused.
+    gate_up_proj: FusedLinear,
     down_proj: Linear,
 }
 
@@ -76,12 +77,28 @@ impl Llama {
                         hidden,
                         eps,
                     )?,
-                    q_proj: attn("q_proj", q_width, hidden)?,
-                    k_proj: attn("k_proj", kv_width, hidden)?,
-                    v_proj: attn("v_proj", kv_width, hidden)?,
+                    qkv_proj: FusedLinear::load(
+                        loader,
+                        &format!("{p}.self_attn"),
+                        &[
+                            ("q_proj", q_width),
+                            ("k_proj", kv_width),
+                            ("v_proj", kv_width),
+                        ],
+                        hidden,
+                        c.attention_bias,
+                    )?,
                     o_proj: attn("o_proj", hidden, q_width)?,
-                    gate_proj: mlp("gate_proj", c.intermediate_size, hidden)?,
-                    up_proj: mlp("up_proj", c.intermediate_size, hidden)?,
+                    gate_up_proj: FusedLinear::load(
+                        loader,
+                        &format!("{p}.mlp"),
+                        &[
+                            ("gate_proj", c.intermediate_size),
+                            ("up_proj", c.intermediate_size),
+                        ],
+                        hidden,
+                        c.mlp_bias,
+                    )?,
                     down_proj: mlp("down_proj", hidden, c.intermediate_size)?,
                 })
             })
@@ -146,19 +163,13 @@ impl Model for Llama {
             let x = layer
                 .input_layernorm
                 .add_forward(pending.take(), &mut residual)?;
-            let attn = self.attention.forward(
-                i,
-                layer.q_proj.forward(&x)?,
-                layer.k_proj.forward(&x)?,
-                layer.v_proj.forward(&x)?,
-                &ctx,
-                kv,
-            )?;
+            let [q, k, v] = three(layer.qkv_proj.forward(&x)?)?;
+            let attn = self.attention.forward(i, q, k, v, &ctx, kv)?;
             let x = layer
                 .post_attention_layernorm
                 .add_forward(Some(layer.o_proj.forward(&attn)?), &mut residual)?;
-            let act =
-                ops::silu_and_mul(&layer.gate_proj.forward(&x)?, &layer.up_proj.forward(&x)?)?;
+            let gate_up = layer.gate_up_proj.forward(&x)?;
+            let act = ops::silu_and_mul(&gate_up[0], &gate_up[1])?;
             pending = Some(layer.down_proj.forward(&act)?);
         }
         let hidden = self.norm.add_forward(pending, &mut residual)?;

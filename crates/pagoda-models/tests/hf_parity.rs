@@ -218,6 +218,28 @@ fn check_parity(name: &str, options: &LoadOptions) {
     for table in &mut tables {
         table.free(kv.allocator()).unwrap();
     }
+
+    // One sequence alone: its decode steps are single rows, which run the fused projections as
+    // one product (a batch of several rows runs them part by part).
+    let prompt = &reference.prompts[1];
+    let mut table = BlockTable::new(BLOCK_SIZE);
+    let mut next = prompt.input_ids.clone();
+    let mut alone = Vec::new();
+    while alone.len() < prompt.greedy.len() {
+        let batch = batch_of(&[&next], std::slice::from_mut(&mut table), &mut kv, false);
+        let logits = model
+            .forward(&batch, &mut kv)
+            .expect("decode alone")
+            .to_vec_f32()
+            .unwrap();
+        next = vec![argmax(&logits)];
+        alone.push(next[0]);
+    }
+    assert_eq!(
+        alone, prompt.greedy,
+        "{name}: greedy tokens of a sequence decoded alone"
+    );
+    table.free(kv.allocator()).unwrap();
     assert_eq!(kv.allocator_ref().num_free(), 256, "every block returned");
 }
 
