@@ -169,7 +169,7 @@ struct Form {
     per_warp: bool,
 }
 
-const FORMS: [Form; 7] = [
+const FORMS: [Form; 3] = [
     Form {
         kernel: "gemv",
         rows: 2,
@@ -177,38 +177,14 @@ const FORMS: [Form; 7] = [
         per_warp: true,
     },
     Form {
-        kernel: "gemv_split_r2",
+        kernel: "gemv_split",
         rows: 2,
         threads: 128,
         per_warp: false,
     },
     Form {
-        kernel: "gemv_split_r2",
+        kernel: "gemv_split",
         rows: 2,
-        threads: 256,
-        per_warp: false,
-    },
-    Form {
-        kernel: "gemv_split_r4",
-        rows: 4,
-        threads: 128,
-        per_warp: false,
-    },
-    Form {
-        kernel: "gemv_split_r4",
-        rows: 4,
-        threads: 256,
-        per_warp: false,
-    },
-    Form {
-        kernel: "gemv_split_r4_plain",
-        rows: 4,
-        threads: 128,
-        per_warp: false,
-    },
-    Form {
-        kernel: "gemv_split_r4_plain",
-        rows: 4,
         threads: 256,
         per_warp: false,
     },

@@ -162,6 +162,35 @@ fn decode_sized_llama_layers_match_the_cpu_oracle() {
     }
 }
 
+/// Rows enough that the launcher picks the warp-per-row form (a full wave of warps at two rows
+/// per warp on any GPU of up to 312 SMs), odd so that the last warp has a row past n.
+const LM_HEAD_ROWS: usize = 40_003;
+
+#[test]
+fn lm_head_sized_outputs_match_the_cpu_oracle() {
+    let Some(device) = common::gpu_or_skip("lm_head_sized_outputs_match_the_cpu_oracle") else {
+        return;
+    };
+    let mut rng = TestRng::new("lm_head_sized_outputs_match_the_cpu_oracle");
+    let n = LM_HEAD_ROWS;
+    // k = 64 takes the vectorized loop, k = 67 the scalar one.
+    for k in [64, 67] {
+        for dtype in FLOAT_DTYPES {
+            let (w, w_host) = common::random_tensor(&mut rng, &[n, k], dtype, 1.0, &device);
+            for m in [1, 5] {
+                let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
+                let (b, b_host) = common::random_tensor(&mut rng, &[n], dtype, 1.0, &device);
+                let shape = (m, k, n);
+                let what = format!("linear {dtype} {shape:?}");
+                check(&device, &what, (&x, &x_host), (&w, &w_host), None, shape);
+                let what = format!("linear {dtype} + {dtype} bias {shape:?}");
+                let bias = Some((&b, &b_host[..]));
+                check(&device, &what, (&x, &x_host), (&w, &w_host), bias, shape);
+            }
+        }
+    }
+}
+
 #[test]
 fn a_bias_of_the_wrong_length_or_dtype_is_an_error() {
     let Some(device) = common::gpu_or_skip("a_bias_of_the_wrong_length_or_dtype_is_an_error")

@@ -3,6 +3,7 @@
 //! [`MAX_ROWS`] rows here: they are bound by reading the weights once, and one kernel launch
 //! costs the host far less than a cuBLAS call.
 
+use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
 use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, DType, Tensor};
 
@@ -16,15 +17,17 @@ use crate::{Error, Result};
 /// The most rows of `x` the kernel takes (`GEMV_MAX_M` in gemv.cu).
 pub(crate) const MAX_ROWS: usize = 8;
 
-/// Weight rows (output columns) per block: `ROWS` of the `gemv_split_r4` kernels.
-const ROWS_PER_BLOCK: usize = 4;
-
-/// 16-byte weight words per row from which a block of [`WIDE_THREADS`] rather than
-/// [`NARROW_THREADS`] threads strides over k: each thread should keep a few words of every row in
-/// flight, and the narrow block keeps more blocks resident per SM for short rows.
-const WIDE_ROW_WORDS: usize = 1024;
-const NARROW_THREADS: u32 = 128;
-const WIDE_THREADS: u32 = 256;
+/// Output columns (weight rows) per warp of `gemv_*` (`GEMV_ROWS` in gemv.cu).
+const ROWS_PER_WARP: usize = 2;
+/// Output columns per block of `gemv_split_*` (`GEMV_SPLIT_ROWS` in gemv.cu).
+const ROWS_PER_SPLIT_BLOCK: usize = 2;
+/// Warps an SM holds at once on Hopper (and every architecture since Volta but Turing's 32).
+const WARPS_PER_SM: usize = 64;
+/// Threads per block of either form. On an H200 (`benches/cuda_gemv.rs`) 8 warps per block
+/// suits the warp-per-row form on the lm head, and 4 the split form on every layer shape, which
+/// then keeps up to 16 blocks resident per SM.
+const WARP_FORM_THREADS: u32 = 256;
+const SPLIT_FORM_THREADS: u32 = 128;
 
 /// `bias_kind` values of the kernel.
 const BIAS_NONE: i32 = 0;
@@ -64,8 +67,6 @@ pub(crate) fn gemv(
             }
         }
     };
-    let name = kernel_name(op, "gemv_split_r4", dtype)?;
-    let kernel = function(device, KernelModule::Gemv, &name)?;
     let x_view = device_view(op, "x", x)?;
     let w_view = device_view(op, "w", w)?;
     let bias_view = bias.map(|b| device_view(op, "bias", b)).transpose()?;
@@ -75,16 +76,28 @@ pub(crate) fn gemv(
         arg_u32(op, "k", k)?,
     );
 
-    // Words of one weight row; a k that is no whole number of words runs the scalar loop,
-    // for which the same geometry serves.
-    let row_words = k * dtype.size_in_bytes() / 16;
-    let threads = if row_words >= WIDE_ROW_WORDS {
-        WIDE_THREADS
+    // One warp per ROWS_PER_WARP rows only when that fills every SM with warps at least once;
+    // narrower layers (every projection but the lm head) run the block-split form, whose blocks
+    // split k among their warps so that n / 2 blocks still keep the whole GPU loading.
+    let sms = device
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| Error::cuda(op, format!("querying the SM count: {e}")))?;
+    let sms = usize::try_from(sms).unwrap_or(1).max(1);
+    let (form, blocks, threads) = if n.div_ceil(ROWS_PER_WARP) >= sms * WARPS_PER_SM {
+        let rows_per_block = ROWS_PER_WARP * WARP_FORM_THREADS as usize / 32;
+        ("gemv", n.div_ceil(rows_per_block), WARP_FORM_THREADS)
     } else {
-        NARROW_THREADS
+        (
+            "gemv_split",
+            n.div_ceil(ROWS_PER_SPLIT_BLOCK),
+            SPLIT_FORM_THREADS,
+        )
     };
+    let name = kernel_name(op, form, dtype)?;
+    let kernel = function(device, KernelModule::Gemv, &name)?;
     let config = LaunchConfig {
-        grid_dim: (arg_u32(op, "blocks", n.div_ceil(ROWS_PER_BLOCK))?, 1, 1),
+        grid_dim: (arg_u32(op, "blocks", blocks)?, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -107,7 +120,8 @@ pub(crate) fn gemv(
     // SAFETY: the arguments match gemv.cu's (x, w, bias, bias_kind, out, m, n, k); x holds
     // m x k, w n x k and out m x n elements of `dtype`, the bias n elements of the kind
     // `bias_kind` names (or is unread), as checked here and by the caller; the grid covers the n
-    // output columns at ROWS_PER_BLOCK per block of at most 256 threads (GEMV_MAX_WARPS).
+    // output columns at the form's rows per warp or per block, with at most 256 threads
+    // (GEMV_MAX_WARPS of the split form).
     unsafe { launch.launch(config) }.map_err(|e| launch_error(op, &name, e))?;
     into_tensor(out, dims)
 }
