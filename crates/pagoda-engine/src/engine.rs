@@ -19,6 +19,11 @@ use crate::{Error, Result};
 /// little of a block goes unused, large enough that block tables stay short.
 const DEFAULT_BLOCK_SIZE: usize = 16;
 
+/// KV memory reserved by default, in tokens of one sequence. Models that accept 128k positions
+/// would otherwise reserve gigabytes for a context few prompts use; ask for more with
+/// [`EngineBuilder::max_context_tokens`].
+const DEFAULT_MAX_CONTEXT_TOKENS: usize = 8192;
+
 /// What to run a prompt through.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Prompt {
@@ -79,7 +84,7 @@ impl EngineBuilder {
     }
 
     /// The longest sequence (prompt + output) to reserve KV memory for; at most the model's
-    /// context, which is the default.
+    /// context. By default the model's context, capped at 8192 tokens.
     pub fn max_context_tokens(mut self, tokens: usize) -> Self {
         self.max_context_tokens = Some(tokens);
         self
@@ -111,7 +116,7 @@ impl EngineBuilder {
         let context = match self.max_context_tokens {
             Some(0) => return Err(Error::Config("max context tokens must be positive".into())),
             Some(n) => n.min(info.max_position_embeddings),
-            None => info.max_position_embeddings,
+            None => info.max_position_embeddings.min(DEFAULT_MAX_CONTEXT_TOKENS),
         };
         let kv = KvCache::new(KvCacheConfig {
             num_layers: info.num_layers,

@@ -172,7 +172,7 @@ impl Rope {
     }
 
     fn cuda(&self, op: &'static str) -> Result<&cuda::rope::CudaRopeTable> {
-        self.cuda.as_ref().ok_or_else(|| Error::Shape {
+        self.cuda.as_ref().ok_or_else(|| Error::Device {
             op,
             message: "the RoPE table was built for the CPU, the tensors are on a GPU".into(),
         })
@@ -364,7 +364,7 @@ pub fn paged_attention(
             Ok(Tensor::from_vec(out, q.dims().to_vec())?)
         }
         Device::Cuda(_) => {
-            let device_layout = layout.cuda.as_ref().ok_or_else(|| Error::Shape {
+            let device_layout = layout.cuda.as_ref().ok_or_else(|| Error::Device {
                 op: "paged_attention",
                 message: "the layout was built for the CPU, the tensors are on a GPU".into(),
             })?;
@@ -395,7 +395,7 @@ fn weights(w: &Tensor) -> Result<Weights<'_>> {
         DType::F16 => Weights::F16(w.as_slice()?),
         DType::BF16 => Weights::BF16(w.as_slice()?),
         dtype => {
-            return Err(Error::Shape {
+            return Err(Error::DType {
                 op: "linear",
                 message: format!("weights of dtype {dtype} cannot be multiplied"),
             });
