@@ -13,11 +13,14 @@ cargo build --quiet --release --manifest-path "$root/Cargo.toml" -p pagoda-cli
 pagoda="$root/target/release/pagoda"
 
 "$pagoda" generate --model "$model" --max-tokens 8 --ignore-eos "$prompt" >/dev/null 2>&1  # warm-up
-rates=()
-for _ in $(seq "$runs"); do
-  line=$("$pagoda" generate --model "$model" --max-tokens "$new_tokens" --ignore-eos "$prompt" 2>&1 >/dev/null | tail -n 1)
-  rates+=("$(sed -E 's/.*decode ([0-9.]+) tok\/s.*/\1/' <<<"$line")")
+# f32: the GGUF blocks dequantized exactly, as transformers does; f16: half the bytes per token.
+for dtype in f32 f16; do
+  rates=()
+  for _ in $(seq "$runs"); do
+    line=$("$pagoda" generate --model "$model" --dtype "$dtype" --max-tokens "$new_tokens" --ignore-eos "$prompt" 2>&1 >/dev/null | tail -n 1)
+    rates+=("$(sed -E 's/.*decode ([0-9.]+) tok\/s.*/\1/' <<<"$line")")
+  done
+  median=$(printf '%s\n' "${rates[@]}" | sort -n | sed -n "$(( (runs + 1) / 2 ))p")
+  echo "{\"engine\": \"pagoda\", \"weights\": \"$dtype\", \"new_tokens\": $new_tokens, \"runs\": [$(IFS=,; echo "${rates[*]}")], \"decode_tok_s\": $median}"
 done
-median=$(printf '%s\n' "${rates[@]}" | sort -n | sed -n "$(( (runs + 1) / 2 ))p")
-echo "{\"engine\": \"pagoda\", \"new_tokens\": $new_tokens, \"runs\": [$(IFS=,; echo "${rates[*]}")], \"decode_tok_s\": $median}"
 python3 "$root/benches/cpu_decode_llamacpp.py" --gguf "$model" --threads "$(nproc)" --new-tokens "$new_tokens" --runs "$runs"
