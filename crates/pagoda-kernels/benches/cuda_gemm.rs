@@ -5,33 +5,16 @@
 //! throughput is reported as elements = floating-point operations (2·m·n·k), so criterion's
 //! "elem/s" reads as FLOP/s. Each sample times many calls between two device synchronisations.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use pagoda_kernels::cuda;
-use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
+use pagoda_tensor::{CudaDevice, DType};
 
-fn random(dims: &[usize], dtype: DType, device: &CudaDevice) -> Tensor {
-    let len: usize = dims.iter().product();
-    let values: Vec<f32> = (0..len)
-        .map(|i| ((i * 7919) % 2048) as f32 / 1024.0 - 1.0)
-        .collect();
-    Tensor::from_slice(&values, dims.to_vec())
-        .and_then(|t| t.to_dtype(dtype))
-        .and_then(|t| t.to_device(&Device::Cuda(device.ordinal())))
-        .expect("uploading a benchmark input")
-}
-
-fn time_gpu(device: &CudaDevice, iters: u64, mut f: impl FnMut()) -> Duration {
-    device.synchronize().expect("synchronising before timing");
-    let start = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    device.synchronize().expect("synchronising after timing");
-    start.elapsed()
-}
+use common::{pattern, time_gpu};
 
 fn bench_linear(c: &mut Criterion) {
     let Ok(device) = CudaDevice::get(0) else {
@@ -47,9 +30,9 @@ fn bench_linear(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
     for (k, n) in shapes {
-        let w = random(&[n, k], dtype, &device);
+        let w = pattern(&[n, k], dtype, &device);
         for m in [1usize, 2048] {
-            let x = random(&[m, k], dtype, &device);
+            let x = pattern(&[m, k], dtype, &device);
             let throughput = if m == 1 {
                 Throughput::Bytes((n * k * dtype.size_in_bytes()) as u64)
             } else {

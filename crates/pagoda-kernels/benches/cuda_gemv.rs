@@ -9,15 +9,19 @@
 //! same run; then every form of `kernels/gemv.cu` is launched directly with its own geometry,
 //! checked against `linear`'s output and timed side by side.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use half::f16;
 use pagoda_kernels::cuda;
 use pagoda_kernels::cuda::registry::{KernelModule, function};
-use pagoda_tensor::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use pagoda_tensor::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
+use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
+use pagoda_tensor::{CudaDevice, CudaStorage, DType, Device, Tensor};
+
+use common::{device_slice, median_seconds, time_gpu};
 
 /// (k, n) of the weight matrices `[n, k]`: Llama-3.2-3B's q/o, k/v, gate/up, down and lm-head
 /// projections, then Pythia-2.8B's attention and MLP ones.
@@ -93,29 +97,6 @@ impl Layer {
     }
 }
 
-/// Times `iters` calls of `f` between device synchronisations.
-fn time_gpu(device: &CudaDevice, iters: u64, mut f: impl FnMut()) -> Duration {
-    device.synchronize().expect("synchronising before timing");
-    let start = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    device.synchronize().expect("synchronising after timing");
-    start.elapsed()
-}
-
-/// The median over `runs` samples of the time per call, each sample timing `CALLS` calls between
-/// two synchronisations (after warm-up calls), in seconds.
-fn median_seconds(device: &CudaDevice, runs: usize, mut f: impl FnMut()) -> f64 {
-    const CALLS: u64 = 20;
-    time_gpu(device, 3, &mut f);
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| time_gpu(device, CALLS, &mut f).as_secs_f64() / CALLS as f64)
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[runs / 2]
-}
-
 fn bench(c: &mut Criterion, device: &CudaDevice, layers: &mut [Layer], inputs: &[Tensor]) {
     let mut group = c.benchmark_group("cuda_gemv_f16");
     group
@@ -150,14 +131,6 @@ fn activations(device: &CudaDevice) -> Vec<Tensor> {
     ks.iter()
         .flat_map(|&k| ROWS.map(|m| values(&[m, k], 1000 + m as u64, device)))
         .collect()
-}
-
-/// The device memory of a CUDA tensor.
-fn device_slice(tensor: &Tensor) -> &CudaSlice<u8> {
-    let Storage::Cuda(storage) = tensor.storage() else {
-        panic!("{tensor:?} is not on a GPU")
-    };
-    storage.slice()
 }
 
 /// One way to run a product: a kernel of gemv.cu with its launch geometry.
@@ -235,7 +208,7 @@ fn summary(device: &CudaDevice, layers: &mut [Layer], inputs: &[Tensor]) {
     );
     for layer in layers.iter_mut() {
         for (&m, x) in ROWS.iter().zip(inputs_for(inputs, layer.k)) {
-            let seconds = median_seconds(device, RUNS, || {
+            let seconds = median_seconds(device, RUNS, 20, || {
                 let w = layer.weight();
                 drop(cuda::gemm::linear(x, w, None).expect("linear"))
             });
@@ -279,7 +252,7 @@ fn summary(device: &CudaDevice, layers: &mut [Layer], inputs: &[Tensor]) {
                 } else {
                     "MISMATCH"
                 };
-                let seconds = median_seconds(device, RUNS, || {
+                let seconds = median_seconds(device, RUNS, 20, || {
                     let w = layer.weight();
                     launch_form(device, form, x, w, &mut y)
                 });

@@ -5,39 +5,20 @@
 //! sample times many calls between two device synchronisations, so it measures the GPU's work
 //! and not only the launches.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use pagoda_kernels::cuda;
-use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
+use pagoda_tensor::{CudaDevice, DType};
+
+use common::{pattern, time_gpu};
 
 const HIDDEN: usize = 4096;
 const INTERMEDIATE: usize = 14336;
 const ROWS: [usize; 3] = [1, 64, 2048];
-
-fn random(dims: &[usize], dtype: DType, device: &CudaDevice) -> Tensor {
-    let len: usize = dims.iter().product();
-    // A cheap deterministic pattern in [-1, 1): the values do not matter for timing.
-    let values: Vec<f32> = (0..len)
-        .map(|i| ((i * 7919) % 2048) as f32 / 1024.0 - 1.0)
-        .collect();
-    Tensor::from_slice(&values, dims.to_vec())
-        .and_then(|t| t.to_dtype(dtype))
-        .and_then(|t| t.to_device(&Device::Cuda(device.ordinal())))
-        .expect("uploading a benchmark input")
-}
-
-/// Times `iters` calls of `f` between device synchronisations.
-fn time_gpu(device: &CudaDevice, iters: u64, mut f: impl FnMut()) -> Duration {
-    device.synchronize().expect("synchronising before timing");
-    let start = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    device.synchronize().expect("synchronising after timing");
-    start.elapsed()
-}
 
 fn bench_norms(c: &mut Criterion) {
     let Ok(device) = CudaDevice::get(0) else {
@@ -51,11 +32,11 @@ fn bench_norms(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
-    let weight = random(&[HIDDEN], dtype, &device);
-    let bias = random(&[HIDDEN], dtype, &device);
+    let weight = pattern(&[HIDDEN], dtype, &device);
+    let bias = pattern(&[HIDDEN], dtype, &device);
     for rows in ROWS {
-        let x = random(&[rows, HIDDEN], dtype, &device);
-        let mut residual = random(&[rows, HIDDEN], dtype, &device);
+        let x = pattern(&[rows, HIDDEN], dtype, &device);
+        let mut residual = pattern(&[rows, HIDDEN], dtype, &device);
         let row_bytes = (rows * HIDDEN * size) as u64;
         let id = |name: &str| BenchmarkId::new(name, format!("{rows}x{HIDDEN}"));
 
@@ -96,8 +77,8 @@ fn bench_norms(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
     for rows in ROWS {
-        let gate = random(&[rows, INTERMEDIATE], dtype, &device);
-        let up = random(&[rows, INTERMEDIATE], dtype, &device);
+        let gate = pattern(&[rows, INTERMEDIATE], dtype, &device);
+        let up = pattern(&[rows, INTERMEDIATE], dtype, &device);
         group.throughput(Throughput::Bytes((3 * rows * INTERMEDIATE * size) as u64));
         group.bench_function(
             BenchmarkId::new("silu_and_mul", format!("{rows}x{INTERMEDIATE}")),

@@ -10,15 +10,19 @@
 //! with its own geometry, checked against `softmax_rows`' output and timed, to show which form
 //! suits which row length.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use half::f16;
 use pagoda_kernels::cuda;
 use pagoda_kernels::cuda::registry::{KernelModule, function};
 use pagoda_tensor::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use pagoda_tensor::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
+use pagoda_tensor::{CudaDevice, CudaStorage, DType, Device, Tensor};
+
+use common::{device_slice, median_seconds, time_gpu};
 
 const SHAPES: [(usize, usize); 3] = [(131_072, 4096), (4096, 32_000), (256, 128_256)];
 /// Bytes of the copy that measures the ceiling: large enough that L2 (50 MB) plays no part.
@@ -37,31 +41,6 @@ fn logits(rows: usize, cols: usize, device: &CudaDevice) -> Tensor {
     Tensor::from_vec(values, vec![rows, cols])
         .and_then(|t| t.to_device(&Device::Cuda(device.ordinal())))
         .expect("uploading benchmark logits")
-}
-
-/// Times `iters` calls of `f` between device synchronisations.
-fn time_gpu(device: &CudaDevice, iters: u64, mut f: impl FnMut()) -> Duration {
-    device.synchronize().expect("synchronising before timing");
-    let start = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    device.synchronize().expect("synchronising after timing");
-    start.elapsed()
-}
-
-/// The median over `runs` samples of the time per call, each sample timing `CALLS` calls between
-/// two synchronisations (after warm-up calls), in seconds. Several calls per sample keep the
-/// synchronisation, and the memory pool's trimming at it, out of the figure, as in criterion's
-/// samples.
-fn median_seconds(device: &CudaDevice, runs: usize, mut f: impl FnMut()) -> f64 {
-    const CALLS: u64 = 10;
-    time_gpu(device, 3, &mut f);
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| time_gpu(device, CALLS, &mut f).as_secs_f64() / CALLS as f64)
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[runs / 2]
 }
 
 struct CopyBuffers {
@@ -120,7 +99,7 @@ fn bench(c: &mut Criterion, device: &CudaDevice, copies: &mut CopyBuffers) {
 /// Prints the table of `softmax_rows` against the copy; returns the copy bandwidth in GB/s.
 fn summary(device: &CudaDevice, copies: &mut CopyBuffers) -> f64 {
     const RUNS: usize = 21;
-    let copy_seconds = median_seconds(device, RUNS, || copies.copy(device));
+    let copy_seconds = median_seconds(device, RUNS, 10, || copies.copy(device));
     let copy_rate = 2.0 * COPY_BYTES as f64 / copy_seconds / 1e9;
     println!("\nsoftmax f16 (median of {RUNS} samples of 10 calls; bytes = read + write)");
     println!(
@@ -136,7 +115,7 @@ fn summary(device: &CudaDevice, copies: &mut CopyBuffers) -> f64 {
     );
     for (rows, cols) in SHAPES {
         let x = logits(rows, cols, device);
-        let seconds = median_seconds(device, RUNS, || {
+        let seconds = median_seconds(device, RUNS, 10, || {
             drop(cuda::softmax::softmax_rows(&x).expect("softmax"))
         });
         let rate = (2 * rows * cols * 2) as f64 / seconds / 1e9;
@@ -209,14 +188,6 @@ fn forms(cols: usize) -> Vec<Form> {
     forms
 }
 
-/// The device memory of a CUDA tensor.
-fn device_slice(tensor: &Tensor) -> &CudaSlice<u8> {
-    let Storage::Cuda(storage) = tensor.storage() else {
-        panic!("{tensor:?} is not on a GPU")
-    };
-    storage.slice()
-}
-
 fn launch_form(
     device: &CudaDevice,
     form: &Form,
@@ -270,7 +241,7 @@ fn sweep(device: &CudaDevice, copy_rate: f64) {
         for form in forms(cols) {
             let mut y =
                 CudaStorage::zeros(device, DType::F16, rows * cols).expect("allocating an output");
-            let seconds = median_seconds(device, RUNS, || {
+            let seconds = median_seconds(device, RUNS, 10, || {
                 launch_form(device, &form, &x, &mut y, rows, cols)
             });
             let bytes = y
