@@ -195,12 +195,21 @@ fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
         Prompt::Text(args.prompt)
     };
     let mut stdout = std::io::stdout().lock();
-    let generation = engine.generate_stream(&prompt, &params, |text| {
+    // A reader that stops early (`pagoda generate ... | head`) ends generation, not in an error.
+    let mut reader_gone = false;
+    let result = engine.generate_stream(&prompt, &params, |text| {
         stdout
             .write_all(text.as_bytes())
             .and_then(|()| stdout.flush())
-            .map_err(|e| pagoda_engine::Error::Internal(format!("writing to stdout: {e}")))
-    })?;
+            .map_err(|e| {
+                reader_gone = e.kind() == std::io::ErrorKind::BrokenPipe;
+                pagoda_engine::Error::Internal(format!("writing to stdout: {e}"))
+            })
+    });
+    let generation = match result {
+        Err(_) if reader_gone => return Ok(()),
+        other => other?,
+    };
     writeln!(stdout).ok();
     let decoded = generation.token_ids.len().saturating_sub(1);
     let decode_secs = generation.decode_time.as_secs_f64();
