@@ -188,11 +188,7 @@ impl Norm {
         hidden: usize,
         eps: f32,
     ) -> Result<Self> {
-        Ok(Self {
-            weight: loader.vector(&format!("{prefix}.weight"), hidden)?,
-            bias: Some(loader.vector(&format!("{prefix}.bias"), hidden)?),
-            eps,
-        })
+        Self::load(loader, prefix, hidden, eps, true)
     }
 
     pub(crate) fn rms_norm(
@@ -201,9 +197,22 @@ impl Norm {
         hidden: usize,
         eps: f32,
     ) -> Result<Self> {
+        Self::load(loader, prefix, hidden, eps, false)
+    }
+
+    fn load(
+        loader: &WeightLoader<'_>,
+        prefix: &str,
+        hidden: usize,
+        eps: f32,
+        with_bias: bool,
+    ) -> Result<Self> {
+        let bias = with_bias
+            .then(|| loader.vector(&format!("{prefix}.bias"), hidden))
+            .transpose()?;
         Ok(Self {
             weight: loader.vector(&format!("{prefix}.weight"), hidden)?,
-            bias: None,
+            bias,
             eps,
         })
     }
