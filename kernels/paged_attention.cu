@@ -13,7 +13,7 @@
 // warp waits on memory once per group of tokens rather than once per token.
 //
 // With one split the block writes the normalised row. Decode batches have too few (row, head)
-// pairs to fill the GPU, so the host cuts the context into several splits; each block then writes
+// pairs to fill the GPU, so the host asks for several splits per context; each block then writes
 // its unnormalised partial result (max, sum, weighted values) to a scratch buffer and
 // paged_attention_combine merges a row's splits (the flash-decoding scheme).
 //
@@ -30,6 +30,8 @@ constexpr int TILE = 128;
 constexpr int KEYS_IN_FLIGHT = 4;
 constexpr int MAX_HEAD_DIM = 256;
 constexpr int DIMS_PER_LANE = MAX_HEAD_DIM / 32;
+// Splits hold a multiple of this many context tokens (SPLIT_GRANULE in paged_attention.rs).
+constexpr unsigned SPLIT_GRANULE = 32;
 
 #define QUIET_NAN __int_as_float(0x7fc00000)
 
@@ -61,6 +63,15 @@ __device__ bool place_row(unsigned row, const unsigned* __restrict__ query_start
     return true;
 }
 
+// Context tokens per split of a sequence whose context is cut into (at most) num_splits splits.
+// Each sequence derives its own from its current length, so the grid - fixed by the host from the
+// longest context the batch can hold - serves every step of a replayed graph, and a short context
+// still spreads over the splits its length allows.
+__device__ __forceinline__ unsigned split_length(unsigned context, unsigned num_splits) {
+    const unsigned even = (context + num_splits - 1) / num_splits;
+    return max(SPLIT_GRANULE, (even + SPLIT_GRANULE - 1) / SPLIT_GRANULE * SPLIT_GRANULE);
+}
+
 // Scratch layout per (row, head, split): max, sum, then head_dim weighted values.
 __device__ __forceinline__ unsigned long long scratch_offset(unsigned row, unsigned head, unsigned split,
                                                              unsigned num_heads, unsigned num_splits,
@@ -74,7 +85,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
                                 const unsigned* __restrict__ query_start, const unsigned* __restrict__ context_len,
                                 const unsigned* __restrict__ block_tables, unsigned num_seqs, unsigned max_blocks,
                                 unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned head_dim,
-                                unsigned block_size, unsigned num_blocks, unsigned split_len, float scale) {
+                                unsigned block_size, unsigned num_blocks, float scale) {
     __shared__ unsigned long long token_base[TILE];
     __shared__ float weights[TILE];
     __shared__ float partial_out[WARPS][MAX_HEAD_DIM];
@@ -97,6 +108,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
             }
             continue;
         }
+        const unsigned split_len = split_length(context_len[place.seq], num_splits);
         const unsigned begin = split * split_len;
         const unsigned end = min(begin + split_len, place.position + 1);
         // A split past the row's position holds nothing; the combining kernel skips it.
@@ -243,7 +255,7 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
                                         const unsigned* __restrict__ query_start,
                                         const unsigned* __restrict__ context_len, unsigned num_seqs,
                                         unsigned num_tokens, unsigned num_heads, unsigned head_dim,
-                                        unsigned split_len, unsigned num_splits) {
+                                        unsigned num_splits) {
     const unsigned head = blockIdx.y;
     for (unsigned row = blockIdx.x; row < num_tokens; row += gridDim.x) {
         RowPlace place;
@@ -253,6 +265,7 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
             continue;
         }
         // Only the splits that start at or before the row's position were written.
+        const unsigned split_len = split_length(context_len[place.seq], num_splits);
         const unsigned used = min(place.position / split_len + 1, num_splits);
         const float* parts = scratch + scratch_offset(row, head, 0, num_heads, num_splits, head_dim);
         const unsigned stride = head_dim + 2;
@@ -275,25 +288,26 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
 // head_dim]; scratch f32 [num_tokens, num_heads, num_splits, head_dim + 2] (unused with one split);
 // query_start [num_seqs + 1] (cumulative, query_start[num_seqs] = num_tokens); context_len
 // [num_seqs]; block_tables [num_seqs, max_blocks]. Grid (rows, num_heads, num_splits), WARPS warps
-// per block; head_dim <= 256; split_len * num_splits covers the longest context.
+// per block; head_dim <= 256; each sequence cuts its context into num_splits splits of
+// split_length() tokens.
 #define PAGODA_PAGED_ATTENTION_KERNELS(SUFFIX, T)                                                                     \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_##SUFFIX(                               \
         const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages, T* __restrict__ out,  \
         float* __restrict__ scratch, const unsigned* __restrict__ query_start,                                       \
         const unsigned* __restrict__ context_len, const unsigned* __restrict__ block_tables, unsigned num_seqs,      \
         unsigned max_blocks, unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned head_dim,      \
-        unsigned block_size, unsigned num_blocks, unsigned split_len, float scale) {                                 \
+        unsigned block_size, unsigned num_blocks, float scale) {                                                     \
         paged_attention<T>(q, k_pages, v_pages, out, scratch, query_start, context_len, block_tables, num_seqs,      \
                            max_blocks, num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks,        \
-                           split_len, scale);                                                                        \
+                           scale);                                                                                   \
     }                                                                                                                \
     /* Grid (rows, num_heads), any block size that is a multiple of 32. */                                           \
     extern "C" __global__ void paged_attention_combine_##SUFFIX(                                                     \
         const float* __restrict__ scratch, T* __restrict__ out, const unsigned* __restrict__ query_start,            \
         const unsigned* __restrict__ context_len, unsigned num_seqs, unsigned num_tokens, unsigned num_heads,        \
-        unsigned head_dim, unsigned split_len, unsigned num_splits) {                                                \
+        unsigned head_dim, unsigned num_splits) {                                                                    \
         paged_attention_combine<T>(scratch, out, query_start, context_len, num_seqs, num_tokens, num_heads,          \
-                                   head_dim, split_len, num_splits);                                                 \
+                                   head_dim, num_splits);                                                            \
     }
 
 PAGODA_FOR_EACH_FLOAT(PAGODA_PAGED_ATTENTION_KERNELS)

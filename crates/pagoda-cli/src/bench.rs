@@ -2,11 +2,12 @@
 //! reported against its floor, the time to read every weight once at the card's copy bandwidth.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use pagoda_kernels::ops;
 use pagoda_kv::{BlockTable, KvCache, KvCacheConfig};
-use pagoda_models::{Batch, LoadOptions, Model, load_model};
+use pagoda_models::{Batch, LoadOptions, Model, StepGraph, load_model};
 use pagoda_tensor::{CudaDevice, DType, Device};
 use rand::{RngExt, SeedableRng};
 
@@ -23,6 +24,8 @@ pub struct DecodeBench<'a> {
     pub warmup: usize,
     pub reps: usize,
     pub seed: u64,
+    /// On a GPU, replay decode steps as a recorded CUDA graph (prefill always runs eagerly).
+    pub graphs: bool,
 }
 
 type BoxError = Box<dyn std::error::Error>;
@@ -34,13 +37,13 @@ impl DecodeBench<'_> {
             return Err("bench decode needs a prompt, at least 2 new tokens and 1 rep".into());
         }
         let load_start = Instant::now();
-        let model = load_model(
+        let model: Arc<dyn Model> = Arc::from(load_model(
             self.model,
             &LoadOptions {
                 device: self.device,
                 dtype: self.dtype,
             },
-        )?;
+        )?);
         let load_seconds = load_start.elapsed().as_secs_f64();
         let info = model.info().clone();
         let context = self.prompt_len + self.new_tokens;
@@ -65,10 +68,13 @@ impl DecodeBench<'_> {
             .map(|_| rng.random_range(0..info.vocab_size as u32))
             .collect();
 
+        let graphs = self.graphs && self.device != Device::Cpu;
+        let mut graph = None;
         let mut ttft = Vec::new();
         let mut tpot = Vec::new();
         for rep in 0..self.warmup + self.reps {
-            let (first, per_token) = self.decode_once(model.as_ref(), &mut kv, &prompt)?;
+            let (first, per_token) =
+                self.decode_once(&model, &mut kv, &prompt, graphs.then_some(&mut graph))?;
             if rep + 1 == self.warmup {
                 pagoda_kernels::profile::reset();
             }
@@ -107,6 +113,7 @@ impl DecodeBench<'_> {
             "prompt_len": self.prompt_len,
             "new_tokens": self.new_tokens,
             "reps": self.reps,
+            "cuda_graphs": graphs,
             "load_s": load_seconds,
             "ttft_ms": ttft * 1e3,
             "tpot_ms": tpot * 1e3,
@@ -118,20 +125,27 @@ impl DecodeBench<'_> {
     }
 
     /// One greedy generation: returns (time to first token, mean time per later token), in
-    /// seconds. Each step waits for its token on the host, as a server streaming it would.
+    /// seconds. Each step waits for its token on the host, as a server streaming it would. With
+    /// `graph`, decode steps replay the graph recorded there (recorded by the first decode step
+    /// that finds none).
     fn decode_once(
         &self,
-        model: &dyn Model,
+        model: &Arc<dyn Model>,
         kv: &mut KvCache,
         prompt: &[u32],
+        mut graph: Option<&mut Option<StepGraph>>,
     ) -> Result<(f64, f64), BoxError> {
         let mut table = BlockTable::new(BLOCK_SIZE);
+        let max_blocks = (self.prompt_len + self.new_tokens).div_ceil(BLOCK_SIZE);
         let start = Instant::now();
-        let mut token = step(model, kv, &mut table, prompt)?;
+        let mut token = step(model.as_ref(), kv, &mut table, prompt)?;
         let first = start.elapsed().as_secs_f64();
         let decode_start = Instant::now();
         for _ in 1..self.new_tokens {
-            token = step(model, kv, &mut table, &[token])?;
+            token = match graph.as_deref_mut() {
+                None => step(model.as_ref(), kv, &mut table, &[token])?,
+                Some(graph) => graph_step(model, graph, max_blocks, kv, &mut table, token)?,
+            };
         }
         let per_token = decode_start.elapsed().as_secs_f64() / (self.new_tokens - 1) as f64;
         table.free(kv.allocator())?;
@@ -149,7 +163,36 @@ fn step(
     table.append(tokens.len(), kv.allocator())?;
     let batch = Batch::last_of_sequence(tokens, table)?;
     let logits = model.forward(&batch, kv)?;
-    let ids = ops::argmax(&logits)?.to_vec::<u32>()?;
+    greedy(&logits)
+}
+
+/// [`step`] for one token through the recorded graph, recording it first if there is none.
+fn graph_step(
+    model: &Arc<dyn Model>,
+    graph: &mut Option<StepGraph>,
+    max_blocks: usize,
+    kv: &mut KvCache,
+    table: &mut BlockTable,
+    token: u32,
+) -> Result<u32, BoxError> {
+    table.append(1, kv.allocator())?;
+    let batch = Batch::last_of_sequence(&[token], table)?;
+    let logits = match graph {
+        Some(graph) => graph.run(&batch, kv)?,
+        None => graph
+            .insert(StepGraph::record(
+                Arc::clone(model),
+                &batch,
+                max_blocks,
+                kv,
+            )?)
+            .logits(),
+    };
+    greedy(logits)
+}
+
+fn greedy(logits: &pagoda_tensor::Tensor) -> Result<u32, BoxError> {
+    let ids = ops::argmax(logits)?.to_vec::<u32>()?;
     ids.first()
         .copied()
         .ok_or_else(|| "argmax returned no token".into())

@@ -57,6 +57,10 @@ struct DecodeArgs {
     /// Seed of the random prompt.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Launch every kernel of a decode step from the host instead of replaying the step as a
+    /// recorded CUDA graph.
+    #[arg(long)]
+    eager: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -155,6 +159,7 @@ fn bench_decode(args: DecodeArgs) -> Result<(), Box<dyn std::error::Error>> {
         warmup: args.warmup,
         reps: args.reps,
         seed: args.seed,
+        graphs: !args.eager,
     }
     .run()?;
     println!("{report}");

@@ -284,41 +284,87 @@ impl AttentionLayout {
         device: &Device,
     ) -> Result<Self> {
         let _timer = OpTimer::start("attention_layout", *device);
-        let cuda = match device {
-            Device::Cpu => None,
-            Device::Cuda(ordinal) => {
-                let max_blocks = sequences
-                    .iter()
-                    .map(|s| s.block_table.len())
-                    .max()
-                    .unwrap_or(0)
-                    .max(1);
-                let mut query_start = vec![0u32];
-                let mut context_len = Vec::with_capacity(sequences.len());
-                let mut tables = Vec::with_capacity(sequences.len() * max_blocks);
-                for s in &sequences {
-                    if s.query_start != *query_start.last().unwrap_or(&0) as usize {
-                        return Err(Error::Shape {
-                            op: "AttentionLayout",
-                            message: "sequences must occupy consecutive rows".into(),
-                        });
-                    }
-                    query_start.push(to_u32("query rows", s.query_start + s.query_len)?);
-                    context_len.push(to_u32("context length", s.context_len)?);
-                    tables.extend_from_slice(&s.block_table);
-                    // Padding past a sequence's blocks is never read; block 0 keeps it in range.
-                    tables.resize(tables.len() + max_blocks - s.block_table.len(), 0);
-                }
-                Some(cuda::paged_attention::DeviceBatchLayout::new(
-                    &query_start,
-                    &context_len,
-                    &tables,
-                    max_blocks,
-                    block_size,
-                    num_blocks,
-                    &CudaDevice::get(*ordinal)?,
-                )?)
+        match device {
+            Device::Cpu => Ok(Self {
+                sequences,
+                cuda: None,
+            }),
+            Device::Cuda(_) => {
+                let max_blocks = Self::longest_table(&sequences);
+                let words = Self::device_words(&sequences, max_blocks)?;
+                let on_device = Tensor::from_slice(&words, [words.len()])?.to_device(device)?;
+                Self::from_device_words(
+                    sequences, &on_device, &words, max_blocks, block_size, num_blocks,
+                )
             }
+        }
+    }
+
+    /// Blocks in the longest of the sequences' tables (at least 1).
+    pub fn longest_table(sequences: &[SequenceRows]) -> usize {
+        sequences
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(0)
+            .max(1)
+    }
+
+    /// The layout as the U32 words a GPU reads ([`cuda::paged_attention::DeviceBatchLayout`]'s
+    /// `from_words` form), every block table padded to `max_blocks_per_seq` ids.
+    pub fn device_words(sequences: &[SequenceRows], max_blocks_per_seq: usize) -> Result<Vec<u32>> {
+        let shape_error = |message: String| Error::Shape {
+            op: "AttentionLayout",
+            message,
+        };
+        let n = sequences.len();
+        let mut query_start = Vec::with_capacity(n + 1);
+        let mut context_len = Vec::with_capacity(n);
+        let mut tables = Vec::with_capacity(n * max_blocks_per_seq);
+        query_start.push(0u32);
+        for s in sequences {
+            if s.query_start != *query_start.last().unwrap_or(&0) as usize {
+                return Err(shape_error("sequences must occupy consecutive rows".into()));
+            }
+            if s.block_table.len() > max_blocks_per_seq {
+                return Err(shape_error(format!(
+                    "a table of {} blocks exceeds the {max_blocks_per_seq} a sequence may hold",
+                    s.block_table.len()
+                )));
+            }
+            query_start.push(to_u32("query rows", s.query_start + s.query_len)?);
+            context_len.push(to_u32("context length", s.context_len)?);
+            tables.extend_from_slice(&s.block_table);
+            // Padding past a sequence's blocks is never read; block 0 keeps it in range.
+            tables.resize(tables.len() + max_blocks_per_seq - s.block_table.len(), 0);
+        }
+        query_start.extend(context_len);
+        query_start.extend(tables);
+        Ok(query_start)
+    }
+
+    /// A layout whose GPU copy the caller already placed: `host_words` (from
+    /// [`Self::device_words`]) copied to the start of `device_words`, which the layout views
+    /// rather than copies - a caller rewriting that memory between replays of a recorded graph
+    /// keeps the addresses the graph was recorded with. On the CPU `device_words` is not read.
+    pub fn from_device_words(
+        sequences: Vec<SequenceRows>,
+        device_words: &Tensor,
+        host_words: &[u32],
+        max_blocks_per_seq: usize,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<Self> {
+        let cuda = match device_words.device() {
+            Device::Cpu => None,
+            Device::Cuda(_) => Some(cuda::paged_attention::DeviceBatchLayout::from_words(
+                device_words,
+                host_words,
+                sequences.len(),
+                max_blocks_per_seq,
+                block_size,
+                num_blocks,
+            )?),
         };
         Ok(Self { sequences, cuda })
     }

@@ -6,11 +6,9 @@ use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, GptNeoxConfig};
-use crate::layers::{
-    Embedding, ForwardContext, FusedLinear, Linear, Norm, PagedSelfAttention, three,
-};
+use crate::layers::{Embedding, FusedLinear, Linear, Norm, PagedSelfAttention, three};
 use crate::weights::WeightLoader;
-use crate::{Batch, Model, ModelInfo, Result};
+use crate::{Model, ModelInfo, Result, StepInputs};
 
 struct Layer {
     input_layernorm: Norm,
@@ -173,8 +171,7 @@ impl Model for GptNeox {
         &self.info
     }
 
-    fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Tensor> {
-        let ctx = ForwardContext::new(batch, &self.info, kv)?;
+    fn forward_inputs(&self, ctx: &StepInputs, kv: &mut KvCache) -> Result<Tensor> {
         let mut residual = self.embed_in.forward(&ctx.tokens)?;
         // The sum of the last layer's sublayer outputs, not yet added to the residual: the add
         // runs fused with the next norm.
@@ -184,7 +181,7 @@ impl Model for GptNeox {
                 .input_layernorm
                 .add_forward(pending.take(), &mut residual)?;
             let [q, k, v] = three(layer.qkv_proj.forward(&x)?)?;
-            let attn = self.attention.forward(i, q, k, v, &ctx, kv)?;
+            let attn = self.attention.forward(i, q, k, v, ctx, kv)?;
             let attn = layer.dense.forward(&attn)?;
             if self.config.use_parallel_residual {
                 // x + attn(ln1(x)) + mlp(ln2(x))

@@ -3,12 +3,13 @@
 
 use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cpu::rope::RopeTable;
-use pagoda_kernels::ops::{self, AttentionLayout, LayerKv, NormWeights, Rope, SequenceRows};
+use pagoda_kernels::ops::{self, LayerKv, NormWeights, Rope};
 use pagoda_kv::KvCache;
 use pagoda_tensor::{DType, Device, Tensor};
 
+use crate::step::StepInputs;
 use crate::weights::WeightLoader;
-use crate::{Batch, Error, ModelInfo, Result};
+use crate::{Error, Result};
 
 /// `y = x Wᵀ + b` with `W` stored `[out_features, in_features]`, as in `nn.Linear`.
 pub(crate) struct Linear {
@@ -243,46 +244,6 @@ impl Norm {
     }
 }
 
-/// A batch's metadata, placed once per forward pass on the model's device.
-pub(crate) struct ForwardContext {
-    pub(crate) tokens: Tensor,
-    pub(crate) positions: Tensor,
-    pub(crate) slots: Tensor,
-    pub(crate) logits_rows: Tensor,
-    pub(crate) layout: AttentionLayout,
-}
-
-impl ForwardContext {
-    pub(crate) fn new(batch: &Batch, info: &ModelInfo, kv: &KvCache) -> Result<Self> {
-        batch.validate(info.max_position_embeddings)?;
-        check_kv_cache(info, kv)?;
-        let device = info.device;
-        let _timer = pagoda_kernels::profile::OpTimer::start("forward_context", device);
-        let upload = |values: &[u32]| -> Result<Tensor> {
-            Ok(Tensor::from_slice(values, [values.len()])?.to_device(&device)?)
-        };
-        let rows: Vec<u32> = batch.logits_rows.iter().map(|&r| r as u32).collect();
-        let sequences = batch
-            .sequences
-            .iter()
-            .map(|s| SequenceRows {
-                query_start: s.query_start,
-                query_len: s.query_len,
-                context_len: s.context_len,
-                block_table: s.block_table.clone(),
-            })
-            .collect();
-        let config = kv.config();
-        Ok(Self {
-            tokens: upload(&batch.tokens)?,
-            positions: upload(&batch.positions)?,
-            slots: upload(&batch.slots)?,
-            logits_rows: upload(&rows)?,
-            layout: AttentionLayout::new(sequences, config.block_size, config.num_blocks, &device)?,
-        })
-    }
-}
-
 /// Causal self-attention over the paged KV cache: RoPE on Q, RoPE on K fused with writing K/V
 /// into the sequence's pages, then attention over everything the sequence has cached.
 pub(crate) struct PagedSelfAttention {
@@ -316,7 +277,7 @@ impl PagedSelfAttention {
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        ctx: &ForwardContext,
+        ctx: &StepInputs,
         kv: &mut KvCache,
     ) -> Result<Tensor> {
         let tokens = q.dims()[0];
@@ -354,30 +315,4 @@ impl PagedSelfAttention {
 /// written in place.
 pub(crate) fn reshaped(t: Tensor, dims: &[usize]) -> Result<Tensor> {
     Ok(t.reshape(dims.to_vec())?)
-}
-
-/// Fails early when the KV cache was built for another model.
-fn check_kv_cache(info: &ModelInfo, kv: &KvCache) -> Result<()> {
-    let c = kv.config();
-    if c.num_layers != info.num_layers
-        || c.num_kv_heads != info.num_kv_heads
-        || c.head_dim != info.head_dim
-    {
-        return Err(Error::Batch(format!(
-            "the KV cache has {} layers x {} KV heads x {} dims, the model needs {} x {} x {}",
-            c.num_layers,
-            c.num_kv_heads,
-            c.head_dim,
-            info.num_layers,
-            info.num_kv_heads,
-            info.head_dim
-        )));
-    }
-    if c.dtype != info.dtype || c.device != info.device {
-        return Err(Error::Batch(format!(
-            "the KV cache holds {} on {:?}, the model computes in {} on {:?}",
-            c.dtype, c.device, info.dtype, info.device
-        )));
-    }
-    Ok(())
 }

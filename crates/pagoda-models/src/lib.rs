@@ -13,6 +13,7 @@ mod gpt_neox;
 mod layers;
 mod llama;
 mod loader;
+mod step;
 mod weights;
 
 pub use batch::{Batch, BatchSequence};
@@ -21,6 +22,7 @@ pub use error::{Error, Result};
 pub use gpt_neox::GptNeox;
 pub use llama::Llama;
 pub use loader::{CheckpointFormat, LoadOptions, load_model};
+pub use step::{StepBuffers, StepGraph, StepInputs, StepShape};
 
 use pagoda_kv::KvCache;
 use pagoda_tensor::{DType, Device, Tensor};
@@ -50,5 +52,12 @@ pub trait Model: Send + Sync {
     /// Runs every token of `batch` through the model, writing their K/V into `kv` at
     /// `batch.slots`, and returns logits `[batch.logits_rows.len(), vocab_size]` (on the model's
     /// device, in its dtype) for the rows that asked for them, in that order.
-    fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Tensor>;
+    fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Tensor> {
+        let inputs = StepInputs::new(batch, self.info(), kv)?;
+        self.forward_inputs(&inputs, kv)
+    }
+
+    /// [`Model::forward`] over inputs already on the model's device ([`StepInputs::new`], or
+    /// [`StepBuffers`] for inputs rewritten in place, as a recorded [`StepGraph`] needs).
+    fn forward_inputs(&self, inputs: &StepInputs, kv: &mut KvCache) -> Result<Tensor>;
 }

@@ -6,11 +6,9 @@ use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, LlamaConfig};
-use crate::layers::{
-    Embedding, ForwardContext, FusedLinear, Linear, Norm, PagedSelfAttention, three,
-};
+use crate::layers::{Embedding, FusedLinear, Linear, Norm, PagedSelfAttention, three};
 use crate::weights::WeightLoader;
-use crate::{Batch, Error, Model, ModelInfo, Result};
+use crate::{Error, Model, ModelInfo, Result, StepInputs};
 
 struct Layer {
     input_layernorm: Norm,
@@ -153,8 +151,7 @@ impl Model for Llama {
         &self.info
     }
 
-    fn forward(&self, batch: &Batch, kv: &mut KvCache) -> Result<Tensor> {
-        let ctx = ForwardContext::new(batch, &self.info, kv)?;
+    fn forward_inputs(&self, ctx: &StepInputs, kv: &mut KvCache) -> Result<Tensor> {
         let mut residual = self.embed_tokens.forward(&ctx.tokens)?;
         // The last sublayer's output, not yet added to the residual: the add runs fused with the
         // next norm.
@@ -164,7 +161,7 @@ impl Model for Llama {
                 .input_layernorm
                 .add_forward(pending.take(), &mut residual)?;
             let [q, k, v] = three(layer.qkv_proj.forward(&x)?)?;
-            let attn = self.attention.forward(i, q, k, v, &ctx, kv)?;
+            let attn = self.attention.forward(i, q, k, v, ctx, kv)?;
             let x = layer
                 .post_attention_layernorm
                 .add_forward(Some(layer.o_proj.forward(&attn)?), &mut residual)?;

@@ -4,7 +4,8 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, DriverError, PinnedHostSlice};
 
 use crate::{DType, Error, Result};
 
@@ -100,7 +101,11 @@ impl CudaDevice {
         // order alone puts every read after the write it depends on; per-buffer events would only
         // add two event objects to every allocation and a record to every launch.
         unsafe { context.disable_event_tracking() };
-        let stream = context.default_stream();
+        // A stream of our own rather than the legacy default stream, which cannot be captured
+        // into a CUDA graph.
+        let stream = context
+            .new_stream()
+            .map_err(|e| driver_error(format_args!("creating a stream on cuda:{ordinal}"), e))?;
         Ok(CudaDevice {
             ordinal,
             context,
@@ -128,6 +133,152 @@ impl CudaDevice {
         self.stream
             .synchronize()
             .map_err(|e| driver_error(format_args!("synchronizing cuda:{}", self.ordinal), e))
+    }
+
+    /// Records the work that `record` queues on the device's stream as a CUDA graph instead of
+    /// running it, and returns the graph with `record`'s result.
+    ///
+    /// Nothing runs while recording: the graph does the work each time it is replayed, with the
+    /// same kernels, arguments and buffer addresses. So everything a replay reads must live in
+    /// buffers that outlast the graph and are rewritten in place between replays, and every
+    /// buffer allocated while recording must be dropped before `record` returns (the graph then
+    /// allocates and frees it itself, at fixed addresses, on each replay). Anything that
+    /// synchronises the stream or copies from pageable host memory fails the capture; the
+    /// error is returned and the stream is usable again.
+    pub fn capture<R, E: From<Error>>(
+        &self,
+        record: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<(DeviceGraph, R), E> {
+        let ordinal = self.ordinal;
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| {
+                driver_error(
+                    format_args!("starting a graph capture on cuda:{ordinal}"),
+                    e,
+                )
+            })?;
+        let recorded = record();
+        // The capture ends whatever `record` did, so that a failure leaves a usable stream.
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(|e| driver_error(format_args!("instantiating a graph on cuda:{ordinal}"), e));
+        let value = recorded?;
+        let graph = graph?.ok_or_else(|| {
+            Error::Cuda(format!(
+                "cuda:{ordinal}: the graph capture recorded nothing"
+            ))
+        })?;
+        graph
+            .upload()
+            .map_err(|e| driver_error(format_args!("uploading a graph to cuda:{ordinal}"), e))?;
+        Ok((DeviceGraph { graph, ordinal }, value))
+    }
+}
+
+/// Work recorded by [`CudaDevice::capture`], replayed on the device's stream with one launch.
+pub struct DeviceGraph {
+    graph: CudaGraph,
+    ordinal: usize,
+}
+
+impl DeviceGraph {
+    /// Queues the recorded work once more; returns without waiting for it.
+    pub fn replay(&self) -> Result<()> {
+        self.graph.launch().map_err(|e| {
+            driver_error(
+                format_args!("replaying a graph on cuda:{}", self.ordinal),
+                e,
+            )
+        })
+    }
+}
+
+impl std::fmt::Debug for DeviceGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceGraph")
+            .field("ordinal", &self.ordinal)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Page-locked host memory for a device buffer that is rewritten from the host often (the
+/// per-step metadata of a forward pass): its uploads are asynchronous DMA copies, which a CUDA
+/// graph's inputs need and which pageable memory cannot give.
+pub struct PinnedUpload {
+    host: PinnedHostSlice<u8>,
+    device: CudaDevice,
+}
+
+impl PinnedUpload {
+    /// Staging room for `bytes` bytes.
+    pub fn new(device: &CudaDevice, bytes: usize) -> Result<Self> {
+        // SAFETY: the memory is uninitialised; `upload` writes every byte it copies before the
+        // copy is queued (the whole buffer is zeroed here once, so no read ever sees garbage).
+        let mut host = unsafe { device.context.alloc_pinned::<u8>(bytes.max(1)) }.map_err(|e| {
+            driver_error(
+                format_args!(
+                    "allocating {bytes} pinned bytes for cuda:{}",
+                    device.ordinal
+                ),
+                e,
+            )
+        })?;
+        host.as_mut_slice()
+            .map_err(|e| driver_error("waiting for a pinned buffer", e))?
+            .fill(0);
+        Ok(Self {
+            host,
+            device: device.clone(),
+        })
+    }
+
+    /// Capacity in bytes.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+
+    /// Copies `bytes` into the staging memory, then queues the copy of the whole staging memory
+    /// to the start of `dst` (on the same device, at least [`Self::len`] bytes long; bytes past
+    /// `bytes` carry whatever earlier uploads left there). Waits first for the previous upload to
+    /// have left the staging memory, which in a loop of synchronised steps it already has.
+    pub fn upload(&mut self, bytes: &[u8], dst: &mut CudaStorage) -> Result<()> {
+        let capacity = self.host.len();
+        let dst_bytes = dst.len * dst.dtype.size_in_bytes();
+        if bytes.len() > capacity || capacity > dst_bytes {
+            return Err(Error::Cuda(format!(
+                "uploading {} bytes through {capacity} pinned bytes into {dst_bytes} device bytes",
+                bytes.len()
+            )));
+        }
+        if dst.device.ordinal != self.device.ordinal {
+            return Err(Error::Cuda(format!(
+                "pinned memory of cuda:{} cannot upload to cuda:{}",
+                self.device.ordinal, dst.device.ordinal
+            )));
+        }
+        let host = self
+            .host
+            .as_mut_slice()
+            .map_err(|e| driver_error("waiting for a pinned buffer", e))?;
+        host[..bytes.len()].copy_from_slice(bytes);
+        let ordinal = self.device.ordinal;
+        let mut view = dst.slice.slice_mut(..capacity);
+        self.device
+            .stream
+            .memcpy_htod(&self.host, &mut view)
+            .map_err(|e| {
+                driver_error(
+                    format_args!("uploading {capacity} bytes to cuda:{ordinal}"),
+                    e,
+                )
+            })
     }
 }
 
@@ -244,6 +395,48 @@ impl CudaStorage {
         Ok(bytes)
     }
 
+    /// Queues a copy of `src`'s elements `src_range` to elements `dst_start..` of this buffer
+    /// (same dtype, same device); returns without waiting for it.
+    pub fn copy_from(
+        &mut self,
+        dst_start: usize,
+        src: &CudaStorage,
+        src_range: Range<usize>,
+    ) -> Result<()> {
+        if src.dtype != self.dtype || src.device.ordinal != self.device.ordinal {
+            return Err(Error::Cuda(format!(
+                "copying {} on cuda:{} into {} on cuda:{}",
+                src.dtype, src.device.ordinal, self.dtype, self.device.ordinal
+            )));
+        }
+        let count = src_range.end.saturating_sub(src_range.start);
+        let dst_end = dst_start.saturating_add(count);
+        if src_range.start > src_range.end || src_range.end > src.len || dst_end > self.len {
+            return Err(Error::Cuda(format!(
+                "copying elements {src_range:?} of {} to {dst_start}.. of {}",
+                src.len, self.len
+            )));
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let size = self.dtype.size_in_bytes();
+        let from = src
+            .slice
+            .slice(src_range.start * size..src_range.end * size);
+        let mut to = self.slice.slice_mut(dst_start * size..dst_end * size);
+        self.device.stream.memcpy_dtod(&from, &mut to).map_err(|e| {
+            driver_error(
+                format_args!(
+                    "copying {} bytes on cuda:{}",
+                    count * size,
+                    self.device.ordinal
+                ),
+                e,
+            )
+        })
+    }
+
     /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -267,6 +460,14 @@ impl CudaStorage {
     /// The device holding the buffer.
     pub fn device(&self) -> &CudaDevice {
         &self.device
+    }
+
+    /// The device address of the first element: identifies the memory (e.g. to check that a
+    /// recorded graph is replayed over the buffers it was recorded with).
+    pub fn address(&self) -> u64 {
+        use cudarc::driver::DevicePtr;
+        let (address, _sync) = self.slice.device_ptr(&self.device.stream);
+        address
     }
 
     /// The device memory (may be longer than `len` elements).

@@ -29,6 +29,54 @@ impl CudaDevice {
     pub fn synchronize(&self) -> Result<()> {
         match self.never {}
     }
+
+    /// Records the work `record` queues as a graph (see the CUDA build's documentation).
+    pub fn capture<R, E: From<Error>>(
+        &self,
+        _record: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<(DeviceGraph, R), E> {
+        match self.never {}
+    }
+}
+
+/// Recorded device work; cannot be created without the `cuda` feature.
+#[derive(Debug)]
+pub struct DeviceGraph {
+    never: Never,
+}
+
+impl DeviceGraph {
+    /// Queues the recorded work once more.
+    pub fn replay(&self) -> Result<()> {
+        match self.never {}
+    }
+}
+
+/// Page-locked staging memory; cannot be created without the `cuda` feature.
+pub struct PinnedUpload {
+    never: Never,
+}
+
+impl PinnedUpload {
+    /// Always fails with [`Error::CudaNotCompiled`].
+    pub fn new(_device: &CudaDevice, _bytes: usize) -> Result<Self> {
+        Err(Error::CudaNotCompiled)
+    }
+
+    /// Capacity in bytes.
+    pub fn len(&self) -> usize {
+        match self.never {}
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        match self.never {}
+    }
+
+    /// Stages `bytes` and queues their copy into `dst`.
+    pub fn upload(&mut self, _bytes: &[u8], _dst: &mut CudaStorage) -> Result<()> {
+        match self.never {}
+    }
 }
 
 /// Device memory; cannot be created without the `cuda` feature.
@@ -49,6 +97,21 @@ impl CudaStorage {
 
     /// Copies elements `range` back to host memory as raw bytes.
     pub fn to_host_bytes(&self, _range: std::ops::Range<usize>) -> Result<Vec<u8>> {
+        match self.never {}
+    }
+
+    /// Queues a copy of `src`'s elements `src_range` to elements `dst_start..` of this buffer.
+    pub fn copy_from(
+        &mut self,
+        _dst_start: usize,
+        _src: &CudaStorage,
+        _src_range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        match self.never {}
+    }
+
+    /// The device address of the first element.
+    pub fn address(&self) -> u64 {
         match self.never {}
     }
 

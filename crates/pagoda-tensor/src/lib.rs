@@ -27,7 +27,7 @@ pub mod cuda;
 pub mod gguf;
 pub mod safetensors;
 
-pub use cuda::{CudaDevice, CudaStorage};
+pub use cuda::{CudaDevice, CudaStorage, DeviceGraph, PinnedUpload};
 /// The cudarc version this crate's CUDA types come from, so that kernels use the same one.
 #[cfg(feature = "cuda")]
 pub use cudarc;

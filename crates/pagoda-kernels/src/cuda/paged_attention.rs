@@ -73,63 +73,98 @@ impl DeviceBatchLayout {
         num_blocks: usize,
         device: &CudaDevice,
     ) -> Result<Self> {
-        const OP: &str = "DeviceBatchLayout::new";
         let num_seqs = context_len.len();
-        if query_start.len() != num_seqs + 1 || query_start.first() != Some(&0) {
+        let mut words = Vec::with_capacity(query_start.len() + num_seqs + block_tables.len());
+        words.extend_from_slice(query_start);
+        words.extend_from_slice(context_len);
+        words.extend_from_slice(block_tables);
+        if query_start.len() != num_seqs + 1 {
             return Err(Error::shape(
-                OP,
+                "DeviceBatchLayout::new",
                 format!(
-                    "query_start must hold {} offsets starting at 0, got {query_start:?}",
-                    num_seqs + 1
+                    "query_start must hold {} offsets, got {}",
+                    num_seqs + 1,
+                    query_start.len()
                 ),
             ));
         }
-        if block_size == 0 {
-            return Err(Error::shape(OP, "block_size must be positive"));
-        }
-        let expected_tables = num_seqs
+        let on_device = Tensor::from_slice(&words, [words.len()])?
+            .to_device(&Device::Cuda(device.ordinal()))?;
+        Self::from_words(
+            &on_device,
+            &words,
+            num_seqs,
+            max_blocks_per_seq,
+            block_size,
+            num_blocks,
+        )
+    }
+
+    /// U32 words a layout of `num_seqs` sequences with `max_blocks_per_seq`-block tables takes
+    /// in [`Self::from_words`]'s form.
+    pub fn words_len(num_seqs: usize, max_blocks_per_seq: usize) -> usize {
+        2 * num_seqs + 1 + num_seqs * max_blocks_per_seq
+    }
+
+    /// A layout whose arrays the caller has already placed on the device, packed as `query_start`
+    /// (`num_seqs + 1`), `context_len` (`num_seqs`), then the block tables (`num_seqs x
+    /// max_blocks_per_seq`) from the start of `device_words` (U32, 1-D, possibly longer); the
+    /// layout views that memory, so a caller that rewrites it in place (a replayed graph's inputs)
+    /// keeps the addresses kernels were recorded with. `host_words` is the same data on the host,
+    /// checked here as [`Self::new`] checks its arrays.
+    pub fn from_words(
+        device_words: &Tensor,
+        host_words: &[u32],
+        num_seqs: usize,
+        max_blocks_per_seq: usize,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<Self> {
+        const OP: &str = "DeviceBatchLayout::from_words";
+        let len = num_seqs
             .checked_mul(max_blocks_per_seq)
+            .and_then(|t| t.checked_add(2 * num_seqs + 1))
             .ok_or_else(|| Error::shape(OP, "num_seqs x max_blocks_per_seq overflows usize"))?;
-        if block_tables.len() != expected_tables {
+        if host_words.len() != len {
             return Err(Error::shape(
                 OP,
                 format!(
-                    "block_tables has {} ids, expected {num_seqs} sequences x {max_blocks_per_seq}",
-                    block_tables.len()
+                    "{num_seqs} sequences with {max_blocks_per_seq}-block tables take {len} words, got {}",
+                    host_words.len()
                 ),
             ));
         }
-        for (s, &context) in context_len.iter().enumerate() {
-            let fail = |message: String| Err(Error::shape(OP, format!("sequence {s}: {message}")));
-            let (start, end) = (query_start[s], query_start[s + 1]);
-            if end < start {
-                return fail(format!("query_start decreases from {start} to {end}"));
-            }
-            if end - start > context {
-                return fail(format!(
-                    "{} query rows exceed the context of {context} tokens",
-                    end - start
-                ));
-            }
-            let needed = (context as usize).div_ceil(block_size);
-            if needed > max_blocks_per_seq {
-                return fail(format!(
-                    "a context of {context} tokens needs {needed} blocks, tables hold {max_blocks_per_seq}"
-                ));
-            }
-            let table = &block_tables[s * max_blocks_per_seq..][..needed];
-            if let Some(block) = table.iter().find(|&&b| b as usize >= num_blocks) {
-                return fail(format!("block {block} is outside the {num_blocks} pages"));
-            }
+        expect_dtype(OP, "device_words", device_words, &[DType::U32])?;
+        if device_words.rank() != 1 || device_words.dims()[0] < len {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "device_words must be 1-D with at least {len} words, got {:?}",
+                    device_words.dims()
+                ),
+            ));
         }
-        let ordinal = Device::Cuda(device.ordinal());
-        let upload = |values: &[u32], dims: Vec<usize>| -> Result<Tensor> {
-            Ok(Tensor::from_slice(values, dims)?.to_device(&ordinal)?)
+        let (query_start, rest) = host_words.split_at(num_seqs + 1);
+        let (context_len, block_tables) = rest.split_at(num_seqs);
+        validate(
+            query_start,
+            context_len,
+            block_tables,
+            max_blocks_per_seq,
+            block_size,
+            num_blocks,
+        )?;
+        let part = |start: usize, len: usize, dims: Vec<usize>| -> Result<Tensor> {
+            Ok(device_words.narrow(0, start, len)?.reshape(dims)?)
         };
         Ok(DeviceBatchLayout {
-            query_start: upload(query_start, vec![num_seqs + 1])?,
-            context_len: upload(context_len, vec![num_seqs])?,
-            block_tables: upload(block_tables, vec![num_seqs, max_blocks_per_seq])?,
+            query_start: part(0, num_seqs + 1, vec![num_seqs + 1])?,
+            context_len: part(num_seqs + 1, num_seqs, vec![num_seqs])?,
+            block_tables: part(
+                2 * num_seqs + 1,
+                num_seqs * max_blocks_per_seq,
+                vec![num_seqs, max_blocks_per_seq],
+            )?,
             num_seqs,
             num_tokens: query_start[num_seqs] as usize,
             max_context_len: context_len.iter().map(|&c| c as usize).max().unwrap_or(0),
@@ -168,6 +203,83 @@ impl DeviceBatchLayout {
     pub fn block_tables(&self) -> &Tensor {
         &self.block_tables
     }
+
+    /// Tokens per block of the pages the layout was checked against.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Blocks of the pages the layout was checked against.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// The longest context of the batch, in tokens, when the layout was built (a layout whose
+    /// device words are rewritten later may describe other lengths by then).
+    pub fn max_context_len(&self) -> usize {
+        self.max_context_len
+    }
+}
+
+/// The checks of [`DeviceBatchLayout::new`] on the host arrays, so the kernels can trust them.
+fn validate(
+    query_start: &[u32],
+    context_len: &[u32],
+    block_tables: &[u32],
+    max_blocks_per_seq: usize,
+    block_size: usize,
+    num_blocks: usize,
+) -> Result<()> {
+    const OP: &str = "DeviceBatchLayout";
+    let num_seqs = context_len.len();
+    if query_start.len() != num_seqs + 1 || query_start.first() != Some(&0) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "query_start must hold {} offsets starting at 0, got {query_start:?}",
+                num_seqs + 1
+            ),
+        ));
+    }
+    if block_size == 0 {
+        return Err(Error::shape(OP, "block_size must be positive"));
+    }
+    let expected_tables = num_seqs
+        .checked_mul(max_blocks_per_seq)
+        .ok_or_else(|| Error::shape(OP, "num_seqs x max_blocks_per_seq overflows usize"))?;
+    if block_tables.len() != expected_tables {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "block_tables has {} ids, expected {num_seqs} sequences x {max_blocks_per_seq}",
+                block_tables.len()
+            ),
+        ));
+    }
+    for (s, &context) in context_len.iter().enumerate() {
+        let fail = |message: String| Err(Error::shape(OP, format!("sequence {s}: {message}")));
+        let (start, end) = (query_start[s], query_start[s + 1]);
+        if end < start {
+            return fail(format!("query_start decreases from {start} to {end}"));
+        }
+        if end - start > context {
+            return fail(format!(
+                "{} query rows exceed the context of {context} tokens",
+                end - start
+            ));
+        }
+        let needed = (context as usize).div_ceil(block_size);
+        if needed > max_blocks_per_seq {
+            return fail(format!(
+                "a context of {context} tokens needs {needed} blocks, tables hold {max_blocks_per_seq}"
+            ));
+        }
+        let table = &block_tables[s * max_blocks_per_seq..][..needed];
+        if let Some(block) = table.iter().find(|&&b| b as usize >= num_blocks) {
+            return fail(format!("block {block} is outside the {num_blocks} pages"));
+        }
+    }
+    Ok(())
 }
 
 /// Causal attention of every query row of `q` (`[num_tokens, num_heads, head_dim]`, f32/f16/bf16)
@@ -233,7 +345,8 @@ pub fn paged_attention(
     if num_tokens == 0 {
         return into_tensor(out, &dims);
     }
-    let (num_splits, split_len) = split_context(num_tokens * num_heads, layout.max_context_len);
+    let capacity = layout.max_blocks_per_seq * layout.block_size;
+    let num_splits = split_count(num_tokens * num_heads, capacity);
     // With one split the kernel writes the output itself and never touches the scratch.
     let scratch_dims = if num_splits > 1 {
         [num_tokens, num_heads, num_splits, head_dim + 2]
@@ -252,7 +365,6 @@ pub fn paged_attention(
         head_dim as u32,
         arg_u32(OP, "block_size", layout.block_size)?,
         arg_u32(OP, "num_blocks", layout.num_blocks)?,
-        arg_u32(OP, "split_len", split_len)?,
     ];
     let num_splits_arg = arg_u32(OP, "num_splits", num_splits)?;
     let (q_view, k_view, v_view) = (
@@ -289,11 +401,11 @@ pub fn paged_attention(
     launch.arg(&scale);
     // SAFETY: the arguments follow paged_attention's signature in paged_attention.cu (q, k_pages,
     // v_pages, out, scratch, query_start, context_len, block_tables, num_seqs, max_blocks,
-    // num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, split_len, scale);
-    // every buffer has the shape checked above in the kernel name's dtype (metadata u32, scratch
-    // f32 [num_tokens, num_heads, num_splits, head_dim + 2] whenever num_splits > 1), the layout
-    // was validated against these pages when it was built, head_dim <= 256, the block has WARPS
-    // warps and num_splits * split_len covers the longest context.
+    // num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale); every
+    // buffer has the shape checked above in the kernel name's dtype (metadata u32, scratch f32
+    // [num_tokens, num_heads, num_splits, head_dim + 2] whenever num_splits > 1), the layout was
+    // validated against these pages when it was built, head_dim <= 256 and the block has WARPS
+    // warps; the kernel sizes each sequence's splits to cover its context.
     unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
     if num_splits > 1 {
         let combine_name = kernel_name(OP, "paged_attention_combine", q.dtype())?;
@@ -313,28 +425,34 @@ pub fn paged_attention(
             .arg(&args[2])
             .arg(&args[3])
             .arg(&args[5])
-            .arg(&args[8])
             .arg(&num_splits_arg);
         // SAFETY: the arguments follow paged_attention_combine's signature (scratch, out,
-        // query_start, context_len, num_seqs, num_tokens, num_heads, head_dim, split_len,
-        // num_splits); the scratch was filled by the launch above on the same stream for every
+        // query_start, context_len, num_seqs, num_tokens, num_heads, head_dim, num_splits); the scratch was filled by the launch above on the same stream for every
         // split at or before each row's position, which is all the merge reads.
         unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &combine_name, e))?;
     }
     into_tensor(out, &dims)
 }
 
-/// How many splits to cut the longest context into, and how many tokens each holds: enough
-/// splits for about [`TARGET_BLOCKS`] blocks in all, none shorter than [`SPLIT_GRANULE`] tokens;
-/// one split when the (row, head) pairs alone fill the GPU (prefill).
-fn split_context(pairs: usize, max_context_len: usize) -> (usize, usize) {
-    let max_splits = max_context_len.div_ceil(SPLIT_GRANULE).max(1);
-    let wanted = TARGET_BLOCKS.div_ceil(pairs.max(1)).clamp(1, max_splits);
-    let split_len = max_context_len
-        .div_ceil(wanted)
+/// How many splits to cut each context into: enough for about [`TARGET_BLOCKS`] blocks in all,
+/// but no more than a context of `capacity` tokens (the longest the block tables can hold) has
+/// [`SPLIT_GRANULE`]-token pieces; one split when the (row, head) pairs alone fill the GPU
+/// (prefill). The kernels derive each sequence's split length from its own context
+/// (`split_length` in paged_attention.cu), so the count depends only on the batch's shape: a
+/// recorded graph replays it at every context length.
+fn split_count(pairs: usize, capacity: usize) -> usize {
+    let max_splits = capacity.div_ceil(SPLIT_GRANULE).max(1);
+    TARGET_BLOCKS.div_ceil(pairs.max(1)).clamp(1, max_splits)
+}
+
+/// Context tokens per split for a context of `context` tokens cut into `num_splits`: the same
+/// rule as `split_length` in paged_attention.cu.
+#[cfg(test)]
+fn split_length(context: usize, num_splits: usize) -> usize {
+    context
+        .div_ceil(num_splits)
         .next_multiple_of(SPLIT_GRANULE)
-        .max(SPLIT_GRANULE);
-    (max_context_len.div_ceil(split_len).max(1), split_len)
+        .max(SPLIT_GRANULE)
 }
 
 #[cfg(test)]
@@ -344,24 +462,28 @@ mod tests {
     #[test]
     fn splits_cover_the_context_and_fill_the_gpu() {
         for pairs in [1, 24, 96, 511, 512, 4096] {
-            for context in [0, 1, 31, 32, 33, 190, 4097, 32773] {
-                let (splits, len) = split_context(pairs, context);
-                assert!(splits >= 1 && len % SPLIT_GRANULE == 0, "{pairs} {context}");
-                assert!(
-                    splits * len >= context,
-                    "{pairs} {context}: {splits} x {len}"
-                );
-                // No split is empty: the last one starts inside the context.
-                assert!(
-                    context == 0 || (splits - 1) * len < context,
-                    "{pairs} {context}"
-                );
+            for capacity in [16, 32, 4096, 32768] {
+                let splits = split_count(pairs, capacity);
+                assert!(splits >= 1, "{pairs} {capacity}");
                 if pairs >= TARGET_BLOCKS {
-                    assert_eq!(splits, 1, "{pairs} {context}");
+                    assert_eq!(splits, 1, "{pairs} {capacity}");
+                }
+                for context in [1, 31, 32, 33, 190, 4096, 32768] {
+                    if context > capacity {
+                        continue;
+                    }
+                    let len = split_length(context, splits);
+                    assert!(len.is_multiple_of(SPLIT_GRANULE), "{pairs} {context}");
+                    assert!(
+                        splits * len >= context,
+                        "{pairs} {context}: {splits} x {len}"
+                    );
                 }
             }
         }
-        // Decode of one sequence with 24 heads and 190 tokens of context: 6 splits of 32 tokens.
-        assert_eq!(split_context(24, 190), (6, 32));
+        // Decode of one sequence with 24 heads: 22 splits; 190 tokens of context use 6 of them.
+        assert_eq!(split_count(24, 8192), 22);
+        assert_eq!(split_length(190, 22), 32);
+        assert_eq!(split_count(24, 64), 2);
     }
 }

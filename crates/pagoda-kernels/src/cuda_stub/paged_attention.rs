@@ -32,6 +32,38 @@ impl DeviceBatchLayout {
         Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
     }
 
+    /// U32 words a layout takes in `from_words`' form.
+    pub fn words_len(num_seqs: usize, max_blocks_per_seq: usize) -> usize {
+        2 * num_seqs + 1 + num_seqs * max_blocks_per_seq
+    }
+
+    /// Always fails without the `cuda` feature.
+    pub fn from_words(
+        _device_words: &Tensor,
+        _host_words: &[u32],
+        _num_seqs: usize,
+        _max_blocks_per_seq: usize,
+        _block_size: usize,
+        _num_blocks: usize,
+    ) -> Result<Self> {
+        Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+    }
+
+    /// Tokens per block of the pages.
+    pub fn block_size(&self) -> usize {
+        match self.never {}
+    }
+
+    /// Blocks of the pages.
+    pub fn num_blocks(&self) -> usize {
+        match self.never {}
+    }
+
+    /// The longest context of the batch when the layout was built.
+    pub fn max_context_len(&self) -> usize {
+        match self.never {}
+    }
+
     /// The number of sequences.
     pub fn num_seqs(&self) -> usize {
         match self.never {}
