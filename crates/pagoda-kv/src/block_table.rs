@@ -45,6 +45,16 @@ impl BlockTable {
         }
     }
 
+    /// A table over blocks whose references the caller hands to it, holding `num_tokens` tokens.
+    pub(crate) fn from_blocks(block_size: usize, blocks: Vec<BlockId>, num_tokens: usize) -> Self {
+        debug_assert_eq!(blocks.len(), num_tokens.div_ceil(block_size));
+        Self {
+            block_size,
+            blocks,
+            num_tokens,
+        }
+    }
+
     /// The sequence's blocks, in token order.
     pub fn blocks(&self) -> &[BlockId] {
         &self.blocks
@@ -160,7 +170,7 @@ impl BlockTable {
     /// Flat slot of token `position`: `block * block_size + position % block_size`.
     ///
     /// `None` if `position >= num_tokens`, or if the slot does not fit in a `u32` (a pool that large is
-    /// rejected by [`KvCache::new`](crate::KvCache::new)).
+    /// rejected by `KvCacheConfig::validate`).
     pub fn slot(&self, position: usize) -> Option<u32> {
         if position >= self.num_tokens {
             return None;
@@ -179,12 +189,16 @@ impl BlockTable {
 
     /// Releases every block and empties the table.
     ///
+    /// Blocks are released last to first. Cached blocks thereby join the eviction order with the
+    /// sequence's later blocks ahead of its earlier ones, which matters because a cached block is only
+    /// reachable through the blocks before it: evicting an early block first would strand the later ones.
+    ///
     /// The table is empty afterwards even on error; the error is the first failed release (a block the
     /// allocator did not consider held by this table, i.e. a bookkeeping bug elsewhere).
     pub fn free(&mut self, allocator: &mut BlockAllocator) -> Result<()> {
         self.num_tokens = 0;
         let mut first_error = None;
-        for block in self.blocks.drain(..) {
+        for block in self.blocks.drain(..).rev() {
             if let Err(err) = allocator.release(block) {
                 first_error.get_or_insert(err);
             }

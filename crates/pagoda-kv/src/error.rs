@@ -1,8 +1,9 @@
 //! Errors of the KV cache.
 
 use crate::block_allocator::BlockId;
+use crate::block_manager::SeqId;
 
-/// Everything that can go wrong while allocating blocks or building the page tensors.
+/// Everything that can go wrong while allocating blocks, managing sequences or building the page tensors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Not enough free blocks for the request; nothing was allocated.
@@ -25,10 +26,55 @@ pub enum Error {
     /// Appending would write into a partly filled block that other holders share.
     #[error("cannot append into shared {0}: call BlockTable::copy_on_write_tail first")]
     SharedTail(BlockId),
+    /// The block manager has no sequence with this id.
+    #[error("{0} is not tracked by the KV block manager")]
+    UnknownSequence(SeqId),
+    /// The block manager already tracks a sequence with this id.
+    #[error("{0} already has a block table")]
+    SequenceExists(SeqId),
+    /// More tokens were committed than the sequence has slots for.
+    #[error("{seq}: cannot commit {tokens} tokens, its block table holds {slots}")]
+    CommitBeyondTable {
+        /// The sequence.
+        seq: SeqId,
+        /// Tokens passed to `commit`.
+        tokens: usize,
+        /// Tokens the sequence's block table has slots for.
+        slots: usize,
+    },
+    /// A fork would share slots the parent reserved but has not committed: both sequences would write
+    /// their own tokens into the same pages.
+    #[error(
+        "cannot fork {seq}: {committed} of its {slots} reserved slots are committed; \
+         fork between forward passes, after commit"
+    )]
+    UncommittedSlots {
+        /// The sequence to fork.
+        seq: SeqId,
+        /// Tokens its block table has slots for.
+        slots: usize,
+        /// Tokens committed so far.
+        committed: usize,
+    },
     /// The cache configuration cannot be built.
     #[error("invalid KV cache config: {0}")]
     InvalidConfig(String),
-    /// Creating the page tensors failed.
+    /// A layer's page tensors no longer have the layout the cache was built with.
+    #[cfg(feature = "pages")]
+    #[error("KV cache pages: {0}")]
+    InvalidPages(String),
+    /// Copying blocks is not implemented for pages on this device.
+    #[cfg(feature = "pages")]
+    #[error(
+        "copying KV-cache blocks on {device} is not supported: pagoda-tensor has no \
+         device-to-device copy within a tensor yet"
+    )]
+    CopyUnsupported {
+        /// Where the pages live.
+        device: pagoda_tensor::Device,
+    },
+    /// Creating or accessing the page tensors failed.
+    #[cfg(feature = "pages")]
     #[error("KV cache page tensors: {0}")]
     Tensor(#[from] pagoda_tensor::Error),
 }

@@ -4,10 +4,10 @@
 //! contiguous, so the keys of slot `s` (see [`BlockTable::slot`]) start at element
 //! `s * num_kv_heads * head_dim`. Attention kernels rely on this layout.
 
-use pagoda_tensor::{DType, Device, Tensor};
+use pagoda_tensor::{CpuStorage, DType, Device, Storage, Tensor};
 
 use crate::block_allocator::BlockAllocator;
-use crate::block_table::BlockTable;
+use crate::block_table::{BlockCopy, BlockTable};
 use crate::error::{Error, Result};
 
 /// Geometry, element type and placement of a paged KV cache.
@@ -123,7 +123,10 @@ pub struct LayerPages {
 /// A paged KV cache: the page tensors of every layer and the allocator that hands out their blocks.
 ///
 /// Sequences keep their own [`BlockTable`]s and grow them through [`allocator`](Self::allocator); the
-/// cache does not track which sequence holds which block.
+/// cache does not track which sequence holds which block. An engine that wants prefix caching and
+/// copy-on-write uses a [`KvBlockManager`](crate::KvBlockManager) of the same geometry for the
+/// bookkeeping instead, leaves this allocator alone, and applies the manager's copies with
+/// [`copy_blocks`](Self::copy_blocks).
 #[derive(Debug)]
 pub struct KvCache {
     config: KvCacheConfig,
@@ -203,6 +206,112 @@ impl KvCache {
     pub fn layers_mut(&mut self) -> &mut [LayerPages] {
         &mut self.layers
     }
+
+    /// Copies every layer's K and V rows of each `copy.src` block into its `copy.dst` block, in the
+    /// order given (a later copy may read a block an earlier one wrote), as copy-on-write requires.
+    ///
+    /// Fails with [`Error::InvalidBlock`] for a block outside the pool and [`Error::InvalidPages`] for
+    /// page tensors no longer of the configured shape, contiguous layout and device, before copying
+    /// anything; with [`Error::CopyUnsupported`] for pages on a CUDA device; and with [`Error::Tensor`]
+    /// if a layer's pages share their storage with another tensor (a clone) or are read-only. In the last
+    /// case earlier layers are already copied; running the same copies again is harmless.
+    pub fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<()> {
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let num_blocks = self.config.num_blocks;
+        if let Some(bad) = copies
+            .iter()
+            .flat_map(|copy| [copy.src, copy.dst])
+            .find(|block| block.0 as usize >= num_blocks)
+        {
+            return Err(Error::InvalidBlock(bad));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, pages) in [("K", &layer.k), ("V", &layer.v)] {
+                self.check_pages(pages)
+                    .map_err(|why| Error::InvalidPages(format!("layer {i} {name} pages {why}")))?;
+            }
+        }
+        if self.config.device.is_cuda() {
+            return Err(Error::CopyUnsupported {
+                device: self.config.device,
+            });
+        }
+        let [_, block_size, heads, head_dim] = self.config.page_shape();
+        let block_len = block_size * heads * head_dim;
+        for layer in &mut self.layers {
+            for pages in [&mut layer.k, &mut layer.v] {
+                copy_block_rows(pages, block_len, copies)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Why `pages` cannot be addressed as this cache's pages, if it cannot.
+    fn check_pages(&self, pages: &Tensor) -> std::result::Result<(), String> {
+        let shape = self.config.page_shape();
+        if pages.dims() != shape {
+            return Err(format!("have shape {:?}, expected {shape:?}", pages.dims()));
+        }
+        if !pages.is_contiguous() {
+            return Err("are not contiguous".into());
+        }
+        if pages.dtype() != self.config.dtype || pages.device() != self.config.device {
+            return Err(format!(
+                "are {} on {}, expected {} on {}",
+                pages.dtype(),
+                pages.device(),
+                self.config.dtype,
+                self.config.device
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Copies block rows of `block_len` elements within one contiguous host page tensor.
+fn copy_block_rows(pages: &mut Tensor, block_len: usize, copies: &[BlockCopy]) -> Result<()> {
+    let offset = pages.layout().offset();
+    let len = pages.elem_count();
+    let Storage::Cpu(storage) = pages.storage_mut()? else {
+        return Err(Error::CopyUnsupported {
+            device: pages.device(),
+        });
+    };
+    match storage {
+        CpuStorage::F32(v) => copy_within(v, offset, len, block_len, copies),
+        CpuStorage::F16(v) => copy_within(v, offset, len, block_len, copies),
+        CpuStorage::BF16(v) => copy_within(v, offset, len, block_len, copies),
+        CpuStorage::U8(v) => copy_within(v, offset, len, block_len, copies),
+        CpuStorage::I32(v) => copy_within(v, offset, len, block_len, copies),
+        CpuStorage::U32(v) => copy_within(v, offset, len, block_len, copies),
+        CpuStorage::Mapped(_) => Err(Error::Tensor(pagoda_tensor::Error::NotMutable {
+            reason: "the storage is a read-only memory map",
+        })),
+    }
+}
+
+/// Copies element runs `src * block_len..` to `dst * block_len..` of `elements[offset..offset + len]`.
+fn copy_within<T: Copy>(
+    elements: &mut [T],
+    offset: usize,
+    len: usize,
+    block_len: usize,
+    copies: &[BlockCopy],
+) -> Result<()> {
+    let pages = elements
+        .get_mut(offset..offset + len)
+        .ok_or_else(|| Error::InvalidPages(format!("storage is shorter than {len} elements")))?;
+    for copy in copies {
+        let src = copy.src.0 as usize * block_len;
+        let dst = copy.dst.0 as usize * block_len;
+        if src + block_len > pages.len() || dst + block_len > pages.len() {
+            return Err(Error::InvalidBlock(copy.src.max(copy.dst)));
+        }
+        pages.copy_within(src..src + block_len, dst);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -385,5 +494,124 @@ mod tests {
         };
         let err = huge.validate().unwrap_err();
         assert!(err.to_string().contains("overflows"), "{err}");
+    }
+
+    /// Fills every page element with a value unique to (layer, K or V, element index).
+    fn fill_distinct(cache: &mut KvCache) {
+        for (l, layer) in cache.layers_mut().iter_mut().enumerate() {
+            for (kv, pages) in [&mut layer.k, &mut layer.v].into_iter().enumerate() {
+                for (i, x) in pages.as_mut_slice::<f32>().unwrap().iter_mut().enumerate() {
+                    *x = (l * 10_000 + kv * 1000 + i) as f32;
+                }
+            }
+        }
+    }
+
+    fn copy(src: u32, dst: u32) -> BlockCopy {
+        BlockCopy {
+            src: BlockId(src),
+            dst: BlockId(dst),
+        }
+    }
+
+    #[test]
+    fn copy_blocks_copies_every_layer_k_and_v_in_order() {
+        let mut cache = KvCache::new(config()).unwrap();
+        fill_distinct(&mut cache);
+        let before: Vec<Vec<f32>> = cache
+            .layers()
+            .iter()
+            .flat_map(|l| [l.k.to_vec::<f32>().unwrap(), l.v.to_vec::<f32>().unwrap()])
+            .collect();
+        // 1 -> 3, then 3 -> 4 reads what the first copy wrote; 0 -> 0 changes nothing.
+        let copies = [copy(1, 3), copy(3, 4), copy(0, 0)];
+        cache.copy_blocks(&copies).unwrap();
+
+        let block_len = 4 * 3 * 2;
+        let mut expected = before.clone();
+        for pages in &mut expected {
+            // Naive reference: one element at a time, copies applied in order.
+            for c in &copies {
+                for i in 0..block_len {
+                    pages[c.dst.0 as usize * block_len + i] =
+                        pages[c.src.0 as usize * block_len + i];
+                }
+            }
+        }
+        let after: Vec<Vec<f32>> = cache
+            .layers()
+            .iter()
+            .flat_map(|l| [l.k.to_vec::<f32>().unwrap(), l.v.to_vec::<f32>().unwrap()])
+            .collect();
+        assert_eq!(after, expected);
+        // Blocks 3 and 4 now hold block 1's rows; blocks 0, 1 and 2 are untouched.
+        for (pages, original) in after.iter().zip(&before) {
+            let block = |data: &[f32], b: usize| data[b * block_len..(b + 1) * block_len].to_vec();
+            assert_eq!(block(pages, 3), block(original, 1));
+            assert_eq!(block(pages, 4), block(original, 1));
+            for b in 0..3 {
+                assert_eq!(block(pages, b), block(original, b));
+            }
+        }
+    }
+
+    #[test]
+    fn copy_blocks_handles_half_precision_pages() {
+        let mut cache = KvCache::new(KvCacheConfig {
+            dtype: DType::F16,
+            ..config()
+        })
+        .unwrap();
+        let block_len = 4 * 3 * 2;
+        let values: Vec<f32> = (0..5 * block_len).map(|i| i as f32).collect();
+        let pages = Tensor::from_slice(&values, config().page_shape())
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        cache.layer_mut(1).v = pages;
+        cache.copy_blocks(&[copy(2, 0)]).unwrap();
+        let v = cache.layer(1).v.to_vec_f32().unwrap();
+        assert_eq!(v[..block_len], values[2 * block_len..3 * block_len]);
+        assert_eq!(v[block_len..], values[block_len..]);
+        assert!(
+            cache
+                .layer(0)
+                .k
+                .to_vec_f32()
+                .unwrap()
+                .iter()
+                .all(|&x| x == 0.0)
+        );
+    }
+
+    #[test]
+    fn copy_blocks_rejects_bad_blocks_and_pages_before_copying() {
+        let mut cache = KvCache::new(config()).unwrap();
+        fill_distinct(&mut cache);
+        let snapshot = cache.layer(0).k.to_vec::<f32>().unwrap();
+        assert!(matches!(
+            cache.copy_blocks(&[copy(1, 2), copy(0, 5)]),
+            Err(Error::InvalidBlock(BlockId(5)))
+        ));
+        assert_eq!(cache.layer(0).k.to_vec::<f32>().unwrap(), snapshot);
+
+        // Pages swapped for a tensor of another shape are refused for every layer before any copy.
+        let original = cache.layer(1).v.clone();
+        cache.layer_mut(1).v = original.narrow(0, 0, 4).unwrap();
+        let err = cache.copy_blocks(&[copy(1, 2)]).unwrap_err();
+        assert!(matches!(err, Error::InvalidPages(_)), "{err}");
+        assert!(err.to_string().contains("layer 1 V"), "{err}");
+        assert_eq!(cache.layer(0).k.to_vec::<f32>().unwrap(), snapshot);
+
+        // Pages whose storage another tensor shares cannot be written.
+        cache.layer_mut(1).v = original;
+        let alias = cache.layer(0).k.clone();
+        assert!(matches!(
+            cache.copy_blocks(&[copy(1, 2)]),
+            Err(Error::Tensor(pagoda_tensor::Error::NotMutable { .. }))
+        ));
+        drop(alias);
+        cache.copy_blocks(&[copy(1, 2)]).unwrap();
+        cache.copy_blocks(&[]).unwrap();
     }
 }
