@@ -6,7 +6,8 @@
 #   - the card's copy bandwidth (PyTorch) and torch.softmax on the BENCH.md shapes;
 #   - pagoda's fused softmax (criterion, GB/s);
 #   - W1 decode, batch 1, prompt 128, 256 new tokens, fp16: pagoda (`pagoda bench decode`, with
-#     its own copy-bandwidth floor) and HF transformers eager and static cache + torch.compile.
+#     its own copy-bandwidth floor; decode steps replayed as CUDA graphs, and with --eager host
+#     launches) and HF transformers eager and static cache + torch.compile.
 # The models are Pythia-2.8B and Llama-3.2-3B from their real configs with random weights, made
 # by scripts/gpu_parity_reference.py if MODELS does not hold them yet.
 set -uo pipefail
@@ -33,8 +34,10 @@ for b in "$bundle"/bin/bench-cuda_softmax; do
   [ -x "$b" ] && run 180 "$b" --bench --warm-up-time 1 --measurement-time 2
 done
 for m in pythia-2.8b llama-3.2-3b; do
-  run 180 "$bundle/bin/pagoda" bench decode --model "$models/$m" --device cuda --dtype f16 \
-    --prompt-len 128 --new-tokens 256 --warmup 1 --reps 3
+  for launches in "" --eager; do
+    run 180 "$bundle/bin/pagoda" bench decode --model "$models/$m" --device cuda --dtype f16 \
+      --prompt-len 128 --new-tokens 256 --warmup 1 --reps 3 $launches
+  done
 done
 for m in pythia-2.8b llama-3.2-3b; do
   run 300 python3 "$bundle/peers/hf_decode.py" --model "$m" --modes fp16_eager,fp16_static_compile \
@@ -52,8 +55,9 @@ for line in open(sys.argv[1]):
     except ValueError:
         continue
     if r.get("bench") == "decode":
-        print("pagoda      %-8s TTFT %7.2f ms  TPOT %6.3f ms  %7.1f tok/s  floor %.3f ms  %.1f%% of floor"
-              % (r["architecture"], r["ttft_ms"], r["tpot_ms"], r["tok_s"], r["floor_tpot_ms"], 100 * r["fraction_of_floor"]))
+        launches = "graphs" if r.get("cuda_graphs") else "eager"
+        print("pagoda %-6s %-8s TTFT %7.2f ms  TPOT %6.3f ms  %7.1f tok/s  floor %.3f ms  %.1f%% of floor"
+              % (launches, r["architecture"], r["ttft_ms"], r["tpot_ms"], r["tok_s"], r["floor_tpot_ms"], 100 * r["fraction_of_floor"]))
     elif "decode_tok_s" in r:
         print("HF %-20s %-13s TTFT %7.2f ms  TPOT %6.3f ms  %7.1f tok/s"
               % (r["mode"], r["model"], r["ttft_ms"], r["tpot_ms"], r["decode_tok_s"]))

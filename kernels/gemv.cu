@@ -13,9 +13,12 @@
 //   over k, partial sums meeting in shared memory: narrow layers (n of a few thousand) keep every
 //   SM busy, which one warp per row cannot.
 // Partial sums are f32 per lane; the bias is added in f32 and the result rounded once to the
-// output dtype.
+// output dtype. The split form also applies an epilogue before that rounding, so the elementwise
+// kernel that would follow the product (and its round trip through memory) disappears: GELU,
+// SwiGLU's silu(gate) * up over a fused [gate; up] matrix, or the addition of another tensor.
 
 #include "common.cuh"
+#include "activation.cuh"
 
 // The largest m this kernel takes; the launcher sends bigger products to cuBLAS.
 constexpr int GEMV_MAX_M = 8;
@@ -26,6 +29,13 @@ constexpr int GEMV_ROWS = 2;
 constexpr int BIAS_NONE = 0;
 constexpr int BIAS_F32 = 1;
 constexpr int BIAS_SAME = 2;
+
+// act: the epilogue's activation. With ACT_SILU_GATE the weight holds 2n rows, gates then ups,
+// and output j is silu(gate row j . x) * (up row j . x).
+constexpr int ACT_NONE = 0;
+constexpr int ACT_GELU = 1;
+constexpr int ACT_GELU_TANH = 2;
+constexpr int ACT_SILU_GATE = 3;
 
 // 16-byte steps of each weight row a warp requests before using the first one.
 constexpr int GEMV_BATCH = 4;
@@ -175,23 +185,37 @@ __device__ __forceinline__ uint4 load_weights(const void* p) {
     }
 }
 
+// The bias of weight row `row`, in f32 (0 without one).
+template <typename T>
+__device__ __forceinline__ float bias_of(const void* __restrict__ bias, int bias_kind, unsigned row) {
+    if (bias_kind == BIAS_F32) return static_cast<const float*>(bias)[row];
+    if (bias_kind == BIAS_SAME) return to_float(static_cast<const T*>(bias)[row]);
+    return 0.0f;
+}
+
 template <typename T, int ROWS, int BATCH, bool STREAM>
 __device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                   const void* __restrict__ bias, int bias_kind,
+                                                  const T* __restrict__ addend, int act,
                                                   T* __restrict__ out, unsigned m, unsigned n,
                                                   unsigned k) {
+    static_assert(ROWS == 2, "the gated epilogue pairs a gate row with its up row");
     __shared__ float partial[GEMV_MAX_WARPS][ROWS * GEMV_MAX_M];
     const unsigned tid = threadIdx.x;
     const unsigned threads = blockDim.x;
     const unsigned lane = tid & 31;
     const unsigned warp = tid >> 5;
-    const unsigned row0 = blockIdx.x * ROWS;
-
-    // Rows past n (the last block of an n that ROWS does not divide) re-read row n - 1 and are
-    // not written.
+    const bool gated = act == ACT_SILU_GATE;
+    // Gated: this block's output column j and its weight rows j (gate) and n + j (up).
+    // Otherwise ROWS consecutive output columns; rows past n (the last block of an n that ROWS
+    // does not divide) re-read row n - 1 and are not written.
+    const unsigned row0 = gated ? blockIdx.x : blockIdx.x * ROWS;
+    unsigned rows[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) rows[r] = gated ? row0 + r * n : min(row0 + r, n - 1);
     const T* w_rows[ROWS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) w_rows[r] = w + static_cast<size_t>(min(row0 + r, n - 1)) * k;
+    for (int r = 0; r < ROWS; ++r) w_rows[r] = w + static_cast<size_t>(rows[r]) * k;
 
     float acc[ROWS][GEMV_MAX_M];
 #pragma unroll
@@ -248,16 +272,26 @@ __device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const
                 if (lane == 0) partial[warp][r * GEMV_MAX_M + i] = sum;
             }
     __syncthreads();
-    if (tid < ROWS * m) {
+    const unsigned outputs = gated ? m : ROWS * m;
+    if (tid < outputs) {
         const unsigned r = tid / m;
         const unsigned i = tid % m;
         const unsigned j = row0 + r;
         if (j < n) {
-            float sum = 0.0f;
+            float sum = bias_of<T>(bias, bias_kind, rows[r]);
             for (unsigned v = 0; v < threads / 32; ++v) sum += partial[v][r * GEMV_MAX_M + i];
-            if (bias_kind == BIAS_F32) sum += static_cast<const float*>(bias)[j];
-            else if (bias_kind == BIAS_SAME) sum += to_float(static_cast<const T*>(bias)[j]);
-            out[static_cast<size_t>(i) * n + j] = from_float<T>(sum);
+            if (gated) {
+                float up = bias_of<T>(bias, bias_kind, rows[1]);
+                for (unsigned v = 0; v < threads / 32; ++v) up += partial[v][GEMV_MAX_M + i];
+                sum = SiluMul()(sum, up);
+            } else if (act == ACT_GELU) {
+                sum = GeluExact()(sum);
+            } else if (act == ACT_GELU_TANH) {
+                sum = GeluTanh()(sum);
+            }
+            const size_t at = static_cast<size_t>(i) * n + j;
+            if (addend != nullptr) sum += to_float(addend[at]);
+            out[at] = from_float<T>(sum);
         }
     }
 }
@@ -272,12 +306,15 @@ __device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const
 PAGODA_FOR_EACH_FLOAT(GEMV_KERNEL)
 #undef GEMV_KERNEL
 
+// addend: null, or m x n values added to the outputs last. With ACT_SILU_GATE, w holds 2n rows.
 #define GEMV_SPLIT_KERNEL(suffix, T)                                                            \
     extern "C" __global__ void gemv_split_##suffix(                                             \
         const T* __restrict__ x, const T* __restrict__ w, const void* __restrict__ bias,        \
-        int bias_kind, T* __restrict__ out, unsigned m, unsigned n, unsigned k) {               \
+        int bias_kind, const T* __restrict__ addend, int act, T* __restrict__ out, unsigned m,  \
+        unsigned n, unsigned k) {                                                               \
         gemv_split_kernel<T, GEMV_SPLIT_ROWS, GEMV_SPLIT_BATCH, true>(x, w, bias, bias_kind,    \
-                                                                      out, m, n, k);            \
+                                                                      addend, act, out, m, n,   \
+                                                                      k);                       \
     }
 PAGODA_FOR_EACH_FLOAT(GEMV_SPLIT_KERNEL)
 #undef GEMV_SPLIT_KERNEL

@@ -3,7 +3,8 @@
 // [num_blocks, block_size, kv_heads, head_dim], slot = block * block_size + offset.
 //
 // rope_write_kv rotates K (GPT-NeoX rotate half, as rope.cu) on its way into the page, so the model
-// needs no separate RoPE pass over K: K is read once and written once.
+// needs no separate RoPE pass over K: K is read once and written once; given Q, it rotates Q into
+// a new buffer in the same launch.
 //
 // A slot at or past num_slots is skipped, so padded rows may carry 0xffffffff. A position outside
 // the RoPE table writes NaN into the rotated dimensions of that token's K (see rope.cu).
@@ -38,8 +39,40 @@ __device__ void write_kv(const T* __restrict__ k, const T* __restrict__ v, const
     }
 }
 
+// Rotates `len` = heads x head_dim elements of one token (GPT-NeoX rotate half over the first
+// rotary_dim dimensions of each head, the rest copied) from `from` into `to`; NaN in the rotated
+// dimensions when the position is outside the table.
 template <typename T>
-__device__ void rope_write_kv(const T* __restrict__ k, const T* __restrict__ v, const unsigned* __restrict__ positions,
+__device__ __forceinline__ void rotate_row(const T* __restrict__ from, T* __restrict__ to, unsigned len,
+                                           unsigned head_dim, unsigned rotary_dim, const float* __restrict__ cos_row,
+                                           const float* __restrict__ sin_row, bool in_table) {
+    const unsigned half = rotary_dim / 2;
+    for (unsigned e = threadIdx.x; e < len; e += blockDim.x) {
+        const unsigned d = e % head_dim;
+        if (d >= rotary_dim) {
+            to[e] = from[e];
+            continue;
+        }
+        float rotated = __int_as_float(0x7fc00000);
+        if (in_table) {
+            // The pair (a, b) = (dimension i, dimension i + half) of this head.
+            const unsigned i = d < half ? d : d - half;
+            const unsigned head_start = e - d;
+            const float a = to_float(from[head_start + i]);
+            const float b = to_float(from[head_start + i + half]);
+            const float c = cos_row[i];
+            const float s = sin_row[i];
+            rotated = d < half ? a * c - b * s : b * c + a * s;
+        }
+        to[e] = from_float<T>(rotated);
+    }
+}
+
+// With q non-null, also writes q rotated the same way to q_out (q_heads heads per token): the
+// query's RoPE rides along in the same launch.
+template <typename T>
+__device__ void rope_write_kv(const T* __restrict__ q, T* __restrict__ q_out, unsigned q_heads,
+                              const T* __restrict__ k, const T* __restrict__ v, const unsigned* __restrict__ positions,
                               const unsigned* __restrict__ slots, const float* __restrict__ cos,
                               const float* __restrict__ sin, T* __restrict__ k_pages, T* __restrict__ v_pages,
                               unsigned tokens, unsigned kv_heads, unsigned head_dim, unsigned rotary_dim,
@@ -47,34 +80,20 @@ __device__ void rope_write_kv(const T* __restrict__ k, const T* __restrict__ v, 
     const unsigned half = rotary_dim / 2;
     const unsigned token_len = kv_heads * head_dim;
     for (unsigned t = blockIdx.x; t < tokens; t += gridDim.x) {
-        const unsigned long long slot = slots[t];
-        if (slot >= num_slots) continue;
         const unsigned position = positions[t];
         const bool in_table = position < max_positions;
         const float* cos_row = cos + static_cast<unsigned long long>(position) * half;
         const float* sin_row = sin + static_cast<unsigned long long>(position) * half;
-        const unsigned long long row = static_cast<unsigned long long>(t) * token_len;
-        const T* k_row = k + row;
-        T* k_page = k_pages + slot * token_len;
-        for (unsigned e = threadIdx.x; e < token_len; e += blockDim.x) {
-            const unsigned d = e % head_dim;
-            if (d >= rotary_dim) {
-                k_page[e] = k_row[e];
-                continue;
-            }
-            float rotated = __int_as_float(0x7fc00000);
-            if (in_table) {
-                // The pair (a, b) = (dimension i, dimension i + half) of this head.
-                const unsigned i = d < half ? d : d - half;
-                const unsigned head_start = e - d;
-                const float a = to_float(k_row[head_start + i]);
-                const float b = to_float(k_row[head_start + i + half]);
-                const float c = cos_row[i];
-                const float s = sin_row[i];
-                rotated = d < half ? a * c - b * s : b * c + a * s;
-            }
-            k_page[e] = from_float<T>(rotated);
+        if (q != nullptr) {
+            const unsigned long long q_row = static_cast<unsigned long long>(t) * q_heads * head_dim;
+            rotate_row(q + q_row, q_out + q_row, q_heads * head_dim, head_dim, rotary_dim, cos_row, sin_row,
+                       in_table);
         }
+        const unsigned long long slot = slots[t];
+        if (slot >= num_slots) continue;
+        const unsigned long long row = static_cast<unsigned long long>(t) * token_len;
+        rotate_row(k + row, k_pages + slot * token_len, token_len, head_dim, rotary_dim, cos_row, sin_row,
+                   in_table);
         copy_row(v + row, v_pages + slot * token_len, token_len);
     }
 }
@@ -90,13 +109,15 @@ __device__ void rope_write_kv(const T* __restrict__ k, const T* __restrict__ v, 
                                                  unsigned long long num_slots) {                                    \
         write_kv<T>(k, v, slots, k_pages, v_pages, tokens, token_len, num_slots);                                  \
     }                                                                                                              \
+    /* q: null, or [tokens, q_heads, head_dim] rotated into q_out. */                                           \
     extern "C" __global__ void rope_write_kv_##SUFFIX(                                                             \
+        const T* __restrict__ q, T* __restrict__ q_out, unsigned q_heads,                                          \
         const T* __restrict__ k, const T* __restrict__ v, const unsigned* __restrict__ positions,                  \
         const unsigned* __restrict__ slots, const float* __restrict__ cos, const float* __restrict__ sin,          \
         T* __restrict__ k_pages, T* __restrict__ v_pages, unsigned tokens, unsigned kv_heads, unsigned head_dim,   \
         unsigned rotary_dim, unsigned max_positions, unsigned long long num_slots) {                               \
-        rope_write_kv<T>(k, v, positions, slots, cos, sin, k_pages, v_pages, tokens, kv_heads, head_dim,           \
-                         rotary_dim, max_positions, num_slots);                                                    \
+        rope_write_kv<T>(q, q_out, q_heads, k, v, positions, slots, cos, sin, k_pages, v_pages, tokens, kv_heads,   \
+                         head_dim, rotary_dim, max_positions, num_slots);                                          \
     }
 
 PAGODA_FOR_EACH_FLOAT(PAGODA_KV_WRITE_KERNELS)

@@ -179,20 +179,23 @@ fn launch_form(device: &CudaDevice, form: &Form, x: &Tensor, w: &Tensor, y: &mut
         shared_mem_bytes: 0,
     };
     let (m, n, k, no_bias) = (m as u32, n as u32, k as u32, 0i32);
+    // The split form's epilogue: no addend (null), identity activation.
+    let (no_addend, identity) = (0u64, 0i32);
     let stream = device.stream();
     let mut launch = stream.launch_builder(&kernel);
     launch
         .arg(device_slice(x))
         .arg(device_slice(w))
         .arg(device_slice(x))
-        .arg(&no_bias)
-        .arg(y.slice_mut())
-        .arg(&m)
-        .arg(&n)
-        .arg(&k);
-    // SAFETY: (x, w, bias, bias_kind, out, m, n, k) is the kernels' signature; x holds m x k,
-    // w n x k and y m x n f16 values, the bias is unread with bias_kind 0, and the grid covers
-    // the n columns at the form's rows per block (or per warp) with at most 256 threads.
+        .arg(&no_bias);
+    if !form.per_warp {
+        launch.arg(&no_addend).arg(&identity);
+    }
+    launch.arg(y.slice_mut()).arg(&m).arg(&n).arg(&k);
+    // SAFETY: (x, w, bias, bias_kind, out, m, n, k) is gemv's signature and gemv_split's has
+    // (addend, act) after bias_kind; x holds m x k, w n x k and y m x n f16 values, the bias is
+    // unread with bias_kind 0, the addend null, and the grid covers the n columns at the form's
+    // rows per block (or per warp) with at most 256 threads.
     unsafe { launch.launch(config) }.unwrap_or_else(|e| panic!("launching {name}: {e}"));
 }
 

@@ -26,6 +26,79 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
+/// The elementwise step that follows a linear layer, applied by [`linear_with_epilogue`]:
+/// `activation(x Wᵀ + b) + addend`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    pub activation: OutputActivation,
+    /// Added last (e.g. the attention output a parallel-residual block adds to the MLP's); it has
+    /// the output's shape and dtype.
+    pub addend: Option<&'a Tensor>,
+}
+
+/// The activation of an [`Epilogue`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputActivation {
+    #[default]
+    Identity,
+    /// Exact GELU.
+    Gelu,
+    /// GELU with the tanh approximation.
+    GeluTanh,
+    /// SwiGLU: the weight stacks `n` gate rows over `n` up rows (and the bias likewise), and
+    /// the output's `n` columns are `silu(gate) * up`.
+    SiluGate,
+}
+
+/// `linear(x, w, bias)` followed by `epilogue`. On a GPU, decode-sized products (at most
+/// [`cuda::gemm::EPILOGUE_MAX_ROWS`] rows) run it as one kernel, the elementwise step applied
+/// to each output before it is stored; otherwise the product and the step run one after the
+/// other, as on the CPU.
+pub fn linear_with_epilogue(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::EPILOGUE_MAX_ROWS).contains(&rows)
+    {
+        let _timer = OpTimer::start("linear", x.device());
+        return cuda::gemm::linear_with_epilogue(x, w, bias, epilogue);
+    }
+    let out = match epilogue.activation {
+        OutputActivation::Identity => linear(x, w, bias)?,
+        OutputActivation::Gelu => gelu(&linear(x, w, bias)?, false)?,
+        OutputActivation::GeluTanh => gelu(&linear(x, w, bias)?, true)?,
+        OutputActivation::SiluGate => {
+            let n = w.dims().first().copied().unwrap_or(0);
+            if n % 2 != 0 {
+                return Err(Error::Shape {
+                    op: "linear_with_epilogue",
+                    message: format!(
+                        "a gated product needs gate and up rows in equal number, w has {n}"
+                    ),
+                });
+            }
+            let half = |start: usize| -> Result<(Tensor, Option<Tensor>)> {
+                Ok((
+                    w.narrow(0, start, n / 2)?,
+                    bias.map(|b| b.narrow(0, start, n / 2)).transpose()?,
+                ))
+            };
+            let ((gate_w, gate_b), (up_w, up_b)) = (half(0)?, half(n / 2)?);
+            silu_and_mul(
+                &linear(x, &gate_w, gate_b.as_ref())?,
+                &linear(x, &up_w, up_b.as_ref())?,
+            )?
+        }
+    };
+    match epilogue.addend {
+        Some(addend) => add(&out, addend),
+        None => Ok(out),
+    }
+}
+
 /// Rows `ids` (U32) of `table` `[rows, hidden]`: token embeddings, or any row gather.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let _timer = OpTimer::start("embedding", table.device());
@@ -255,6 +328,42 @@ pub fn rope_write_kv(
             kv.k_pages,
             kv.v_pages,
         ),
+    }
+}
+
+/// [`rope_write_kv`], and the queries `q` `[tokens, heads, head_dim]` rotated the same way,
+/// returned as a new tensor: on the GPU all of an attention layer's RoPE and its page write are
+/// one kernel.
+pub fn rope_qk_write_kv(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    positions: &Tensor,
+    slots: &Tensor,
+    rope: &Rope,
+    kv: LayerKv<'_>,
+) -> Result<Tensor> {
+    match q.device() {
+        Device::Cpu => {
+            rope_write_kv(k, v, positions, slots, rope, kv)?;
+            // A copy of its own: q may share its storage with k and v (views of one product).
+            let mut rotated = Tensor::from_vec(q.to_vec_f32()?, q.dims().to_vec())?;
+            apply_rope(&mut rotated, positions, rope)?;
+            Ok(rotated)
+        }
+        Device::Cuda(_) => {
+            let _timer = OpTimer::start("rope_write_kv", q.device());
+            cuda::kv_write::rope_qk_write_kv(
+                q,
+                k,
+                v,
+                positions,
+                slots,
+                rope.cuda("rope_qk_write_kv")?,
+                kv.k_pages,
+                kv.v_pages,
+            )
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod common;
 
 use common::{FLOAT_DTYPES, TestRng};
 use pagoda_kernels::cpu::gemm::Weights;
+use pagoda_kernels::ops::{self, Epilogue, OutputActivation};
 use pagoda_kernels::{Error, cpu, cuda};
 use pagoda_tensor::{CudaDevice, DType, Tensor};
 
@@ -206,4 +207,115 @@ fn a_bias_of_the_wrong_length_or_dtype_is_an_error() {
     let (bf16_bias, _) = common::random_tensor(&mut rng, &[5], DType::BF16, 1.0, &device);
     let err = cuda::gemm::linear(&x, &w, Some(&bf16_bias)).unwrap_err();
     assert!(matches!(err, Error::DType { .. }), "{err:?}");
+}
+
+/// `ops::linear_with_epilogue` on the CPU over the same values: the product, then the
+/// elementwise step, each by its oracle.
+fn cpu_epilogue(
+    (x, m, k): (&[f32], usize, usize),
+    (w, rows): (&[f32], usize),
+    bias: Option<&[f32]>,
+    activation: OutputActivation,
+    addend: Option<&[f32]>,
+) -> Vec<f32> {
+    let x = Tensor::from_slice(x, [m, k]).unwrap();
+    let w = Tensor::from_slice(w, [rows, k]).unwrap();
+    let bias = bias.map(|b| Tensor::from_slice(b, [rows]).unwrap());
+    let n = if activation == OutputActivation::SiluGate {
+        rows / 2
+    } else {
+        rows
+    };
+    let addend = addend.map(|a| Tensor::from_slice(a, [m, n]).unwrap());
+    let epilogue = Epilogue {
+        activation,
+        addend: addend.as_ref(),
+    };
+    ops::linear_with_epilogue(&x, &w, bias.as_ref(), epilogue)
+        .and_then(|t| Ok(t.to_vec::<f32>()?))
+        .unwrap()
+}
+
+#[test]
+fn epilogues_match_the_product_then_the_elementwise_oracles() {
+    let Some(device) =
+        common::gpu_or_skip("epilogues_match_the_product_then_the_elementwise_oracles")
+    else {
+        return;
+    };
+    let mut rng = TestRng::new("epilogues_match_the_product_then_the_elementwise_oracles");
+    let activations = [
+        OutputActivation::Identity,
+        OutputActivation::Gelu,
+        OutputActivation::GeluTanh,
+        OutputActivation::SiluGate,
+    ];
+    for dtype in FLOAT_DTYPES {
+        for m in [1, 3, 8] {
+            for (k, n) in [(67, 7), (256, 67), (3072, 130), (1000, 515)] {
+                for activation in activations {
+                    let rows = if activation == OutputActivation::SiluGate {
+                        2 * n
+                    } else {
+                        n
+                    };
+                    let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
+                    let (w, w_host) =
+                        common::random_tensor(&mut rng, &[rows, k], dtype, 0.1, &device);
+                    let (b, b_host) =
+                        common::random_tensor(&mut rng, &[rows], DType::F32, 1.0, &device);
+                    let (a, a_host) = common::random_tensor(&mut rng, &[m, n], dtype, 1.0, &device);
+                    for (with_bias, with_addend) in [(false, false), (true, false), (true, true)] {
+                        let what = format!(
+                            "{dtype} m {m} k {k} n {n} {activation:?} bias {with_bias} addend {with_addend}"
+                        );
+                        common::poison_pool(&device, m * n * dtype.size_in_bytes());
+                        let epilogue = Epilogue {
+                            activation,
+                            addend: with_addend.then_some(&a),
+                        };
+                        let out = cuda::gemm::linear_with_epilogue(
+                            &x,
+                            &w,
+                            with_bias.then_some(&b),
+                            epilogue,
+                        )
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                        assert_eq!(out.dims(), &[m, n][..], "{what}");
+                        let expected = cpu_epilogue(
+                            (&x_host, m, k),
+                            (&w_host, rows),
+                            with_bias.then_some(&b_host[..]),
+                            activation,
+                            with_addend.then_some(&a_host[..]),
+                        );
+                        common::assert_close(&what, &common::download(&out), &expected, dtype);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn epilogue_misuse_is_an_error() {
+    let Some(device) = common::gpu_or_skip("epilogue_misuse_is_an_error") else {
+        return;
+    };
+    let mut rng = TestRng::new("epilogue_misuse_is_an_error");
+    let (x, _) = common::random_tensor(&mut rng, &[2, 16], DType::F16, 1.0, &device);
+    let (odd, _) = common::random_tensor(&mut rng, &[7, 16], DType::F16, 1.0, &device);
+    let gated = Epilogue {
+        activation: OutputActivation::SiluGate,
+        addend: None,
+    };
+    assert!(cuda::gemm::linear_with_epilogue(&x, &odd, None, gated).is_err());
+    let (wide, _) = common::random_tensor(&mut rng, &[9, 16], DType::F16, 1.0, &device);
+    assert!(cuda::gemm::linear_with_epilogue(&wide, &odd, None, Epilogue::default()).is_err());
+    let (addend, _) = common::random_tensor(&mut rng, &[2, 6], DType::F16, 1.0, &device);
+    let with_addend = Epilogue {
+        activation: OutputActivation::Identity,
+        addend: Some(&addend),
+    };
+    assert!(cuda::gemm::linear_with_epilogue(&x, &odd, None, with_addend).is_err());
 }

@@ -8,7 +8,7 @@ use common::{
 };
 use pagoda_kernels::cpu::kv_write::PageGeometry;
 use pagoda_kernels::cpu::rope::RopeTable;
-use pagoda_kernels::cuda::kv_write::{rope_write_kv, write_kv};
+use pagoda_kernels::cuda::kv_write::{rope_qk_write_kv, rope_write_kv, write_kv};
 use pagoda_kernels::cuda::rope::CudaRopeTable;
 use pagoda_kernels::{Error, cpu};
 use pagoda_tensor::{CudaDevice, DType};
@@ -268,4 +268,91 @@ fn bad_inputs_are_errors() {
         matches!(result, Err(Error::Shape { .. })),
         "rotary_dim 128 > head_dim 64: {result:?}"
     );
+}
+
+#[test]
+fn rope_qk_write_kv_rotates_queries_and_writes_keys() {
+    let Some(device) = gpu_or_skip("rope_qk_write_kv") else {
+        return;
+    };
+    let mut rng = TestRng::new("rope_qk_write_kv");
+    for geometry in &GEOMETRIES {
+        let rotary_dim = ((geometry.head_dim / 4) & !1).max(2);
+        let table = RopeTable::new(rotary_dim, 10000.0, 512, None).unwrap();
+        let gpu_table = CudaRopeTable::new(&table, &device).unwrap();
+        let tokens = geometry.num_blocks * geometry.block_size / 2 + 1;
+        // Query heads: as many as the KV heads, and a GQA group of 4 per KV head.
+        for q_heads in [geometry.num_kv_heads, 4 * geometry.num_kv_heads] {
+            for dtype in FLOAT_DTYPES {
+                let what = format!("{dtype} {geometry:?} {tokens} tokens {q_heads} query heads");
+                let kv_dims = [tokens, geometry.num_kv_heads, geometry.head_dim];
+                let q_dims = [tokens, q_heads, geometry.head_dim];
+                let (q, q_values) = random_tensor(&mut rng, &q_dims, dtype, 2.0, &device);
+                let (k, k_values) = random_tensor(&mut rng, &kv_dims, dtype, 2.0, &device);
+                let (v, v_values) = random_tensor(&mut rng, &kv_dims, dtype, 2.0, &device);
+                let slots = scattered_slots(&mut rng, geometry, tokens);
+                let positions = rng.below(tokens, 512);
+                let pages = page_dims(geometry);
+                let mut k_pages = poisoned(&pages, dtype, &device);
+                let mut v_pages = poisoned(&pages, dtype, &device);
+                common::poison_pool(&device, q_values.len() * dtype.size_in_bytes());
+                let rotated_q = rope_qk_write_kv(
+                    &q,
+                    &k,
+                    &v,
+                    &upload_u32(&positions, &device),
+                    &upload_u32(&slots, &device),
+                    &gpu_table,
+                    &mut k_pages,
+                    &mut v_pages,
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(rotated_q.dims(), &q_dims[..], "{what}");
+                assert_eq!(download(&q), q_values, "{what}: q itself must not change");
+
+                let mut expected_q = q_values.clone();
+                cpu::rope::apply_rope(
+                    &mut expected_q,
+                    q_heads,
+                    geometry.head_dim,
+                    &positions,
+                    &table,
+                )
+                .unwrap();
+                assert_close(&what, &download(&rotated_q), &expected_q, dtype);
+                let mut expected_k = vec![f32::NAN; pages.iter().product()];
+                let mut expected_v = expected_k.clone();
+                let mut rotated_k = k_values.clone();
+                cpu::rope::apply_rope(
+                    &mut rotated_k,
+                    geometry.num_kv_heads,
+                    geometry.head_dim,
+                    &positions,
+                    &table,
+                )
+                .unwrap();
+                cpu::kv_write::write_kv(
+                    &rotated_k,
+                    &v_values,
+                    &slots,
+                    geometry,
+                    &mut expected_k,
+                    &mut expected_v,
+                )
+                .unwrap();
+                assert_pages(
+                    &format!("k pages, {what}"),
+                    &download(&k_pages),
+                    &expected_k,
+                    dtype,
+                );
+                assert_pages(
+                    &format!("v pages, {what}"),
+                    &download(&v_pages),
+                    &expected_v,
+                    dtype,
+                );
+            }
+        }
+    }
 }

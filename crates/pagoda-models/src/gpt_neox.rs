@@ -1,7 +1,7 @@
 //! GPT-NeoX, as used by the Pythia suite.
 
 use pagoda_kernels::cpu::rope::RopeTable;
-use pagoda_kernels::ops;
+use pagoda_kernels::ops::{self, Epilogue, OutputActivation};
 use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
@@ -117,11 +117,12 @@ impl GptNeox {
         &self.config
     }
 
-    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let h = layer.dense_h_to_4h.forward(x)?;
-        let h = match self.config.hidden_act {
-            Activation::GeluExact => ops::gelu(&h, false)?,
-            Activation::GeluTanh => ops::gelu(&h, true)?,
+    /// The MLP of `x`, plus `addend` when given (the attention output of a parallel-residual
+    /// block): the activation runs fused into the first product, the addition into the second.
+    fn mlp(&self, layer: &Layer, x: &Tensor, addend: Option<&Tensor>) -> Result<Tensor> {
+        let activation = match self.config.hidden_act {
+            Activation::GeluExact => OutputActivation::Gelu,
+            Activation::GeluTanh => OutputActivation::GeluTanh,
             Activation::Silu => {
                 return Err(crate::Error::Config {
                     path: "config.json".into(),
@@ -129,7 +130,20 @@ impl GptNeox {
                 });
             }
         };
-        layer.dense_4h_to_h.forward(&h)
+        let h = layer.dense_h_to_4h.forward_with(
+            x,
+            Epilogue {
+                activation,
+                addend: None,
+            },
+        )?;
+        layer.dense_4h_to_h.forward_with(
+            &h,
+            Epilogue {
+                activation: OutputActivation::Identity,
+                addend,
+            },
+        )
     }
 }
 
@@ -185,14 +199,14 @@ impl Model for GptNeox {
             let attn = layer.dense.forward(&attn)?;
             if self.config.use_parallel_residual {
                 // x + attn(ln1(x)) + mlp(ln2(x))
-                let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(&residual)?)?;
-                pending = Some(ops::add(&attn, &mlp)?);
+                let x = layer.post_attention_layernorm.forward(&residual)?;
+                pending = Some(self.mlp(layer, &x, Some(&attn))?);
             } else {
                 // h = x + attn(ln1(x)); h + mlp(ln2(h))
                 let h = layer
                     .post_attention_layernorm
                     .add_forward(Some(attn), &mut residual)?;
-                pending = Some(self.mlp(layer, &h)?);
+                pending = Some(self.mlp(layer, &h, None)?);
             }
         }
         let hidden = self.final_layer_norm.add_forward(pending, &mut residual)?;

@@ -3,7 +3,7 @@
 
 use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cpu::rope::RopeTable;
-use pagoda_kernels::ops::{self, LayerKv, NormWeights, Rope};
+use pagoda_kernels::ops::{self, Epilogue, LayerKv, NormWeights, OutputActivation, Rope};
 use pagoda_kv::KvCache;
 use pagoda_tensor::{DType, Device, Tensor};
 
@@ -40,6 +40,16 @@ impl Linear {
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::linear(x, &self.weight, self.bias.as_ref())?)
+    }
+
+    /// [`Self::forward`] followed by `epilogue`, fused into the product where the device can.
+    pub(crate) fn forward_with(&self, x: &Tensor, epilogue: Epilogue<'_>) -> Result<Tensor> {
+        Ok(ops::linear_with_epilogue(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            epilogue,
+        )?)
     }
 }
 
@@ -119,6 +129,27 @@ impl FusedLinear {
             }
         }
         Ok(parts)
+    }
+
+    /// `silu(gate) * up` of a fused `[gate; up]` projection (SwiGLU), the activation fused into
+    /// the product where the device can.
+    pub(crate) fn forward_gated(&self, x: &Tensor) -> Result<Tensor> {
+        if self.widths.len() != 2 || self.widths[0] != self.widths[1] {
+            return Err(Error::Batch(format!(
+                "a gated projection needs two parts of equal width, got {:?}",
+                self.widths
+            )));
+        }
+        let epilogue = Epilogue {
+            activation: OutputActivation::SiluGate,
+            addend: None,
+        };
+        Ok(ops::linear_with_epilogue(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            epilogue,
+        )?)
     }
 }
 
@@ -283,8 +314,10 @@ impl PagedSelfAttention {
         let tokens = q.dims()[0];
         let k = reshaped(k, &[tokens, self.num_kv_heads, self.head_dim])?;
         let v = reshaped(v, &[tokens, self.num_kv_heads, self.head_dim])?;
+        let q = reshaped(q, &[tokens, self.num_heads, self.head_dim])?;
         let pages = kv.layer_mut(layer);
-        ops::rope_write_kv(
+        let q = ops::rope_qk_write_kv(
+            &q,
             &k,
             &v,
             &ctx.positions,
@@ -295,11 +328,6 @@ impl PagedSelfAttention {
                 v_pages: &mut pages.v,
             },
         )?;
-        // Q may be a view of a fused projection's output: once K and V are gone it holds that
-        // storage alone and can be rotated in place.
-        drop((k, v));
-        let mut q = reshaped(q, &[tokens, self.num_heads, self.head_dim])?;
-        ops::apply_rope(&mut q, &ctx.positions, &self.rope)?;
         let params = AttentionParams {
             num_heads: self.num_heads,
             num_kv_heads: self.num_kv_heads,

@@ -165,8 +165,7 @@ impl Model for Llama {
             let x = layer
                 .post_attention_layernorm
                 .add_forward(Some(layer.o_proj.forward(&attn)?), &mut residual)?;
-            let gate_up = layer.gate_up_proj.forward(&x)?;
-            let act = ops::silu_and_mul(&gate_up[0], &gate_up[1])?;
+            let act = layer.gate_up_proj.forward_gated(&x)?;
             pending = Some(layer.down_proj.forward(&act)?);
         }
         let hidden = self.norm.add_forward(pending, &mut residual)?;

@@ -20,6 +20,7 @@ use super::tensor_access::{
     FLOAT_DTYPES, alloc_output, common_device, device_view, dims_of, expect_dtype,
     expect_same_dtype, into_tensor,
 };
+use crate::ops::{Epilogue, OutputActivation};
 use crate::{Error, Result};
 
 /// One cuBLAS handle per device, created on first use. A handle must not be used by two
@@ -111,7 +112,16 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     dims.push(n);
     if (1..=gemv::MAX_ROWS).contains(&m) && n > 0 {
         // Decode-sized products: one kernel launch costs the host far less than a cuBLAS call.
-        return gemv::gemv(OP, &device, x, w, bias, (m, n, k), &dims);
+        return gemv::gemv(
+            OP,
+            &device,
+            x,
+            w,
+            bias,
+            Epilogue::default(),
+            (m, n, k),
+            &dims,
+        );
     }
 
     let mut out = alloc_output(OP, &device, x.dtype(), &dims)?;
@@ -176,6 +186,58 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     }
     drop(blas);
     into_tensor(out, &dims)
+}
+/// The most rows of `x` [`linear_with_epilogue`] takes.
+pub const EPILOGUE_MAX_ROWS: usize = gemv::MAX_ROWS;
+
+/// `epilogue(x [.., k] · w [n, k]ᵀ + bias)` for at most [`EPILOGUE_MAX_ROWS`] rows of `x`, in one
+/// kernel: the decode-time product with the elementwise step that follows it fused in. With
+/// [`OutputActivation::SiluGate`] `w` (and the bias) stack `n` gate rows over `n` up rows and
+/// the output has `n` columns; an addend has the output's shape and dtype.
+pub fn linear_with_epilogue(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    const OP: &str = "linear_with_epilogue";
+    let mut tensors = vec![("x", x), ("w", w)];
+    tensors.extend(bias.map(|b| ("bias", b)));
+    tensors.extend(epilogue.addend.map(|a| ("addend", a)));
+    let device = common_device(OP, &tensors)?;
+    expect_dtype(OP, "x", x, &FLOAT_DTYPES)?;
+    expect_same_dtype(OP, "w", w, "x", x.dtype())?;
+    let [rows, k] = dims_of(OP, "w", w)?;
+    let n = if epilogue.activation == OutputActivation::SiluGate {
+        if rows % 2 != 0 {
+            return Err(Error::shape(
+                OP,
+                format!("a gated product needs gate and up rows in equal number, w has {rows}"),
+            ));
+        }
+        rows / 2
+    } else {
+        rows
+    };
+    let Some((&x_k, outer)) = x.dims().split_last() else {
+        return Err(Error::shape(OP, "x must have at least one dimension"));
+    };
+    if x_k != k {
+        return Err(Error::shape(
+            OP,
+            format!("x has {x_k} columns but w has shape [{rows}, {k}]"),
+        ));
+    }
+    let m: usize = outer.iter().product();
+    if !(1..=EPILOGUE_MAX_ROWS).contains(&m) || n == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("takes 1..={EPILOGUE_MAX_ROWS} rows and outputs, got {m} rows, {n} outputs"),
+        ));
+    }
+    let mut dims = outer.to_vec();
+    dims.push(n);
+    gemv::gemv(OP, &device, x, w, bias, epilogue, (m, n, k), &dims)
 }
 
 /// `out[i] = a[i] · b[i]` for every batch entry: `a` is `[batch, m, k]`, `b` `[batch, k, n]`,

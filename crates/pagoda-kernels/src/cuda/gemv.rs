@@ -12,6 +12,7 @@ use super::tensor_access::{
     alloc_output, arg_u32, device_view, expect_dims, expect_dtype, into_tensor, kernel_name,
     launch_error,
 };
+use crate::ops::{Epilogue, OutputActivation};
 use crate::{Error, Result};
 
 /// The most rows of `x` the kernel takes (`GEMV_MAX_M` in gemv.cu).
@@ -34,15 +35,29 @@ const BIAS_NONE: i32 = 0;
 const BIAS_F32: i32 = 1;
 const BIAS_SAME: i32 = 2;
 
-/// `out [m, n] = x [m, k] · w [n, k]ᵀ (+ bias [n])` with `1 <= m <=` [`MAX_ROWS`], `n >= 1`;
-/// `x` and `w` are contiguous, on `device`, of the float dtype `dtype` (checked by the caller),
-/// the bias f32 or `dtype`. `dims` is the output shape (x's leading dimensions, then n).
+/// The kernel's `act` value for an epilogue activation (`ACT_*` in gemv.cu).
+fn act_code(activation: OutputActivation) -> i32 {
+    match activation {
+        OutputActivation::Identity => 0,
+        OutputActivation::Gelu => 1,
+        OutputActivation::GeluTanh => 2,
+        OutputActivation::SiluGate => 3,
+    }
+}
+
+/// `out [m, n] = x [m, k] · w [n, k]ᵀ (+ bias [n])` with `1 <= m <=` [`MAX_ROWS`], `n >= 1`,
+/// then `epilogue`; `x` and `w` are contiguous, on `device`, of the float dtype `dtype` (checked
+/// by the caller), the bias f32 or `dtype`. With [`OutputActivation::SiluGate`], `w` (and the
+/// bias) hold `2n` rows, gates then ups. `dims` is the output shape (x's leading dimensions,
+/// then n).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemv(
     op: &'static str,
     device: &CudaDevice,
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
     (m, n, k): (usize, usize, usize),
     dims: &[usize],
 ) -> Result<Tensor> {
@@ -55,11 +70,13 @@ pub(crate) fn gemv(
         ));
     }
     let dtype = x.dtype();
+    let gated = epilogue.activation == OutputActivation::SiluGate;
+    let weight_rows = if gated { 2 * n } else { n };
     let bias_kind = match bias {
         None => BIAS_NONE,
         Some(bias) => {
             expect_dtype(op, "bias", bias, &[dtype, DType::F32])?;
-            expect_dims(op, "bias", bias, &[n])?;
+            expect_dims(op, "bias", bias, &[weight_rows])?;
             if bias.dtype() == DType::F32 {
                 BIAS_F32
             } else {
@@ -67,9 +84,17 @@ pub(crate) fn gemv(
             }
         }
     };
+    if let Some(addend) = epilogue.addend {
+        expect_dtype(op, "addend", addend, &[dtype])?;
+        expect_dims(op, "addend", addend, dims)?;
+    }
     let x_view = device_view(op, "x", x)?;
     let w_view = device_view(op, "w", w)?;
     let bias_view = bias.map(|b| device_view(op, "bias", b)).transpose()?;
+    let addend_view = epilogue
+        .addend
+        .map(|a| device_view(op, "addend", a))
+        .transpose()?;
     let (m_arg, n_arg, k_arg) = (
         arg_u32(op, "m", m)?,
         arg_u32(op, "n", n)?,
@@ -78,15 +103,20 @@ pub(crate) fn gemv(
 
     // One warp per ROWS_PER_WARP rows only when that fills every SM with warps at least once;
     // narrower layers (every projection but the lm head) run the block-split form, whose blocks
-    // split k among their warps so that n / 2 blocks still keep the whole GPU loading.
+    // split k among their warps so that n / 2 blocks still keep the whole GPU loading. Only
+    // the split form has an epilogue.
     let sms = device
         .context()
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(|e| Error::cuda(op, format!("querying the SM count: {e}")))?;
     let sms = usize::try_from(sms).unwrap_or(1).max(1);
-    let (form, blocks, threads) = if n.div_ceil(ROWS_PER_WARP) >= sms * WARPS_PER_SM {
+    let plain = epilogue.activation == OutputActivation::Identity && epilogue.addend.is_none();
+    let (form, blocks, threads) = if plain && n.div_ceil(ROWS_PER_WARP) >= sms * WARPS_PER_SM {
         let rows_per_block = ROWS_PER_WARP * WARP_FORM_THREADS as usize / 32;
         ("gemv", n.div_ceil(rows_per_block), WARP_FORM_THREADS)
+    } else if gated {
+        // One block per output: its gate row and its up row.
+        ("gemv_split", n, SPLIT_FORM_THREADS)
     } else {
         (
             "gemv_split",
@@ -111,17 +141,29 @@ pub(crate) fn gemv(
         Some(bias) => launch.arg(bias),
         None => launch.arg(&x_view),
     };
+    launch.arg(&bias_kind);
+    // The kernel tests the addend pointer against null.
+    let no_addend: u64 = 0;
+    let act = act_code(epilogue.activation);
+    if form == "gemv_split" {
+        match addend_view.as_ref() {
+            Some(addend) => launch.arg(addend),
+            None => launch.arg(&no_addend),
+        };
+        launch.arg(&act);
+    }
     launch
-        .arg(&bias_kind)
         .arg(out.slice_mut())
         .arg(&m_arg)
         .arg(&n_arg)
         .arg(&k_arg);
-    // SAFETY: the arguments match gemv.cu's (x, w, bias, bias_kind, out, m, n, k); x holds
-    // m x k, w n x k and out m x n elements of `dtype`, the bias n elements of the kind
-    // `bias_kind` names (or is unread), as checked here and by the caller; the grid covers the n
-    // output columns at the form's rows per warp or per block, with at most 256 threads
-    // (GEMV_MAX_WARPS of the split form).
+    // SAFETY: the arguments match gemv.cu's gemv (x, w, bias, bias_kind, out, m, n, k) or
+    // gemv_split (x, w, bias, bias_kind, addend, act, out, m, n, k); x holds m x k, w
+    // weight_rows x k and out (and the addend, or null) m x n elements of `dtype`, the bias
+    // weight_rows elements of the kind `bias_kind` names (or is unread), as checked here and by
+    // the caller; the grid covers the n output columns at the form's rows per warp or per block
+    // (one per block when gated, where the kernel reads rows j and n + j), with at most 256
+    // threads (GEMV_MAX_WARPS of the split form).
     unsafe { launch.launch(config) }.map_err(|e| launch_error(op, &name, e))?;
     into_tensor(out, dims)
 }

@@ -49,7 +49,13 @@ pub enum KernelModule {
 
 /// Our headers, handed to NVRTC by name so that `#include "common.cuh"` resolves without a
 /// file system or include path.
-const HEADERS: [(&str, &str); 1] = [("common.cuh", include_str!("../../../../kernels/common.cuh"))];
+const HEADERS: [(&str, &str); 2] = [
+    ("common.cuh", include_str!("../../../../kernels/common.cuh")),
+    (
+        "activation.cuh",
+        include_str!("../../../../kernels/activation.cuh"),
+    ),
+];
 
 /// Options every module is compiled with (the target architecture is added per device).
 /// `--use_fast_math` is left out on purpose: the kernels are held to the CPU oracles' accuracy.

@@ -3,6 +3,7 @@
 
 use pagoda_tensor::Tensor;
 
+use crate::ops::Epilogue;
 use crate::{Error, Result};
 
 /// `x · wᵀ (+ bias)` on the GPU; always fails without the `cuda` feature.
@@ -12,5 +13,18 @@ pub fn linear(_x: &Tensor, _w: &Tensor, _bias: Option<&Tensor>) -> Result<Tensor
 
 /// Batched `a[i] · b[i]` on the GPU; always fails without the `cuda` feature.
 pub fn matmul_strided_batched(_a: &Tensor, _b: &Tensor) -> Result<Tensor> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
+
+/// The most rows of `x` the fused decode-time product takes.
+pub const EPILOGUE_MAX_ROWS: usize = 8;
+
+/// A product with its elementwise epilogue on the GPU; always fails without the `cuda` feature.
+pub fn linear_with_epilogue(
+    _x: &Tensor,
+    _w: &Tensor,
+    _bias: Option<&Tensor>,
+    _epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }

@@ -30,3 +30,19 @@ pub fn rope_write_kv(
 ) -> Result<()> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }
+
+/// RoPE on Q and K fused with writing K/V into pages on the GPU; always fails without the
+/// `cuda` feature.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qk_write_kv(
+    _q: &Tensor,
+    _k: &Tensor,
+    _v: &Tensor,
+    _positions: &Tensor,
+    _slots: &Tensor,
+    _table: &CudaRopeTable,
+    _k_pages: &mut Tensor,
+    _v_pages: &mut Tensor,
+) -> Result<Tensor> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
