@@ -13,16 +13,18 @@
 
 namespace {
 
-// Copies `len` elements; 16 bytes at a time when both rows are aligned and whole packs.
+// Copies `len` elements, this thread taking `first`, `first + stride`, ...; 16 bytes at a time
+// when both rows are aligned and whole packs.
 template <typename T>
-__device__ __forceinline__ void copy_row(const T* __restrict__ from, T* __restrict__ to, unsigned len) {
+__device__ __forceinline__ void copy_row(const T* __restrict__ from, T* __restrict__ to, unsigned len,
+                                         unsigned first, unsigned stride) {
     constexpr int N = Pack<T>::N;
     if (len % N == 0 && is_aligned16(from) && is_aligned16(to)) {
         const uint4* src = reinterpret_cast<const uint4*>(from);
         uint4* dst = reinterpret_cast<uint4*>(to);
-        for (unsigned i = threadIdx.x; i < len / N; i += blockDim.x) dst[i] = src[i];
+        for (unsigned i = first; i < len / N; i += stride) dst[i] = src[i];
     } else {
-        for (unsigned i = threadIdx.x; i < len; i += blockDim.x) to[i] = from[i];
+        for (unsigned i = first; i < len; i += stride) to[i] = from[i];
     }
 }
 
@@ -34,20 +36,22 @@ __device__ void write_kv(const T* __restrict__ k, const T* __restrict__ v, const
         const unsigned long long slot = slots[t];
         if (slot >= num_slots) continue;
         const unsigned long long row = static_cast<unsigned long long>(t) * token_len;
-        copy_row(k + row, k_pages + slot * token_len, token_len);
-        copy_row(v + row, v_pages + slot * token_len, token_len);
+        copy_row(k + row, k_pages + slot * token_len, token_len, threadIdx.x, blockDim.x);
+        copy_row(v + row, v_pages + slot * token_len, token_len, threadIdx.x, blockDim.x);
     }
 }
 
 // Rotates `len` = heads x head_dim elements of one token (GPT-NeoX rotate half over the first
-// rotary_dim dimensions of each head, the rest copied) from `from` into `to`; NaN in the rotated
-// dimensions when the position is outside the table.
+// rotary_dim dimensions of each head, the rest copied) from `from` into `to`, this thread taking
+// elements `first`, `first + stride`, ...; NaN in the rotated dimensions when the position is
+// outside the table.
 template <typename T>
 __device__ __forceinline__ void rotate_row(const T* __restrict__ from, T* __restrict__ to, unsigned len,
-                                           unsigned head_dim, unsigned rotary_dim, const float* __restrict__ cos_row,
-                                           const float* __restrict__ sin_row, bool in_table) {
+                                           unsigned first, unsigned stride, unsigned head_dim, unsigned rotary_dim,
+                                           const float* __restrict__ cos_row, const float* __restrict__ sin_row,
+                                           bool in_table) {
     const unsigned half = rotary_dim / 2;
-    for (unsigned e = threadIdx.x; e < len; e += blockDim.x) {
+    for (unsigned e = first; e < len; e += stride) {
         const unsigned d = e % head_dim;
         if (d >= rotary_dim) {
             to[e] = from[e];
@@ -69,7 +73,9 @@ __device__ __forceinline__ void rotate_row(const T* __restrict__ from, T* __rest
 }
 
 // With q non-null, also writes q rotated the same way to q_out (q_heads heads per token): the
-// query's RoPE rides along in the same launch.
+// query's RoPE rides along in the same launch. The grid's y dimension splits each token's rows
+// among several blocks: a decode step has one token, and one block walking its rows would
+// chain a dozen dependent memory round trips per thread.
 template <typename T>
 __device__ void rope_write_kv(const T* __restrict__ q, T* __restrict__ q_out, unsigned q_heads,
                               const T* __restrict__ k, const T* __restrict__ v, const unsigned* __restrict__ positions,
@@ -79,6 +85,8 @@ __device__ void rope_write_kv(const T* __restrict__ q, T* __restrict__ q_out, un
                               unsigned max_positions, unsigned long long num_slots) {
     const unsigned half = rotary_dim / 2;
     const unsigned token_len = kv_heads * head_dim;
+    const unsigned first = blockIdx.y * blockDim.x + threadIdx.x;
+    const unsigned stride = gridDim.y * blockDim.x;
     for (unsigned t = blockIdx.x; t < tokens; t += gridDim.x) {
         const unsigned position = positions[t];
         const bool in_table = position < max_positions;
@@ -86,22 +94,23 @@ __device__ void rope_write_kv(const T* __restrict__ q, T* __restrict__ q_out, un
         const float* sin_row = sin + static_cast<unsigned long long>(position) * half;
         if (q != nullptr) {
             const unsigned long long q_row = static_cast<unsigned long long>(t) * q_heads * head_dim;
-            rotate_row(q + q_row, q_out + q_row, q_heads * head_dim, head_dim, rotary_dim, cos_row, sin_row,
-                       in_table);
+            rotate_row(q + q_row, q_out + q_row, q_heads * head_dim, first, stride, head_dim, rotary_dim, cos_row,
+                       sin_row, in_table);
         }
         const unsigned long long slot = slots[t];
         if (slot >= num_slots) continue;
         const unsigned long long row = static_cast<unsigned long long>(t) * token_len;
-        rotate_row(k + row, k_pages + slot * token_len, token_len, head_dim, rotary_dim, cos_row, sin_row,
-                   in_table);
-        copy_row(v + row, v_pages + slot * token_len, token_len);
+        rotate_row(k + row, k_pages + slot * token_len, token_len, first, stride, head_dim, rotary_dim, cos_row,
+                   sin_row, in_table);
+        copy_row(v + row, v_pages + slot * token_len, token_len, first, stride);
     }
 }
 
 }  // namespace
 
 // k, v [tokens, kv_heads, head_dim]; slots, positions [tokens] (u32); pages [num_slots, kv_heads,
-// head_dim]; cos, sin [max_positions, rotary_dim / 2] (f32). One block per token (grid-stride).
+// head_dim]; cos, sin [max_positions, rotary_dim / 2] (f32). Grid x over tokens (grid-stride);
+// write_kv has one block per token, rope_write_kv splits each token's rows over grid y.
 #define PAGODA_KV_WRITE_KERNELS(SUFFIX, T)                                                                         \
     extern "C" __global__ void write_kv_##SUFFIX(const T* __restrict__ k, const T* __restrict__ v,                  \
                                                  const unsigned* __restrict__ slots, T* __restrict__ k_pages,       \

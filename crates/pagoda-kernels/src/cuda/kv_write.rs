@@ -62,7 +62,7 @@ pub fn write_kv(
     // v_pages, tokens, token_len, num_slots); k and v hold tokens x token_len elements of the
     // kernel name's dtype, slots `tokens` u32 values, each page tensor num_slots x token_len
     // elements, and the kernel skips slots at or past num_slots.
-    unsafe { launch.launch(write.config(tokens, 0)) }.map_err(|e| launch_error(OP, &name, e))?;
+    unsafe { launch.launch(write.config(tokens)) }.map_err(|e| launch_error(OP, &name, e))?;
     Ok(())
 }
 
@@ -206,10 +206,13 @@ fn launch_rope_write(
     // max_positions x rotary_dim / 2 f32 values (rotary_dim <= head_dim, checked), each page
     // tensor num_slots x kv_heads x head_dim elements; the kernel skips slots at or past
     // num_slots and reads the table only below max_positions.
-    let config = write.config(tokens, q_heads as usize);
+    let config = write.rope_config(tokens, q_heads as usize);
     unsafe { launch.launch(config) }.map_err(|e| launch_error(op, &name, e))?;
     Ok(())
 }
+
+/// Threads per block of rope_write_kv.
+const ROPE_THREADS: u32 = 128;
 
 /// The checked geometry of one KV write.
 struct Write {
@@ -274,13 +277,25 @@ impl Write {
         })
     }
 
-    /// One block per token (grid-stride past the grid's limit), threads over the token's row
-    /// (its longer row when `q_heads` query heads are rotated too).
-    fn config(&self, tokens: u32, q_heads: usize) -> LaunchConfig {
-        let row = self.kv_heads.max(q_heads) * self.head_dim;
+    /// One block per token (grid-stride past the grid's limit), threads over the token's row.
+    fn config(&self, tokens: u32) -> LaunchConfig {
+        let row = self.kv_heads * self.head_dim;
         LaunchConfig {
             grid_dim: (tokens.min(i32::MAX as u32), 1, 1),
             block_dim: (row.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// rope_write_kv's grid: x over tokens, y over pieces of [`ROPE_THREADS`] elements of the
+    /// token's longest row (its query row when `q_heads` query heads are rotated too), so that
+    /// each thread rotates about one element of each row.
+    fn rope_config(&self, tokens: u32, q_heads: usize) -> LaunchConfig {
+        let row = self.kv_heads.max(q_heads) * self.head_dim;
+        let pieces = row.div_ceil(ROPE_THREADS as usize).clamp(1, 65535) as u32;
+        LaunchConfig {
+            grid_dim: (tokens.min(i32::MAX as u32), pieces, 1),
+            block_dim: (ROPE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         }
     }
