@@ -5,6 +5,8 @@
 # Prints one JSON line per measurement, then a short table.
 #   - the card's copy bandwidth (PyTorch) and torch.softmax on the BENCH.md shapes;
 #   - pagoda's fused softmax (criterion, GB/s);
+#   - flash-attention prefill on the BENCH.md shapes (TFLOP/s), beside torch SDPA's flash (FA2)
+#     and cuDNN backends (benches/peers/attention_prefill.py);
 #   - W1 decode, batch 1, prompt 128, 256 new tokens, fp16: pagoda (`pagoda bench decode`, with
 #     its own copy-bandwidth floor; decode steps replayed as CUDA graphs, and with --eager host
 #     launches) and HF transformers eager and static cache + torch.compile.
@@ -33,6 +35,14 @@ run 120 python3 "$bundle/peers/kernels_and_generate.py" hw softmax
 for b in "$bundle"/bin/bench-cuda_softmax; do
   [ -x "$b" ] && run 180 "$b" --bench --warm-up-time 1 --measurement-time 2
 done
+flash_log=$(mktemp)
+if [ -x "$bundle/bin/bench-cuda_flash_attention" ]; then
+  echo "+ bench-cuda_flash_attention" >&2
+  timeout 240 "$bundle/bin/bench-cuda_flash_attention" --bench --warm-up-time 1 --measurement-time 2 \
+    > "$flash_log" 2>&1 || echo "(failed or timed out: bench-cuda_flash_attention)"
+  grep -E '^\{' "$flash_log" | tee -a "$log"
+  timeout 240 python3 benches/peers/attention_prefill.py --compare "$flash_log" 2>&1 | tee -a "$log" | tail -6
+fi
 for m in pythia-2.8b llama-3.2-3b; do
   for launches in "" --eager; do
     run 180 "$bundle/bin/pagoda" bench decode --model "$models/$m" --device cuda --dtype f16 \

@@ -523,7 +523,22 @@ pub fn paged_attention(
                 op: "paged_attention",
                 message: "the layout was built for the CPU, the tensors are on a GPU".into(),
             })?;
-            cuda::paged_attention::paged_attention(q, device_layout, params, k_pages, v_pages)
+            // Batches with prompt chunks run on tensor cores where the flash kernel covers the
+            // dtype and head size; decode batches (one row per sequence) keep the split kernel,
+            // which spreads a short batch over the context instead of over query rows.
+            let prefill = device_layout.num_tokens() > device_layout.num_seqs();
+            if prefill && cuda::flash_attention::supports(q.dtype(), params.head_dim) {
+                cuda::flash_attention::flash_attention_prefill(
+                    q,
+                    device_layout,
+                    params,
+                    k_pages,
+                    v_pages,
+                    true,
+                )
+            } else {
+                cuda::paged_attention::paged_attention(q, device_layout, params, k_pages, v_pages)
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod activation;
 pub mod embedding;
+pub mod flash_attention;
 pub mod gemm;
 pub(crate) mod gemv;
 pub mod kv_write;

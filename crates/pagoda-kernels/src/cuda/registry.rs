@@ -45,6 +45,8 @@ pub enum KernelModule {
     Sampling,
     /// `kernels/gemv.cu`: skinny matrix products (a few rows of x against a weight matrix).
     Gemv,
+    /// `kernels/flash_attention.cu`: tensor-core attention for prefill over the paged KV cache.
+    FlashAttention,
 }
 
 /// Our headers, handed to NVRTC by name so that `#include "common.cuh"` resolves without a
@@ -63,7 +65,7 @@ const OPTIONS: [&str; 1] = ["-std=c++17"];
 
 impl KernelModule {
     /// Every module, in a fixed order.
-    pub const ALL: [KernelModule; 9] = [
+    pub const ALL: [KernelModule; 10] = [
         KernelModule::Norm,
         KernelModule::Activation,
         KernelModule::Embedding,
@@ -73,6 +75,7 @@ impl KernelModule {
         KernelModule::PagedAttention,
         KernelModule::Sampling,
         KernelModule::Gemv,
+        KernelModule::FlashAttention,
     ];
 
     /// The file stem: the module's source is `kernels/<name>.cu`.
@@ -87,6 +90,7 @@ impl KernelModule {
             KernelModule::PagedAttention => "paged_attention",
             KernelModule::Sampling => "sampling",
             KernelModule::Gemv => "gemv",
+            KernelModule::FlashAttention => "flash_attention",
         }
     }
 
@@ -102,6 +106,7 @@ impl KernelModule {
             KernelModule::PagedAttention => include_str!("../../../../kernels/paged_attention.cu"),
             KernelModule::Sampling => include_str!("../../../../kernels/sampling.cu"),
             KernelModule::Gemv => include_str!("../../../../kernels/gemv.cu"),
+            KernelModule::FlashAttention => include_str!("../../../../kernels/flash_attention.cu"),
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod embedding;
+pub mod flash_attention;
 pub mod gemm;
 pub mod kv_write;
 pub mod memory;
