@@ -11,11 +11,10 @@ use pagoda_tensor::cudarc::driver::sys::CUfunction_attribute;
 use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
 use pagoda_tensor::{DType, Tensor};
 
-use super::paged_attention::DeviceBatchLayout;
+use super::paged_attention::{DeviceBatchLayout, check_attention};
 use super::registry::{KernelModule, function};
 use super::tensor_access::{
-    alloc_output, arg_u32, common_device, device_view, dims_of, expect_dims, expect_dtype,
-    expect_same_dtype, into_tensor, kernel_name, launch_error,
+    alloc_output, arg_u32, device_view, into_tensor, kernel_name, launch_error,
 };
 use crate::cpu::attention::AttentionParams;
 use crate::{Error, Result};
@@ -187,30 +186,13 @@ pub fn flash_attention_prefill_with(
     shape: TileShape,
 ) -> Result<Tensor> {
     const OP: &str = "flash_attention_prefill";
-    let device = common_device(
-        OP,
-        &[
-            ("q", q),
-            ("k_pages", k_pages),
-            ("v_pages", v_pages),
-            ("layout", layout.query_start()),
-        ],
-    )?;
-    expect_dtype(OP, "q", q, &DTYPES)?;
-    expect_same_dtype(OP, "k_pages", k_pages, "q", q.dtype())?;
-    expect_same_dtype(OP, "v_pages", v_pages, "q", q.dtype())?;
+    let device = check_attention(OP, q, layout, params, k_pages, v_pages, &DTYPES)?;
     let AttentionParams {
         num_heads,
         num_kv_heads,
         head_dim,
         scale,
     } = *params;
-    if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-        return Err(Error::shape(
-            OP,
-            format!("{params:?}: heads must be positive and a multiple of kv heads"),
-        ));
-    }
     if default_tile_shape(head_dim).is_none() {
         return Err(unsupported_head_dim(params));
     }
@@ -228,16 +210,7 @@ pub fn flash_attention_prefill_with(
             message: format!("the score scale must be positive and finite, got {scale}"),
         });
     }
-    let [num_tokens, _, _] = dims_of(OP, "q", q)?;
-    expect_dims(OP, "q", q, &[layout.num_tokens(), num_heads, head_dim])?;
-    let pages = [
-        layout.num_blocks(),
-        layout.block_size(),
-        num_kv_heads,
-        head_dim,
-    ];
-    expect_dims(OP, "k_pages", k_pages, &pages)?;
-    expect_dims(OP, "v_pages", v_pages, &pages)?;
+    let num_tokens = layout.num_tokens();
     for (name, tensor) in [("q", q), ("k_pages", k_pages), ("v_pages", v_pages)] {
         // cp.async moves 16-byte chunks; a head is a whole number of them (head_dim % 8 == 0),
         // so only where a tensor starts within its allocation can break the alignment.

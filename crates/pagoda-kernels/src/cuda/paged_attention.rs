@@ -297,41 +297,20 @@ pub fn paged_attention(
     v_pages: &Tensor,
 ) -> Result<Tensor> {
     const OP: &str = "paged_attention";
-    let device = common_device(
-        OP,
-        &[
-            ("q", q),
-            ("k_pages", k_pages),
-            ("v_pages", v_pages),
-            ("layout", &layout.query_start),
-        ],
-    )?;
-    expect_dtype(OP, "q", q, &FLOAT_DTYPES)?;
-    expect_same_dtype(OP, "k_pages", k_pages, "q", q.dtype())?;
-    expect_same_dtype(OP, "v_pages", v_pages, "q", q.dtype())?;
+    let device = check_attention(OP, q, layout, params, k_pages, v_pages, &FLOAT_DTYPES)?;
     let AttentionParams {
         num_heads,
         num_kv_heads,
         head_dim,
         scale,
     } = *params;
-    if num_heads == 0 || num_kv_heads == 0 || head_dim == 0 || num_heads % num_kv_heads != 0 {
-        return Err(Error::shape(
-            OP,
-            format!("{params:?}: heads must be positive and a multiple of kv heads"),
-        ));
-    }
     if head_dim > MAX_HEAD_DIM {
         return Err(Error::shape(
             OP,
             format!("head_dim {head_dim} exceeds the kernel's {MAX_HEAD_DIM}"),
         ));
     }
-    let [num_tokens, _, _] = dims_of(OP, "q", q)?;
-    expect_dims(OP, "q", q, &[layout.num_tokens, num_heads, head_dim])?;
-    let pages = [layout.num_blocks, layout.block_size, num_kv_heads, head_dim];
-    expect_dims(OP, "k_pages", k_pages, &pages)?;
-    expect_dims(OP, "v_pages", v_pages, &pages)?;
+    let num_tokens = layout.num_tokens;
     // Heads index the grid's y dimension, which holds at most 65535 blocks.
     if num_heads > 65535 {
         return Err(Error::shape(
@@ -432,6 +411,52 @@ pub fn paged_attention(
         unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &combine_name, e))?;
     }
     into_tensor(out, &dims)
+}
+
+/// The checks every attention launcher over a [`DeviceBatchLayout`] makes: `q`, the pages and
+/// the layout on one device; `q` of one of `dtypes` and the pages of its dtype; positive head
+/// counts and size, the query heads a multiple of the KV heads; `q` `[layout tokens, heads,
+/// head_dim]` and both pages `[layout blocks, block size, kv heads, head_dim]`. Returns the
+/// device.
+pub(crate) fn check_attention(
+    op: &'static str,
+    q: &Tensor,
+    layout: &DeviceBatchLayout,
+    params: &AttentionParams,
+    k_pages: &Tensor,
+    v_pages: &Tensor,
+    dtypes: &[DType],
+) -> Result<CudaDevice> {
+    let device = common_device(
+        op,
+        &[
+            ("q", q),
+            ("k_pages", k_pages),
+            ("v_pages", v_pages),
+            ("layout", &layout.query_start),
+        ],
+    )?;
+    expect_dtype(op, "q", q, dtypes)?;
+    expect_same_dtype(op, "k_pages", k_pages, "q", q.dtype())?;
+    expect_same_dtype(op, "v_pages", v_pages, "q", q.dtype())?;
+    let AttentionParams {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        ..
+    } = *params;
+    if num_heads == 0 || num_kv_heads == 0 || head_dim == 0 || num_heads % num_kv_heads != 0 {
+        return Err(Error::shape(
+            op,
+            format!("{params:?}: heads must be positive and a multiple of kv heads"),
+        ));
+    }
+    dims_of::<3>(op, "q", q)?;
+    expect_dims(op, "q", q, &[layout.num_tokens, num_heads, head_dim])?;
+    let pages = [layout.num_blocks, layout.block_size, num_kv_heads, head_dim];
+    expect_dims(op, "k_pages", k_pages, &pages)?;
+    expect_dims(op, "v_pages", v_pages, &pages)?;
+    Ok(device)
 }
 
 /// How many splits to cut each context into: enough for about [`TARGET_BLOCKS`] blocks in all,
