@@ -4,12 +4,14 @@ pub mod chat_template;
 pub mod detokenize;
 mod engine;
 mod error;
+mod kv_space;
 mod params;
 pub mod tokenizer;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use engine::{Engine, EngineBuilder, Generation, Prompt};
 pub use error::{Error, Result};
+pub use kv_space::ManagedKvSpace;
 pub use pagoda_kernels::cpu::sampling::SamplingConfig;
 pub use pagoda_tensor::{DType, Device};
 pub use params::{FinishReason, GenerationParams};
