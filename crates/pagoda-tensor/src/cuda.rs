@@ -214,8 +214,8 @@ pub struct PinnedUpload {
 impl PinnedUpload {
     /// Staging room for `bytes` bytes.
     pub fn new(device: &CudaDevice, bytes: usize) -> Result<Self> {
-        // SAFETY: the memory is uninitialised; `upload` writes every byte it copies before the
-        // copy is queued (the whole buffer is zeroed here once, so no read ever sees garbage).
+        // SAFETY: the memory starts uninitialised; it is zeroed below, before anything reads it or
+        // copies it to the device.
         let mut host = unsafe { device.context.alloc_pinned::<u8>(bytes.max(1)) }.map_err(|e| {
             driver_error(
                 format_args!(
