@@ -16,16 +16,15 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use half::f16;
 use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cuda::flash_attention::{
     TILE_SHAPES, TileShape, default_tile_shape, flash_attention_prefill,
     flash_attention_prefill_with,
 };
 use pagoda_kernels::cuda::paged_attention::DeviceBatchLayout;
-use pagoda_tensor::{CudaDevice, Device, Tensor};
+use pagoda_tensor::{CudaDevice, Tensor};
 
-use common::{median_seconds, time_gpu};
+use common::{median_seconds, seeded_f16, time_gpu};
 
 /// A BENCH.md prefill shape: `batch` sequences of `seq_len` tokens, `heads` heads of `head_dim`.
 #[derive(Clone, Copy, Debug)]
@@ -112,22 +111,6 @@ const SWEEP_ONLY: [Shape; 3] = [
 ];
 const BLOCK_SIZE: usize = 16;
 
-/// f16 values on the device, pseudo-random in [-1, 1) from `seed`: never zeros, which would make
-/// every score equal.
-fn values(dims: &[usize], seed: u64, device: &CudaDevice) -> Tensor {
-    let len = dims.iter().product::<usize>();
-    let host: Vec<f16> = (0..len as u64)
-        .map(|i| {
-            let mut h = (i ^ seed.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            h ^= h >> 29;
-            f16::from_f32((h % 2048) as f32 / 1024.0 - 1.0)
-        })
-        .collect();
-    Tensor::from_vec(host, dims.to_vec())
-        .and_then(|t| t.to_device(&Device::Cuda(device.ordinal())))
-        .expect("uploading benchmark values")
-}
-
 /// One shape's inputs: packed queries, shuffled pages, the layout.
 struct Inputs {
     q: Tensor,
@@ -171,9 +154,9 @@ impl Inputs {
         .expect("building the batch layout");
         let page_dims = [num_blocks, BLOCK_SIZE, heads, head_dim];
         Inputs {
-            q: values(&[batch * seq_len, heads, head_dim], 1, device),
-            k_pages: values(&page_dims, 2, device),
-            v_pages: values(&page_dims, 3, device),
+            q: seeded_f16(&[batch * seq_len, heads, head_dim], 1, device),
+            k_pages: seeded_f16(&page_dims, 2, device),
+            v_pages: seeded_f16(&page_dims, 3, device),
             layout,
             params: AttentionParams {
                 num_heads: heads,

@@ -19,9 +19,9 @@ use half::f16;
 use pagoda_kernels::cuda;
 use pagoda_kernels::cuda::registry::{KernelModule, function};
 use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
-use pagoda_tensor::{CudaDevice, CudaStorage, DType, Device, Tensor};
+use pagoda_tensor::{CudaDevice, CudaStorage, DType, Tensor};
 
-use common::{device_slice, median_seconds, time_gpu};
+use common::{device_slice, median_seconds, seeded_f16, time_gpu};
 
 /// (k, n) of the weight matrices `[n, k]`: Llama-3.2-3B's q/o, k/v, gate/up, down and lm-head
 /// projections, then Pythia-2.8B's attention and MLP ones.
@@ -41,21 +41,6 @@ const ROTATION_BYTES: usize = 200 << 20;
 /// Bytes of the copy that measures the ceiling: large enough that L2 plays no part.
 const COPY_BYTES: usize = 1 << 30;
 
-/// `len` f16 values on the device, pseudo-random in [-1, 1) from `seed`.
-fn values(dims: &[usize], seed: u64, device: &CudaDevice) -> Tensor {
-    let len = dims.iter().product::<usize>();
-    let host: Vec<f16> = (0..len as u64)
-        .map(|i| {
-            let mut h = (i ^ seed.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            h ^= h >> 29;
-            f16::from_f32((h % 2048) as f32 / 1024.0 - 1.0)
-        })
-        .collect();
-    Tensor::from_vec(host, dims.to_vec())
-        .and_then(|t| t.to_device(&Device::Cuda(device.ordinal())))
-        .expect("uploading benchmark values")
-}
-
 /// One shape's weights, in as many copies as the rotation needs, and its activations.
 struct Layer {
     k: usize,
@@ -68,7 +53,7 @@ impl Layer {
     fn new(k: usize, n: usize, device: &CudaDevice) -> Layer {
         let copies = ROTATION_BYTES.div_ceil(Layer::bytes_of(k, n)).max(2);
         let weights = (0..copies as u64)
-            .map(|c| values(&[n, k], c, device))
+            .map(|c| seeded_f16(&[n, k], c, device))
             .collect();
         Layer {
             k,
@@ -129,7 +114,7 @@ fn activations(device: &CudaDevice) -> Vec<Tensor> {
     ks.sort_unstable();
     ks.dedup();
     ks.iter()
-        .flat_map(|&k| ROWS.map(|m| values(&[m, k], 1000 + m as u64, device)))
+        .flat_map(|&k| ROWS.map(|m| seeded_f16(&[m, k], 1000 + m as u64, device)))
         .collect()
 }
 

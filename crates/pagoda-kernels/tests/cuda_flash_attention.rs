@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::{TestRng, assert_close, download, gpu_or_skip, poison_pool, random_tensor};
+use common::{
+    ScatteredTables, TestRng, assert_close, download, gpu_or_skip, poison_pool, random_tensor,
+};
 use pagoda_kernels::cpu::attention::{AttentionParams, SequenceSpan};
 use pagoda_kernels::cpu::kv_write::PageGeometry;
 use pagoda_kernels::cuda::flash_attention::{
@@ -16,7 +18,6 @@ use pagoda_kernels::cuda::flash_attention::{
 use pagoda_kernels::cuda::paged_attention::DeviceBatchLayout;
 use pagoda_kernels::{Error, cpu};
 use pagoda_tensor::{CudaDevice, DType, Tensor};
-use rand::seq::SliceRandom;
 
 const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
 
@@ -69,28 +70,14 @@ impl Batch {
             head_dim,
             block_size,
         } = *case;
-        let needed: Vec<usize> = seqs
-            .iter()
-            .map(|&(_, context)| context.div_ceil(block_size))
-            .collect();
-        // A few pages no sequence uses, so that a wrong block id reads data that does not belong;
-        // ids shuffled so that each table is scattered and non-monotonic.
-        let num_blocks = needed.iter().sum::<usize>() + 3;
-        let max_blocks = needed.iter().copied().max().unwrap_or(0) + 2;
-        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-        ids.shuffle(rng.rng());
-        // Tables padded past what each context needs with an id outside the pages: never read.
-        let mut tables = vec![u32::MAX; seqs.len() * max_blocks];
-        let mut query_start = vec![0u32];
-        let mut context_len = Vec::new();
-        let mut next_id = 0;
-        for (s, (&(query_len, context), &blocks)) in seqs.iter().zip(&needed).enumerate() {
-            tables[s * max_blocks..][..blocks].copy_from_slice(&ids[next_id..next_id + blocks]);
-            next_id += blocks;
-            query_start.push(query_start[s] + query_len as u32);
-            context_len.push(context as u32);
-        }
-        let num_tokens = query_start[seqs.len()] as usize;
+        let ScatteredTables {
+            query_start,
+            context_len,
+            tables,
+            num_blocks,
+            max_blocks,
+            num_tokens,
+        } = ScatteredTables::new(rng, seqs, block_size);
         let geometry = PageGeometry {
             num_blocks,
             block_size,

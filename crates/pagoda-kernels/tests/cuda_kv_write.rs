@@ -70,6 +70,30 @@ const GEOMETRIES: [PageGeometry; 3] = [
     },
 ];
 
+/// The pages (NaN where nothing is written) after the CPU oracles rotate `k` at `positions` and
+/// write `k` and `v` into `slots`.
+fn rope_write_oracle(
+    geometry: &PageGeometry,
+    (k, v): (&[f32], &[f32]),
+    slots: &[u32],
+    positions: &[u32],
+    table: &RopeTable,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut rotated = k.to_vec();
+    cpu::rope::apply_rope(
+        &mut rotated,
+        geometry.num_kv_heads,
+        geometry.head_dim,
+        positions,
+        table,
+    )
+    .unwrap();
+    let mut pages_k = vec![f32::NAN; page_dims(geometry).iter().product()];
+    let mut pages_v = pages_k.clone();
+    cpu::kv_write::write_kv(&rotated, v, slots, geometry, &mut pages_k, &mut pages_v).unwrap();
+    (pages_k, pages_v)
+}
+
 fn run_write(
     device: &CudaDevice,
     rng: &mut TestRng,
@@ -120,24 +144,8 @@ fn run_write(
                 &mut v_pages,
             )
             .unwrap();
-            let mut rotated = k_values.clone();
-            cpu::rope::apply_rope(
-                &mut rotated,
-                geometry.num_kv_heads,
-                geometry.head_dim,
-                &positions,
-                table,
-            )
-            .unwrap();
-            cpu::kv_write::write_kv(
-                &rotated,
-                &v_values,
-                &slots,
-                geometry,
-                &mut expected_k,
-                &mut expected_v,
-            )
-            .unwrap();
+            (expected_k, expected_v) =
+                rope_write_oracle(geometry, (&k_values, &v_values), &slots, &positions, table);
             assert_eq!(download(&k), k_values, "{what}: k itself must not change");
         }
     }
@@ -320,26 +328,8 @@ fn rope_qk_write_kv_rotates_queries_and_writes_keys() {
                 )
                 .unwrap();
                 assert_close(&what, &download(&rotated_q), &expected_q, dtype);
-                let mut expected_k = vec![f32::NAN; pages.iter().product()];
-                let mut expected_v = expected_k.clone();
-                let mut rotated_k = k_values.clone();
-                cpu::rope::apply_rope(
-                    &mut rotated_k,
-                    geometry.num_kv_heads,
-                    geometry.head_dim,
-                    &positions,
-                    &table,
-                )
-                .unwrap();
-                cpu::kv_write::write_kv(
-                    &rotated_k,
-                    &v_values,
-                    &slots,
-                    geometry,
-                    &mut expected_k,
-                    &mut expected_v,
-                )
-                .unwrap();
+                let (expected_k, expected_v) =
+                    rope_write_oracle(geometry, (&k_values, &v_values), &slots, &positions, &table);
                 assert_pages(
                     &format!("k pages, {what}"),
                     &download(&k_pages),

@@ -7,14 +7,14 @@
 mod common;
 
 use common::{
-    FLOAT_DTYPES, TestRng, assert_close, download, gpu_or_skip, poison_pool, random_tensor,
+    FLOAT_DTYPES, ScatteredTables, TestRng, assert_close, download, gpu_or_skip, poison_pool,
+    random_tensor,
 };
 use pagoda_kernels::cpu::attention::{AttentionParams, SequenceSpan};
 use pagoda_kernels::cpu::kv_write::PageGeometry;
 use pagoda_kernels::cuda::paged_attention::{DeviceBatchLayout, paged_attention};
 use pagoda_kernels::{Error, cpu};
 use pagoda_tensor::{CudaDevice, DType};
-use rand::seq::SliceRandom;
 
 /// A batch: per sequence `(query_len, context_len)`, and how K/V pages are cut.
 struct Case<'a> {
@@ -33,28 +33,14 @@ fn run(device: &CudaDevice, rng: &mut TestRng, case: &Case<'_>, dtype: DType) {
         head_dim,
         block_size,
     } = *case;
-    let needed: Vec<usize> = seqs
-        .iter()
-        .map(|&(_, context)| context.div_ceil(block_size))
-        .collect();
-    // A few pages no sequence uses, so that a wrong block id reads data that does not belong.
-    let num_blocks = needed.iter().sum::<usize>() + 3;
-    let max_blocks = needed.iter().copied().max().unwrap_or(0) + 2;
-    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-    ids.shuffle(rng.rng());
-
-    // Tables padded past what each context needs with an id outside the pages: never read.
-    let mut tables = vec![u32::MAX; seqs.len() * max_blocks];
-    let mut query_start = vec![0u32];
-    let mut context_len = Vec::new();
-    let mut next_id = 0;
-    for (s, (&(query_len, context), &blocks)) in seqs.iter().zip(&needed).enumerate() {
-        tables[s * max_blocks..][..blocks].copy_from_slice(&ids[next_id..next_id + blocks]);
-        next_id += blocks;
-        query_start.push(query_start[s] + query_len as u32);
-        context_len.push(context as u32);
-    }
-    let num_tokens = *query_start.last().unwrap_or(&0) as usize;
+    let ScatteredTables {
+        query_start,
+        context_len,
+        tables,
+        num_blocks,
+        max_blocks,
+        num_tokens,
+    } = ScatteredTables::new(rng, seqs, block_size);
 
     let geometry = PageGeometry {
         num_blocks,

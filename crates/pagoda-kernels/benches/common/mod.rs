@@ -44,6 +44,23 @@ pub fn pattern(dims: &[usize], dtype: DType, device: &CudaDevice) -> Tensor {
         .expect("uploading a benchmark input")
 }
 
+/// f16 values on the device, pseudo-random in [-1, 1) from `seed` (a hash of each index): distinct
+/// seeds give unrelated tensors, so rotated copies do not share cache lines, and nothing is zero
+/// (which would make attention scores all equal).
+pub fn seeded_f16(dims: &[usize], seed: u64, device: &CudaDevice) -> Tensor {
+    let len = dims.iter().product::<usize>();
+    let host: Vec<half::f16> = (0..len as u64)
+        .map(|i| {
+            let mut h = (i ^ seed.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            h ^= h >> 29;
+            half::f16::from_f32((h % 2048) as f32 / 1024.0 - 1.0)
+        })
+        .collect();
+    Tensor::from_vec(host, dims.to_vec())
+        .and_then(|t| t.to_device(&Device::Cuda(device.ordinal())))
+        .expect("uploading benchmark values")
+}
+
 /// The device memory of a CUDA tensor.
 pub fn device_slice(tensor: &Tensor) -> &CudaSlice<u8> {
     let Storage::Cuda(storage) = tensor.storage() else {

@@ -225,3 +225,50 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], dtype: DType) 
         tolerance(dtype)
     );
 }
+
+/// Block tables of a batch of sequences given as `(query_len, context_len)`, for the attention
+/// tests: block ids are shuffled over a pool with a few pages no sequence uses (a wrong id reads
+/// data that does not belong), so each table is scattered and non-monotonic; tables are padded
+/// past what each context needs with an id outside the pages, which must never be read.
+pub struct ScatteredTables {
+    pub query_start: Vec<u32>,
+    pub context_len: Vec<u32>,
+    /// `seqs.len() x max_blocks` ids, row-major.
+    pub tables: Vec<u32>,
+    pub num_blocks: usize,
+    pub max_blocks: usize,
+    pub num_tokens: usize,
+}
+
+impl ScatteredTables {
+    pub fn new(rng: &mut TestRng, seqs: &[(usize, usize)], block_size: usize) -> Self {
+        use rand::seq::SliceRandom;
+        let needed: Vec<usize> = seqs
+            .iter()
+            .map(|&(_, context)| context.div_ceil(block_size))
+            .collect();
+        let num_blocks = needed.iter().sum::<usize>() + 3;
+        let max_blocks = needed.iter().copied().max().unwrap_or(0) + 2;
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        ids.shuffle(rng.rng());
+        let mut tables = vec![u32::MAX; seqs.len() * max_blocks];
+        let mut query_start = vec![0u32];
+        let mut context_len = Vec::new();
+        let mut next_id = 0;
+        for (s, (&(query_len, context), &blocks)) in seqs.iter().zip(&needed).enumerate() {
+            tables[s * max_blocks..][..blocks].copy_from_slice(&ids[next_id..next_id + blocks]);
+            next_id += blocks;
+            query_start.push(query_start[s] + query_len as u32);
+            context_len.push(context as u32);
+        }
+        let num_tokens = query_start[seqs.len()] as usize;
+        Self {
+            query_start,
+            context_len,
+            tables,
+            num_blocks,
+            max_blocks,
+            num_tokens,
+        }
+    }
+}
