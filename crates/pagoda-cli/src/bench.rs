@@ -42,6 +42,7 @@ impl DecodeBench<'_> {
             &LoadOptions {
                 device: self.device,
                 dtype: self.dtype,
+                ..LoadOptions::default()
             },
         )?);
         let load_seconds = load_start.elapsed().as_secs_f64();

@@ -1,6 +1,6 @@
-//! Generates a continuation of a prompt: `generate MODEL PROMPT`.
+//! Generates a continuation of a prompt, streaming it: `generate MODEL PROMPT`.
 
-use pagoda_engine::{Engine, GenerationParams, Prompt};
+use pagoda_engine::{Engine, Prompt, SamplingParams};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -8,14 +8,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: generate MODEL PROMPT".into());
     };
     let mut engine = Engine::builder().model(model).build()?;
-    let params = GenerationParams {
-        max_tokens: 64,
-        ..Default::default()
-    };
-    let out = engine.generate_stream(&Prompt::Text(prompt), &params, |text| {
-        print!("{text}");
-        Ok(())
-    })?;
-    eprintln!("\n{} tokens, {:?}", out.token_ids.len(), out.finish_reason);
+    engine.add_request(Prompt::Text(prompt), SamplingParams::greedy(64))?;
+    while engine.has_unfinished() {
+        for output in engine.step()? {
+            print!("{}", output.text_delta);
+            if let Some(reason) = output.finish_reason {
+                eprintln!("\n{} tokens, {}", output.completion_tokens, reason.as_str());
+            }
+        }
+    }
     Ok(())
 }

@@ -12,6 +12,9 @@ pub enum Error {
     Template(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The engine's step loop has ended (shut down, or its thread could not start).
+    #[error("the engine has stopped")]
+    Stopped,
     #[error(transparent)]
     Model(#[from] pagoda_models::Error),
     #[error(transparent)]

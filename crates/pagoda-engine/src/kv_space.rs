@@ -14,11 +14,29 @@ use pagoda_sched::{KvSpace, RequestId};
 /// applies the copy-on-write copies the manager queues.
 pub struct ManagedKvSpace {
     manager: KvBlockManager,
+    prefix_caching: bool,
 }
 
 impl ManagedKvSpace {
+    /// A space that reuses cached prompt prefixes.
     pub fn new(manager: KvBlockManager) -> Self {
-        Self { manager }
+        Self {
+            manager,
+            prefix_caching: true,
+        }
+    }
+
+    /// A space that never looks prefixes up: every request computes its whole prompt.
+    pub fn without_prefix_caching(manager: KvBlockManager) -> Self {
+        Self {
+            manager,
+            prefix_caching: false,
+        }
+    }
+
+    /// Whether admissions reuse cached prefixes.
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix_caching
     }
 
     pub fn manager(&self) -> &KvBlockManager {
@@ -53,6 +71,11 @@ impl KvSpace for ManagedKvSpace {
         // a caller driving the manager itself gets here): what its table holds is reserved.
         if let Some(table) = self.manager.table(seq) {
             return table.num_tokens();
+        }
+        if !self.prefix_caching {
+            // Tracked already is excluded above, so adding cannot fail.
+            let _ = self.manager.add_sequence(seq);
+            return 0;
         }
         // match_prefix fails only for a tracked sequence, excluded above; should the pool refuse
         // a cached block anyway, the request starts from nothing instead.
@@ -118,5 +141,21 @@ mod tests {
         // A prompt that differs in its first block shares nothing.
         let other: Vec<u32> = (1..41).collect();
         assert_eq!(kv.reserve_prefix(RequestId(3), &other), 0);
+    }
+
+    #[test]
+    fn without_prefix_caching_nothing_is_reused() {
+        let manager = KvBlockManager::new(8, 16).expect("a valid pool");
+        let mut kv = ManagedKvSpace::without_prefix_caching(manager);
+        let prompt: Vec<u32> = (0..40).collect();
+        kv.reserve_prefix(RequestId(1), &prompt);
+        assert!(kv.grow(RequestId(1), prompt.len()));
+        kv.manager_mut()
+            .commit(SeqId(1), &prompt)
+            .expect("committed");
+        kv.release(RequestId(1));
+        assert_eq!(kv.reserve_prefix(RequestId(2), &prompt), 0);
+        assert_eq!(kv.manager().stats().prefix_queries, 0);
+        assert!(!kv.prefix_caching());
     }
 }

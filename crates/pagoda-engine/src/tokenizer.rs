@@ -31,6 +31,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 use crate::{Error, Result};
 
 /// Turns text into token ids and token ids into text, and knows the model's special tokens.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos_token_id: Option<u32>,

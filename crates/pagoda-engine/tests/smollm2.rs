@@ -8,8 +8,10 @@
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
+use std::collections::HashMap;
+
 use pagoda_engine::{
-    ChatMessage, Engine, Error, FinishReason, GenerationParams, Prompt, SamplingConfig,
+    ChatMessage, Completion, Engine, Error, FinishReason, Prompt, RequestId, SamplingParams,
 };
 use serde::Deserialize;
 
@@ -75,11 +77,52 @@ fn reference() -> Reference {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn greedy(max_tokens: usize) -> GenerationParams {
-    GenerationParams {
-        max_tokens,
-        ..Default::default()
+fn greedy(max_tokens: usize) -> SamplingParams {
+    SamplingParams::greedy(max_tokens)
+}
+
+/// The prompt of a reference case.
+fn case_prompt(case: &Case) -> Prompt {
+    match case.kind.as_str() {
+        "raw" => Prompt::Text(case.prompt.clone()),
+        "chat" => Prompt::Chat(
+            case.messages
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m.role.clone(),
+                    content: m.content.clone(),
+                })
+                .collect(),
+        ),
+        other => panic!("unknown case kind {other}"),
     }
+}
+
+/// transformers keeps the end-of-sequence token in its output; pagoda stops before it.
+fn expected_tokens(case: &Case) -> (Vec<u32>, FinishReason) {
+    let mut expected = case.greedy.clone();
+    if case.stopped_on_eos {
+        expected.pop();
+        (expected, FinishReason::Stop)
+    } else {
+        (expected, FinishReason::Length)
+    }
+}
+
+/// Runs every request the engine holds to its end; returns the streamed text and the joined
+/// completion of each.
+fn run_to_end(engine: &mut Engine) -> HashMap<RequestId, (String, Completion)> {
+    let mut done: HashMap<RequestId, (String, Completion)> = HashMap::new();
+    while engine.has_unfinished() {
+        for output in engine.step().unwrap() {
+            let (streamed, completion) = done
+                .entry(output.id)
+                .or_insert_with(|| (String::new(), Completion::new(output.id)));
+            streamed.push_str(&output.text_delta);
+            completion.push(output);
+        }
+    }
+    done
 }
 
 #[test]
@@ -87,55 +130,86 @@ fn greedy_continuations_match_transformers() {
     let Some(engine) = engine() else { return };
     let mut engine = engine.lock().unwrap();
     for case in reference().cases {
-        let prompt = match case.kind.as_str() {
-            "raw" => Prompt::Text(case.prompt.clone()),
-            "chat" => {
-                let messages: Vec<ChatMessage> = case
-                    .messages
-                    .iter()
-                    .map(|m| ChatMessage {
-                        role: m.role.clone(),
-                        content: m.content.clone(),
-                    })
-                    .collect();
-                assert_eq!(
-                    engine.render_chat(&messages).unwrap(),
-                    case.prompt,
-                    "chat template"
-                );
-                Prompt::Chat(messages)
-            }
-            other => panic!("unknown case kind {other}"),
-        };
+        let prompt = case_prompt(&case);
+        if let Prompt::Chat(messages) = &prompt {
+            assert_eq!(
+                engine.render_chat(messages).unwrap(),
+                case.prompt,
+                "chat template"
+            );
+        }
         assert_eq!(
             engine.prompt_tokens(&prompt).unwrap(),
             case.input_ids,
             "tokens of {:?}",
             case.prompt
         );
-
-        let mut streamed = String::new();
-        let out = engine
-            .generate_stream(&prompt, &greedy(case.greedy.len()), |text| {
-                streamed.push_str(text);
-                Ok(())
-            })
+        let id = engine
+            .add_request(prompt, greedy(case.greedy.len()))
             .unwrap();
-        // transformers keeps the end-of-sequence token in its output; pagoda stops before it.
-        let mut expected = case.greedy.clone();
-        if case.stopped_on_eos {
-            expected.pop();
-        }
+        let (streamed, out) = run_to_end(&mut engine).remove(&id).unwrap();
+        let (expected, reason) = expected_tokens(&case);
         assert_eq!(out.token_ids, expected, "continuation of {:?}", case.prompt);
-        let expected_reason = if case.stopped_on_eos {
-            FinishReason::Stop
-        } else {
-            FinishReason::Length
-        };
-        assert_eq!(out.finish_reason, expected_reason);
+        assert_eq!(out.finish_reason, reason);
         assert_eq!(out.text, case.completion_text);
         assert_eq!(streamed, out.text, "the stream carries exactly the text");
     }
+}
+
+#[test]
+fn every_case_at_once_matches_transformers() {
+    let Some(engine) = engine() else { return };
+    let mut engine = engine.lock().unwrap();
+    let cases = reference().cases;
+    // Twice each, so that the second copy of a prompt finds the first's blocks cached.
+    let ids: Vec<(RequestId, usize)> = (0..2)
+        .flat_map(|_| 0..cases.len())
+        .map(|i| {
+            let params = greedy(cases[i].greedy.len());
+            (
+                engine.add_request(case_prompt(&cases[i]), params).unwrap(),
+                i,
+            )
+        })
+        .collect();
+    let mut done = run_to_end(&mut engine);
+    for (id, i) in ids {
+        let (_, out) = done.remove(&id).unwrap();
+        let (expected, reason) = expected_tokens(&cases[i]);
+        assert_eq!(
+            out.token_ids, expected,
+            "continuation of {:?}",
+            cases[i].prompt
+        );
+        assert_eq!(out.finish_reason, reason);
+        assert_eq!(out.text, cases[i].completion_text);
+    }
+    assert_eq!(engine.metrics().kv_usage, 0.0);
+}
+
+#[test]
+fn a_stop_string_cuts_real_text() {
+    let Some(engine) = engine() else { return };
+    let mut engine = engine.lock().unwrap();
+    let case = reference()
+        .cases
+        .into_iter()
+        .find(|c| c.completion_text.chars().count() > 20)
+        .expect("a case with a long completion");
+    let text = &case.completion_text;
+    let start = text.char_indices().nth(10).map(|(i, _)| i).unwrap();
+    let end = text.char_indices().nth(14).map(|(i, _)| i).unwrap();
+    let stop = text[start..end].to_owned();
+    let cut = text.find(&stop).unwrap();
+    let params = SamplingParams {
+        stop: vec![stop.clone()],
+        ..greedy(case.greedy.len())
+    };
+    let id = engine.add_request(case_prompt(&case), params).unwrap();
+    let (streamed, out) = run_to_end(&mut engine).remove(&id).unwrap();
+    assert_eq!(out.text, text[..cut], "cut before {stop:?}");
+    assert_eq!(streamed, out.text);
+    assert_eq!(out.finish_reason, FinishReason::Stop);
 }
 
 #[test]
@@ -143,26 +217,28 @@ fn sampling_is_reproducible_by_seed() {
     let Some(engine) = engine() else { return };
     let mut engine = engine.lock().unwrap();
     let prompt = Prompt::Text("Once upon a time".into());
-    let params = |seed| GenerationParams {
+    let params = |seed| SamplingParams {
         max_tokens: 12,
-        sampling: SamplingConfig {
-            temperature: 0.9,
-            top_k: 50,
-            top_p: 0.95,
-            min_p: 0.0,
-        },
-        seed,
+        temperature: 0.9,
+        top_k: 50,
+        top_p: 0.95,
+        seed: Some(seed),
         ignore_eos: true,
+        ..SamplingParams::default()
     };
-    let a = engine.generate(&prompt, &params(7)).unwrap();
-    let b = engine.generate(&prompt, &params(7)).unwrap();
-    assert_eq!(a.token_ids, b.token_ids);
-    assert_eq!(a.token_ids.len(), 12);
-    let others: Vec<Vec<u32>> = (8..12)
-        .map(|s| engine.generate(&prompt, &params(s)).unwrap().token_ids)
-        .collect();
+    let mut generate = |seed| {
+        engine
+            .generate(vec![prompt.clone()], &params(seed))
+            .unwrap()
+            .remove(0)
+            .token_ids
+    };
+    let a = generate(7);
+    assert_eq!(a, generate(7));
+    assert_eq!(a.len(), 12);
+    let others: Vec<Vec<u32>> = (8..12).map(&mut generate).collect();
     assert!(
-        others.iter().any(|o| *o != a.token_ids),
+        others.iter().any(|o| *o != a),
         "different seeds should not all agree"
     );
 }
@@ -171,69 +247,52 @@ fn sampling_is_reproducible_by_seed() {
 fn bad_requests_are_refused_with_a_reason() {
     let Some(engine) = engine() else { return };
     let mut engine = engine.lock().unwrap();
-    let empty = engine.generate(&Prompt::Text(String::new()), &greedy(4));
-    assert!(matches!(empty, Err(Error::InvalidRequest(m)) if m.contains("empty")));
-
-    let long = Prompt::Tokens(vec![504; 600]);
-    let message = engine.generate(&long, &greedy(4)).unwrap_err().to_string();
+    let mut refused =
+        |prompt: Prompt, params: SamplingParams| match engine.add_request(prompt, params) {
+            Err(Error::InvalidRequest(message)) => message,
+            other => panic!("not refused as invalid: {other:?}"),
+        };
+    assert!(refused(Prompt::Text(String::new()), greedy(4)).contains("empty"));
+    let message = refused(Prompt::Tokens(vec![504; 600]), greedy(4));
     assert!(
         message.contains("600") && message.contains("512"),
         "{message}"
     );
-    let just_over = Prompt::Tokens(vec![504; 500]);
-    assert!(matches!(
-        engine.generate(&just_over, &greedy(13)),
-        Err(Error::InvalidRequest(_))
-    ));
-
-    let out_of_vocab = Prompt::Tokens(vec![49_152]);
-    assert!(matches!(
-        engine.generate(&out_of_vocab, &greedy(4)),
-        Err(Error::InvalidRequest(_))
-    ));
-
+    refused(Prompt::Tokens(vec![504; 500]), greedy(13));
+    refused(Prompt::Tokens(vec![49_152]), greedy(4));
     let prompt = Prompt::Text("Hello".into());
-    assert!(matches!(
-        engine.generate(&prompt, &greedy(0)),
-        Err(Error::InvalidRequest(_))
-    ));
-    for sampling in [
-        SamplingConfig {
+    refused(prompt.clone(), greedy(0));
+    for params in [
+        SamplingParams {
             temperature: -1.0,
-            ..SamplingConfig::greedy()
+            ..greedy(4)
         },
-        SamplingConfig {
+        SamplingParams {
             temperature: f32::NAN,
-            ..SamplingConfig::greedy()
+            ..greedy(4)
         },
-        SamplingConfig {
+        SamplingParams {
             top_p: 0.0,
-            ..SamplingConfig::greedy()
+            ..greedy(4)
         },
-        SamplingConfig {
+        SamplingParams {
             top_p: 1.5,
-            ..SamplingConfig::greedy()
+            ..greedy(4)
         },
-        SamplingConfig {
+        SamplingParams {
             min_p: 2.0,
-            ..SamplingConfig::greedy()
+            ..greedy(4)
         },
     ] {
-        let params = GenerationParams {
-            sampling: sampling.clone(),
-            ..greedy(4)
-        };
-        assert!(
-            engine.generate(&prompt, &params).is_err(),
-            "{sampling:?} accepted"
-        );
+        refused(prompt.clone(), params);
     }
 
-    // A refused or finished request leaves no blocks behind: a prompt filling the whole
-    // context still fits afterwards.
+    // Refused and finished requests leave no blocks behind: a prompt filling the whole context
+    // still fits afterwards.
     let full = Prompt::Tokens(vec![504; 511]);
+    let out = engine.generate(vec![full], &greedy(1)).unwrap().remove(0);
     assert_eq!(
-        engine.generate(&full, &greedy(1)).unwrap().token_ids.len(),
+        out.token_ids.len() + usize::from(out.finish_reason == FinishReason::Stop),
         1
     );
 }

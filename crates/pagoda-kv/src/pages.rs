@@ -124,9 +124,9 @@ pub struct LayerPages {
 ///
 /// Sequences keep their own [`BlockTable`]s and grow them through [`allocator`](Self::allocator); the
 /// cache does not track which sequence holds which block. An engine that wants prefix caching and
-/// copy-on-write uses a [`KvBlockManager`](crate::KvBlockManager) of the same geometry for the
-/// bookkeeping instead, leaves this allocator alone, and applies the manager's copies with
-/// [`copy_blocks`](Self::copy_blocks).
+/// copy-on-write uses a [`KvBlockManager`](crate::KvBlockManager) for the bookkeeping instead: it
+/// builds the pages with [`pages_only`](Self::pages_only), so that the manager is the one owner of
+/// every block id, and applies the manager's copies with [`copy_blocks`](Self::copy_blocks).
 #[derive(Debug)]
 pub struct KvCache {
     config: KvCacheConfig,
@@ -152,6 +152,16 @@ impl KvCache {
             layers,
             allocator: BlockAllocator::new(config.num_blocks),
         })
+    }
+
+    /// Like [`new`](Self::new), for pages whose blocks are handed out elsewhere (by a
+    /// [`KvBlockManager`](crate::KvBlockManager) over at most `config.num_blocks` blocks): the cache's
+    /// own allocator holds no blocks, so a block table grown through [`allocator`](Self::allocator)
+    /// fails with [`Error::OutOfBlocks`] instead of taking a block the manager has given to a sequence.
+    pub fn pages_only(config: KvCacheConfig) -> Result<Self> {
+        let mut cache = Self::new(config)?;
+        cache.allocator = BlockAllocator::new(0);
+        Ok(cache)
     }
 
     /// The configuration the cache was built with.
@@ -210,11 +220,14 @@ impl KvCache {
     /// Copies every layer's K and V rows of each `copy.src` block into its `copy.dst` block, in the
     /// order given (a later copy may read a block an earlier one wrote), as copy-on-write requires.
     ///
+    /// On a GPU the copies are queued on the device's stream, in order, and the call returns without
+    /// waiting for them; every later kernel on that stream sees them done.
+    ///
     /// Fails with [`Error::InvalidBlock`] for a block outside the pool and [`Error::InvalidPages`] for
     /// page tensors no longer of the configured shape, contiguous layout and device, before copying
-    /// anything; with [`Error::CopyUnsupported`] for pages on a CUDA device; and with [`Error::Tensor`]
-    /// if a layer's pages share their storage with another tensor (a clone) or are read-only. In the last
-    /// case earlier layers are already copied; running the same copies again is harmless.
+    /// anything; and with [`Error::Tensor`] if a layer's pages share their storage with another tensor
+    /// (a clone) or are read-only, or a device copy fails. In the last case earlier layers are already
+    /// copied; running the same copies again is harmless.
     pub fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<()> {
         if copies.is_empty() {
             return Ok(());
@@ -232,11 +245,6 @@ impl KvCache {
                 self.check_pages(pages)
                     .map_err(|why| Error::InvalidPages(format!("layer {i} {name} pages {why}")))?;
             }
-        }
-        if self.config.device.is_cuda() {
-            return Err(Error::CopyUnsupported {
-                device: self.config.device,
-            });
         }
         let [_, block_size, heads, head_dim] = self.config.page_shape();
         let block_len = block_size * heads * head_dim;
@@ -270,26 +278,45 @@ impl KvCache {
     }
 }
 
-/// Copies block rows of `block_len` elements within one contiguous host page tensor.
+/// Copies block rows of `block_len` elements within one contiguous page tensor, on the host or,
+/// queued on the device's stream, on a GPU.
 fn copy_block_rows(pages: &mut Tensor, block_len: usize, copies: &[BlockCopy]) -> Result<()> {
     let offset = pages.layout().offset();
     let len = pages.elem_count();
-    let Storage::Cpu(storage) = pages.storage_mut()? else {
-        return Err(Error::CopyUnsupported {
-            device: pages.device(),
-        });
-    };
-    match storage {
-        CpuStorage::F32(v) => copy_within(v, offset, len, block_len, copies),
-        CpuStorage::F16(v) => copy_within(v, offset, len, block_len, copies),
-        CpuStorage::BF16(v) => copy_within(v, offset, len, block_len, copies),
-        CpuStorage::U8(v) => copy_within(v, offset, len, block_len, copies),
-        CpuStorage::I32(v) => copy_within(v, offset, len, block_len, copies),
-        CpuStorage::U32(v) => copy_within(v, offset, len, block_len, copies),
-        CpuStorage::Mapped(_) => Err(Error::Tensor(pagoda_tensor::Error::NotMutable {
-            reason: "the storage is a read-only memory map",
-        })),
+    match pages.storage_mut()? {
+        Storage::Cpu(storage) => match storage {
+            CpuStorage::F32(v) => copy_within(v, offset, len, block_len, copies),
+            CpuStorage::F16(v) => copy_within(v, offset, len, block_len, copies),
+            CpuStorage::BF16(v) => copy_within(v, offset, len, block_len, copies),
+            CpuStorage::U8(v) => copy_within(v, offset, len, block_len, copies),
+            CpuStorage::I32(v) => copy_within(v, offset, len, block_len, copies),
+            CpuStorage::U32(v) => copy_within(v, offset, len, block_len, copies),
+            CpuStorage::Mapped(_) => Err(Error::Tensor(pagoda_tensor::Error::NotMutable {
+                reason: "the storage is a read-only memory map",
+            })),
+        },
+        Storage::Cuda(storage) => {
+            for copy in copies {
+                let (src, dst) = block_ranges(copy, block_len, len)?;
+                storage.copy_within(offset + src.start..offset + src.end, offset + dst.start)?;
+            }
+            Ok(())
+        }
     }
+}
+
+/// The element ranges of `copy`'s source and destination blocks within `len` elements of pages.
+fn block_ranges(
+    copy: &BlockCopy,
+    block_len: usize,
+    len: usize,
+) -> Result<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let src = copy.src.0 as usize * block_len;
+    let dst = copy.dst.0 as usize * block_len;
+    if src + block_len > len || dst + block_len > len {
+        return Err(Error::InvalidBlock(copy.src.max(copy.dst)));
+    }
+    Ok((src..src + block_len, dst..dst + block_len))
 }
 
 /// Copies element runs `src * block_len..` to `dst * block_len..` of `elements[offset..offset + len]`.
@@ -304,12 +331,8 @@ fn copy_within<T: Copy>(
         .get_mut(offset..offset + len)
         .ok_or_else(|| Error::InvalidPages(format!("storage is shorter than {len} elements")))?;
     for copy in copies {
-        let src = copy.src.0 as usize * block_len;
-        let dst = copy.dst.0 as usize * block_len;
-        if src + block_len > pages.len() || dst + block_len > pages.len() {
-            return Err(Error::InvalidBlock(copy.src.max(copy.dst)));
-        }
-        pages.copy_within(src..src + block_len, dst);
+        let (src, dst) = block_ranges(copy, block_len, pages.len())?;
+        pages.copy_within(src, dst.start);
     }
     Ok(())
 }
@@ -397,6 +420,21 @@ mod tests {
             }
         }
         assert_eq!(cache.config(), &config());
+    }
+
+    #[test]
+    fn pages_only_hands_out_no_blocks() {
+        let mut cache = KvCache::pages_only(config()).unwrap();
+        assert_eq!(cache.layer(0).k.dims(), [5, 4, 3, 2]);
+        assert_eq!(cache.allocator_ref().num_blocks(), 0);
+        let mut table = cache.new_block_table();
+        assert!(matches!(
+            table.append(1, cache.allocator()),
+            Err(Error::OutOfBlocks { .. })
+        ));
+        assert!(table.is_empty());
+        // Copies address every page block, whoever hands the blocks out.
+        cache.copy_blocks(&[copy(4, 0)]).unwrap();
     }
 
     #[test]

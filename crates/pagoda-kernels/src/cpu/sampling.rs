@@ -7,8 +7,13 @@
 //!
 //! The filters run in the order of Hugging Face transformers' logits warpers (and vLLM's sampler):
 //! temperature, then top-k, then top-p, then min-p, each on the distribution the previous one left.
+//!
+//! Before any of them, [`Penalties`] may lower the logits of tokens already seen (repetition,
+//! presence and frequency penalties, as vLLM applies them); [`logprobs`] reports the log-softmax of
+//! a row and its most likely tokens.
 
 use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -198,6 +203,199 @@ impl Sampler {
             .map(|token| token.id)
             .ok_or_else(|| Error::InvalidSampling("no token left to sample from".into()))
     }
+}
+
+/// Penalties on tokens that already occur in a sequence, with vLLM's definitions and order
+/// (`apply_penalties` in vLLM's `model_executor/layers/utils.py`):
+///
+/// 1. `repetition` (Keskar et al., 2019, CTRL): every token of the prompt or the output so far has
+///    a positive logit divided by it and a negative one multiplied by it; 1 is off.
+/// 2. `frequency`: subtracted once per occurrence of the token in the output; 0 is off.
+/// 3. `presence`: subtracted once from every token that occurs in the output; 0 is off.
+///
+/// Values above the "off" value discourage repetition, values below encourage it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Penalties {
+    pub repetition: f32,
+    pub presence: f32,
+    pub frequency: f32,
+}
+
+impl Default for Penalties {
+    /// No penalty.
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+impl Penalties {
+    /// Bound on `presence` and `frequency` (either sign), as in vLLM and the OpenAI API.
+    pub const MAX_ADDITIVE: f32 = 2.0;
+
+    /// Every penalty off.
+    pub fn none() -> Self {
+        Self {
+            repetition: 1.0,
+            presence: 0.0,
+            frequency: 0.0,
+        }
+    }
+
+    /// Whether applying these penalties leaves every logit as it is.
+    pub fn is_off(&self) -> bool {
+        self.repetition == 1.0 && self.presence == 0.0 && self.frequency == 0.0
+    }
+
+    /// Checks the ranges: `repetition` finite and `> 0`, `presence` and `frequency` in
+    /// `[-2, 2]`.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.repetition.is_finite() && self.repetition > 0.0) {
+            return Err(Error::InvalidSampling(format!(
+                "repetition_penalty must be finite and > 0, got {}",
+                self.repetition
+            )));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence),
+            ("frequency_penalty", self.frequency),
+        ] {
+            if value.is_nan() || value.abs() > Self::MAX_ADDITIVE {
+                return Err(Error::InvalidSampling(format!(
+                    "{name} must be in [-{max}, {max}], got {value}",
+                    max = Self::MAX_ADDITIVE
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the penalties in place to one row of logits, for a sequence whose prompt is
+    /// `prompt` and whose output so far is `output`.
+    ///
+    /// Fails if the penalties are invalid or a token id lies outside the row.
+    pub fn apply(&self, logits: &mut [f32], prompt: &[u32], output: &[u32]) -> Result<()> {
+        self.validate()?;
+        if self.is_off() {
+            return Ok(());
+        }
+        let vocab = logits.len();
+        if let Some(&bad) = prompt.iter().chain(output).find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidSampling(format!(
+                "token {bad} of the sequence is outside the {vocab} logits"
+            )));
+        }
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &token in output {
+            *counts.entry(token).or_default() += 1;
+        }
+        if self.repetition != 1.0 {
+            let seen: HashSet<u32> = prompt
+                .iter()
+                .copied()
+                .chain(counts.keys().copied())
+                .collect();
+            for token in seen {
+                let logit = &mut logits[token as usize];
+                if *logit > 0.0 {
+                    *logit /= self.repetition;
+                } else {
+                    *logit *= self.repetition;
+                }
+            }
+        }
+        for (&token, &count) in &counts {
+            let logit = &mut logits[token as usize];
+            *logit -= self.frequency * count as f32;
+            *logit -= self.presence;
+        }
+        Ok(())
+    }
+}
+
+/// The log-probability of one token under a row of logits and the row's most likely tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logprobs {
+    /// The token asked about.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The `n` most likely tokens with their log-probabilities, most likely first (ties by lowest
+    /// id); may include `token`.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-softmax of `logits` at `token`, and its `top_n` most likely tokens.
+///
+/// Computed in `f64` from the logits as given: callers that want the model's own distribution
+/// (vLLM's default, `raw_logprobs`) pass the logits before penalties and temperature. NaN
+/// logits count as `-inf`. Fails if `token` lies outside the row or no logit is a number
+/// above `-inf`.
+pub fn logprobs(logits: &[f32], token: u32, top_n: usize) -> Result<Logprobs> {
+    let vocab = logits.len();
+    let chosen = *logits.get(token as usize).ok_or_else(|| {
+        Error::InvalidSampling(format!("token {token} is outside the {vocab} logits"))
+    })?;
+    let value = |logit: f32| {
+        if logit.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            logit
+        }
+    };
+    let max = logits
+        .iter()
+        .copied()
+        .map(value)
+        .fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return Err(Error::InvalidSampling(format!(
+            "all {vocab} logits are NaN or -inf"
+        )));
+    }
+    // With +inf logits those share all the mass equally and every other token has none.
+    let infinite = logits.iter().filter(|&&l| l == f32::INFINITY).count();
+    let log_sum_exp = if infinite > 0 {
+        0.0
+    } else {
+        let max = f64::from(max);
+        let sum: f64 = logits
+            .iter()
+            .map(|&l| (f64::from(value(l)) - max).exp())
+            .sum();
+        max + sum.ln()
+    };
+    let logprob = |logit: f32| -> f32 {
+        let logit = value(logit);
+        match (infinite, logit == f32::INFINITY) {
+            (0, _) => (f64::from(logit) - log_sum_exp) as f32,
+            (_, true) => -(infinite as f64).ln() as f32,
+            (_, false) => f32::NEG_INFINITY,
+        }
+    };
+    let mut top = Vec::new();
+    if top_n > 0 {
+        let mut order: Vec<Candidate> = logits
+            .iter()
+            .enumerate()
+            .map(|(index, &logit)| {
+                Ok(Candidate {
+                    id: token_id(index)?,
+                    logit: value(logit),
+                })
+            })
+            .collect::<Result<_>>()?;
+        if top_n < order.len() {
+            order.select_nth_unstable_by(top_n - 1, Candidate::most_likely_first);
+            order.truncate(top_n);
+        }
+        order.sort_by(Candidate::most_likely_first);
+        top = order.iter().map(|c| (c.id, logprob(c.logit))).collect();
+    }
+    Ok(Logprobs {
+        token,
+        logprob: logprob(chosen),
+        top,
+    })
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -583,7 +781,181 @@ mod tests {
         assert!(chi_square(&counts, &loose, draws) > 100.0);
     }
 
+    /// The penalties written out token by token, straight from their definitions.
+    fn naive_penalties(logits: &[f32], p: &Penalties, prompt: &[u32], output: &[u32]) -> Vec<f32> {
+        (0..logits.len() as u32)
+            .map(|token| {
+                let mut logit = logits[token as usize];
+                let count = output.iter().filter(|&&t| t == token).count();
+                if count > 0 || prompt.contains(&token) {
+                    logit = if logit > 0.0 {
+                        logit / p.repetition
+                    } else {
+                        logit * p.repetition
+                    };
+                }
+                logit -= p.frequency * count as f32;
+                if count > 0 {
+                    logit -= p.presence;
+                }
+                logit
+            })
+            .collect()
+    }
+
+    #[test]
+    fn penalties_follow_their_definitions() {
+        let logits = [1.5, -0.5, 2.0, 0.0, -3.0, 0.25, 4.0, -1.0];
+        let prompt = [0, 1, 1, 7];
+        let output = [1, 2, 2, 2, 4];
+        let penalties = Penalties {
+            repetition: 1.3,
+            presence: 0.4,
+            frequency: 0.7,
+        };
+        let mut penalised = logits;
+        penalties.apply(&mut penalised, &prompt, &output).unwrap();
+        assert_eq!(
+            penalised.to_vec(),
+            naive_penalties(&logits, &penalties, &prompt, &output)
+        );
+        // Worked by hand: token 2 (output x3): 2.0 / 1.3 - 3 * 0.7 - 0.4; token 7 (prompt only):
+        // -1.0 * 1.3; token 6 (unseen) unchanged.
+        assert!((penalised[2] - (2.0 / 1.3 - 2.1 - 0.4)).abs() < 1e-6);
+        assert_eq!(penalised[7], -1.3);
+        assert_eq!(penalised[6], 4.0);
+        assert_eq!(penalised[3], 0.0);
+
+        // Presence and frequency ignore the prompt; repetition alone touches prompt tokens.
+        let mut additive_only = logits;
+        Penalties {
+            repetition: 1.0,
+            presence: 1.0,
+            frequency: 0.5,
+        }
+        .apply(&mut additive_only, &prompt, &[])
+        .unwrap();
+        assert_eq!(additive_only, logits);
+
+        let mut off = logits;
+        Penalties::none().apply(&mut off, &prompt, &output).unwrap();
+        assert_eq!(off, logits);
+        assert!(Penalties::default().is_off());
+    }
+
+    #[test]
+    fn invalid_penalties_are_rejected_naming_the_field() {
+        let cases = [
+            (1.0, 0.0, 0.0, None),
+            (0.0, 0.0, 0.0, Some("repetition_penalty")),
+            (f32::NAN, 0.0, 0.0, Some("repetition_penalty")),
+            (f32::INFINITY, 0.0, 0.0, Some("repetition_penalty")),
+            (1.0, 2.5, 0.0, Some("presence_penalty")),
+            (1.0, f32::NAN, 0.0, Some("presence_penalty")),
+            (1.0, 0.0, -2.01, Some("frequency_penalty")),
+            (0.5, -2.0, 2.0, None),
+        ];
+        for (repetition, presence, frequency, field) in cases {
+            let penalties = Penalties {
+                repetition,
+                presence,
+                frequency,
+            };
+            match (penalties.validate(), field) {
+                (Ok(()), None) => {}
+                (Err(Error::InvalidSampling(message)), Some(field)) => {
+                    assert!(message.contains(field), "{message:?} does not name {field}")
+                }
+                (other, _) => panic!("{penalties:?}: {other:?}"),
+            }
+        }
+        let mut logits = [0.0; 4];
+        let penalties = Penalties {
+            repetition: 1.2,
+            ..Penalties::none()
+        };
+        assert!(penalties.apply(&mut logits, &[4], &[]).is_err());
+    }
+
+    /// `log(softmax(logits)[token])`, naively in f64.
+    fn naive_logprob(logits: &[f32], token: usize) -> f64 {
+        let total: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+        (f64::from(logits[token]).exp() / total).ln()
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_its_top_tokens() {
+        let logits = [0.5, 3.0, -1.0, 3.0, 2.0, -7.5];
+        let out = logprobs(&logits, 2, 3).unwrap();
+        assert_eq!(out.token, 2);
+        assert!((f64::from(out.logprob) - naive_logprob(&logits, 2)).abs() < 1e-6);
+        // 1 and 3 tie: the lower id first.
+        let ids: Vec<u32> = out.top.iter().map(|&(id, _)| id).collect();
+        assert_eq!(ids, [1, 3, 4]);
+        for &(id, logprob) in &out.top {
+            assert!((f64::from(logprob) - naive_logprob(&logits, id as usize)).abs() < 1e-6);
+        }
+        assert!(logprobs(&logits, 0, 0).unwrap().top.is_empty());
+        let all = logprobs(&logits, 0, 100).unwrap();
+        assert_eq!(all.top.len(), logits.len());
+        let mass: f64 = all.top.iter().map(|&(_, l)| f64::from(l).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-6);
+        // Large logits stay finite: the maximum is subtracted first.
+        let big = logprobs(&[1000.0, 1000.0], 1, 1).unwrap();
+        assert!((big.logprob - (-std::f32::consts::LN_2)).abs() < 1e-6);
+        assert_eq!(big.top, [(0, big.logprob)]);
+    }
+
+    #[test]
+    fn logprobs_of_special_values() {
+        let out = logprobs(&[f32::NAN, 0.0, f32::NEG_INFINITY, 0.0], 1, 4).unwrap();
+        assert!((out.logprob + std::f32::consts::LN_2).abs() < 1e-6);
+        assert_eq!(out.top[2].1, f32::NEG_INFINITY);
+        assert_eq!(out.top[3].1, f32::NEG_INFINITY);
+        let inf = logprobs(&[f32::INFINITY, 1.0, f32::INFINITY], 0, 3).unwrap();
+        assert!((inf.logprob + std::f32::consts::LN_2).abs() < 1e-6);
+        assert_eq!(inf.top[2], (1, f32::NEG_INFINITY));
+        assert!(logprobs(&[1.0, 2.0], 2, 1).is_err());
+        assert!(logprobs(&[f32::NAN, f32::NEG_INFINITY], 0, 1).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn penalties_match_the_naive_definition(
+            logits in proptest::collection::vec(-10.0f32..10.0, 1..40),
+            prompt in proptest::collection::vec(0u32..40, 0..20),
+            output in proptest::collection::vec(0u32..40, 0..20),
+            repetition in 0.1f32..3.0,
+            presence in -2.0f32..=2.0,
+            frequency in -2.0f32..=2.0,
+        ) {
+            let vocab = logits.len() as u32;
+            let prompt: Vec<u32> = prompt.into_iter().map(|t| t % vocab).collect();
+            let output: Vec<u32> = output.into_iter().map(|t| t % vocab).collect();
+            let penalties = Penalties { repetition, presence, frequency };
+            let mut penalised = logits.clone();
+            penalties.apply(&mut penalised, &prompt, &output).unwrap();
+            prop_assert_eq!(penalised, naive_penalties(&logits, &penalties, &prompt, &output));
+        }
+
+        #[test]
+        fn logprobs_match_the_naive_log_softmax(
+            logits in proptest::collection::vec(-20.0f32..20.0, 1..64),
+            token in 0usize..64,
+            top_n in 0usize..70,
+        ) {
+            let token = token % logits.len();
+            let out = logprobs(&logits, token as u32, top_n).unwrap();
+            prop_assert!((f64::from(out.logprob) - naive_logprob(&logits, token)).abs() < 1e-5);
+            prop_assert_eq!(out.top.len(), top_n.min(logits.len()));
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap().then(a.cmp(&b)));
+            for (&(id, logprob), &expected) in out.top.iter().zip(&order) {
+                prop_assert_eq!(id as usize, expected);
+                prop_assert!((f64::from(logprob) - naive_logprob(&logits, expected)).abs() < 1e-5);
+            }
+        }
+
         #[test]
         fn distribution_is_normalised_and_ordered(
             logits in proptest::collection::vec(-20.0f32..20.0, 1..64),
