@@ -1,6 +1,10 @@
 //! The `pagoda` command-line tool.
 
 mod bench;
+mod bench_serve;
+mod bench_throughput;
+mod chat;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pagoda_engine::{ChatMessage, DType, Device, Engine, GenerationParams, Prompt, SamplingConfig};
+use pagoda_engine::{ChatMessage, DType, Device, Engine, Prompt, SamplingParams};
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +29,11 @@ struct Cli {
 enum Command {
     /// Continue a prompt; only the generated text goes to stdout, logs go to stderr.
     Generate(GenerateArgs),
+    /// Talk with a model in the terminal, using its chat template; replies stream as they come.
+    Chat(chat::ChatArgs),
+    /// Serve a model over HTTP with the OpenAI API (completions, chat completions, models),
+    /// plus /health and Prometheus /metrics.
+    Serve(serve::ServeArgs),
     /// Measure speed; prints one JSON line per run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -35,6 +44,12 @@ enum BenchCommand {
     /// W1: batch-1 greedy decode of a random prompt, against the floor of reading every weight
     /// once per token at the card's copy bandwidth.
     Decode(DecodeArgs),
+    /// W2: many requests at once (64 x 128-token prompts, 256 greedy tokens each) through the
+    /// continuous-batching engine; output tokens per second against the decode steps' floor.
+    Throughput(ThroughputArgs),
+    /// W3: replay Poisson arrivals of random-length requests against a running server,
+    /// streaming, and report throughput and TTFT / TPOT / end-to-end latency percentiles.
+    Serve(bench_serve::BenchServeArgs),
 }
 
 #[derive(Args)]
@@ -59,6 +74,32 @@ struct DecodeArgs {
     seed: u64,
     /// Launch every kernel of a decode step from the host instead of replaying the step as a
     /// recorded CUDA graph.
+    #[arg(long)]
+    eager: bool,
+}
+
+#[derive(Args)]
+struct ThroughputArgs {
+    /// A Hugging Face model directory (with tokenizer.json) or a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: DeviceArg,
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
+    /// Requests submitted at once; several (comma-separated) give one run each, the table of
+    /// throughput and TPOT as the batch grows.
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    batch_sizes: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 256)]
+    new_tokens: usize,
+    /// Seed of the random prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Launch every kernel of a decode step from the host instead of replaying recorded CUDA
+    /// graphs.
     #[arg(long)]
     eager: bool,
 }
@@ -120,6 +161,10 @@ fn main() -> ExitCode {
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Generate(args) => generate(args).map_err(Into::into),
         Command::Bench(BenchCommand::Decode(args)) => bench_decode(args),
+        Command::Bench(BenchCommand::Throughput(args)) => bench_throughput(args),
+        Command::Chat(args) => chat::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Bench(BenchCommand::Serve(args)) => bench_serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,18 +211,35 @@ fn bench_decode(args: DecodeArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+fn bench_throughput(args: ThroughputArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let reports = bench_throughput::ThroughputBench {
+        model: &args.model,
+        device: args.device.device(),
+        dtype: args.dtype.map(DTypeArg::dtype),
+        batch_sizes: args.batch_sizes,
+        prompt_len: args.prompt_len,
+        new_tokens: args.new_tokens,
+        seed: args.seed,
+        cuda_graphs: !args.eager,
+    }
+    .run()?;
+    for report in reports {
+        println!("{report}");
+    }
+    Ok(())
+}
+
 fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
     let device = args.device.device();
-    let params = GenerationParams {
+    let params = SamplingParams {
         max_tokens: args.max_tokens,
-        sampling: SamplingConfig {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            min_p: args.min_p,
-        },
-        seed: args.seed,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        seed: Some(args.seed),
         ignore_eos: args.ignore_eos,
+        ..SamplingParams::default()
     };
     params.validate()?;
     let load_start = Instant::now();
@@ -199,31 +261,57 @@ fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
     } else {
         Prompt::Text(args.prompt)
     };
+    let start = Instant::now();
+    let id = engine.add_request(prompt, params)?;
     let mut stdout = std::io::stdout().lock();
-    // A reader that stops early (`pagoda generate ... | head`) ends generation, not in an error.
-    let mut reader_gone = false;
-    let result = engine.generate_stream(&prompt, &params, |text| {
-        stdout
-            .write_all(text.as_bytes())
-            .and_then(|()| stdout.flush())
-            .map_err(|e| {
-                reader_gone = e.kind() == std::io::ErrorKind::BrokenPipe;
-                pagoda_engine::Error::Internal(format!("writing to stdout: {e}"))
-            })
-    });
-    let generation = match result {
-        Err(_) if reader_gone => return Ok(()),
-        other => other?,
-    };
+    let mut first_token_at = None;
+    let mut last = None;
+    while engine.has_unfinished() {
+        for output in engine.step()? {
+            if !output.token_ids_delta.is_empty() {
+                first_token_at.get_or_insert_with(|| start.elapsed());
+            }
+            let written = stdout
+                .write_all(output.text_delta.as_bytes())
+                .and_then(|()| stdout.flush());
+            match written {
+                // A reader that stops early (`pagoda generate ... | head`) ends generation, not
+                // in an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    engine.abort(id);
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(pagoda_engine::Error::Internal(format!(
+                        "writing to stdout: {e}"
+                    )));
+                }
+                Ok(()) => {}
+            }
+            if output.is_finished() {
+                last = Some(output);
+            }
+        }
+    }
     writeln!(stdout).ok();
-    let decoded = generation.token_ids.len().saturating_sub(1);
-    let decode_secs = generation.decode_time.as_secs_f64();
+    let Some(last) = last else {
+        return Err(pagoda_engine::Error::Internal(
+            "the request ended without a last output".into(),
+        ));
+    };
+    let time_to_first_token = first_token_at.unwrap_or_else(|| start.elapsed());
+    let decoded = last.completion_tokens.saturating_sub(1);
+    let decode_secs = start
+        .elapsed()
+        .saturating_sub(time_to_first_token)
+        .as_secs_f64();
     eprintln!(
-        "{} prompt tokens, {} generated ({:?}); time to first token {:.1} ms, decode {:.1} tok/s",
-        generation.prompt_tokens,
-        generation.token_ids.len(),
-        generation.finish_reason,
-        generation.time_to_first_token.as_secs_f64() * 1e3,
+        "{} prompt tokens, {} generated (finish: {}); time to first token {:.1} ms, decode {:.1} \
+         tok/s",
+        last.prompt_tokens,
+        last.completion_tokens,
+        last.finish_reason.map_or("none", |reason| reason.as_str()),
+        time_to_first_token.as_secs_f64() * 1e3,
         if decode_secs > 0.0 {
             decoded as f64 / decode_secs
         } else {

@@ -1,0 +1,156 @@
+//! `pagoda bench throughput`: W2 of the benchmark suite - many requests at once (64 x 128-token
+//! random prompts, 256 greedy tokens each, no end-of-sequence) through the continuous-batching
+//! engine - reported as output tokens per second and against the floor of its decode steps.
+//!
+//! The floor of one decode step reads every weight once and every sequence's KV cache once at
+//! the card's copy bandwidth. When every request is admitted at the start (the engine's
+//! `max_num_seqs` covers them), all sequences decode in lockstep, so step `t` of the decode phase
+//! holds `prompt + t` tokens of each: the floor of the phase is the sum over its steps.
+
+use std::path::Path;
+use std::time::Instant;
+
+use pagoda_engine::{DType, Device, Engine, Prompt, SamplingParams};
+use pagoda_tensor::CudaDevice;
+use rand::{RngExt, SeedableRng};
+
+type BoxError = Box<dyn std::error::Error>;
+
+/// Bytes copied per bandwidth probe: far beyond the L2 cache, so the copy runs from DRAM.
+const PROBE_BYTES: usize = 1 << 30;
+
+pub struct ThroughputBench<'a> {
+    pub model: &'a Path,
+    pub device: Device,
+    pub dtype: Option<DType>,
+    /// Requests submitted at once, for each run.
+    pub batch_sizes: Vec<usize>,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub seed: u64,
+    pub cuda_graphs: bool,
+}
+
+impl ThroughputBench<'_> {
+    /// Runs the benchmark at every batch size and returns one JSON report per run.
+    pub fn run(&self) -> Result<Vec<serde_json::Value>, BoxError> {
+        if self.prompt_len == 0 || self.new_tokens < 2 || self.batch_sizes.is_empty() {
+            return Err(
+                "bench throughput needs a prompt, at least 2 new tokens and a batch size".into(),
+            );
+        }
+        if self.batch_sizes.contains(&0) {
+            return Err("batch sizes must be at least 1".into());
+        }
+        let largest = self.batch_sizes.iter().copied().max().unwrap_or(1);
+        let load_start = Instant::now();
+        let mut builder = Engine::builder()
+            .model(self.model)
+            .device(self.device)
+            .max_num_seqs(largest)
+            // Room to prefill every prompt in one step, so that all sequences decode together.
+            .max_batch_tokens((largest * self.prompt_len).max(2048))
+            .max_context_tokens(self.prompt_len + self.new_tokens)
+            .prefix_caching(false)
+            .cuda_graphs(self.cuda_graphs);
+        if let Some(dtype) = self.dtype {
+            builder = builder.dtype(dtype);
+        }
+        let mut engine = builder.build()?;
+        let load_seconds = load_start.elapsed().as_secs_f64();
+        let info = engine.model().info().clone();
+        let bandwidth = match self.device {
+            Device::Cuda(ordinal) => Some(pagoda_kernels::cuda::memory::copy_bandwidth(
+                &CudaDevice::get(ordinal)?,
+                PROBE_BYTES,
+                10,
+            )?),
+            Device::Cpu => None,
+        };
+        // K and V of one token in every layer.
+        let kv_bytes_per_token =
+            2 * info.num_layers * info.num_kv_heads * info.head_dim * info.dtype.size_in_bytes();
+
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        let mut reports = Vec::new();
+        // The first (smallest) run also warms the engine up: kernels compile, graphs record.
+        let mut sizes = vec![self.batch_sizes[0]];
+        sizes.extend(&self.batch_sizes);
+        for (run, &batch) in sizes.iter().enumerate() {
+            let params = SamplingParams {
+                max_tokens: self.new_tokens,
+                ignore_eos: true,
+                ..SamplingParams::default()
+            };
+            let start = Instant::now();
+            for _ in 0..batch {
+                let prompt: Vec<u32> = (0..self.prompt_len)
+                    .map(|_| rng.random_range(0..info.vocab_size as u32))
+                    .collect();
+                engine.add_request(Prompt::Tokens(prompt), params.clone())?;
+            }
+            let mut first_tokens = Vec::with_capacity(batch);
+            let mut generated = 0usize;
+            let mut decode_start = None;
+            let mut steps = 0usize;
+            while engine.has_unfinished() {
+                let outputs = engine.step()?;
+                steps += 1;
+                for output in &outputs {
+                    if output.completion_tokens == output.token_ids_delta.len()
+                        && !output.token_ids_delta.is_empty()
+                    {
+                        first_tokens.push(start.elapsed().as_secs_f64());
+                    }
+                    generated += output.token_ids_delta.len();
+                }
+                if decode_start.is_none() && first_tokens.len() == batch {
+                    decode_start = Some(Instant::now());
+                }
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            if run == 0 {
+                continue;
+            }
+            let decode_seconds = decode_start.map(|d| d.elapsed().as_secs_f64());
+            // Decode steps t = 1 .. new_tokens - 1, each reading the weights and prompt + t
+            // tokens of KV per sequence.
+            let decode_floor = bandwidth.map(|b| {
+                (1..self.new_tokens)
+                    .map(|t| {
+                        let kv = batch * (self.prompt_len + t) * kv_bytes_per_token;
+                        (info.weight_bytes + kv) as f64 / b
+                    })
+                    .sum::<f64>()
+            });
+            first_tokens.sort_by(f64::total_cmp);
+            let ttft_median = first_tokens.get(first_tokens.len() / 2).copied();
+            let metrics = engine.metrics();
+            reports.push(serde_json::json!({
+                "bench": "throughput",
+                "engine": "pagoda",
+                "model": self.model.display().to_string(),
+                "architecture": format!("{:?}", info.architecture),
+                "device": format!("{:?}", self.device),
+                "dtype": info.dtype.name(),
+                "cuda_graphs": self.cuda_graphs,
+                "load_s": load_seconds,
+                "requests": batch,
+                "prompt_len": self.prompt_len,
+                "new_tokens": self.new_tokens,
+                "generated_tokens": generated,
+                "steps": steps,
+                "seconds": seconds,
+                "output_tok_s": generated as f64 / seconds,
+                "ttft_median_ms": ttft_median.map(|t| t * 1e3),
+                "decode_seconds": decode_seconds,
+                "tpot_ms": decode_seconds.map(|d| d * 1e3 / (self.new_tokens - 1) as f64),
+                "copy_bandwidth_gb_s": bandwidth.map(|b| b / 1e9),
+                "decode_floor_s": decode_floor,
+                "fraction_of_decode_floor": decode_floor.zip(decode_seconds).map(|(f, d)| f / d),
+                "preemptions_total": metrics.preemptions_total,
+            }));
+        }
+        Ok(reports)
+    }
+}
