@@ -599,3 +599,220 @@ fn to_u32(what: &str, value: usize) -> Result<u32> {
         message: format!("{what} {value} does not fit in u32"),
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// NF4 weights
+// ---------------------------------------------------------------------------------------------
+
+/// A weight matrix `[rows, cols]` stored in NF4 (bitsandbytes' format, see [`cpu::nf4`]) on the
+/// device it is multiplied on: the host keeps the [`cpu::nf4::Nf4Blocks`], a GPU a
+/// [`cuda::nf4::CudaNf4`]. Cloning shares the storage; [`Nf4Weight::narrow_rows`] views a range
+/// of rows (a part of a fused projection) without copying.
+#[derive(Clone)]
+pub struct Nf4Weight {
+    rows: usize,
+    cols: usize,
+    /// The row of the stored tensor this matrix starts at.
+    first_row: usize,
+    stored: std::sync::Arc<StoredNf4>,
+}
+
+enum StoredNf4 {
+    Host(cpu::nf4::Nf4Blocks),
+    Device(Box<cuda::nf4::CudaNf4>),
+}
+
+impl std::fmt::Debug for Nf4Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nf4Weight")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("first_row", &self.first_row)
+            .field("device", &self.device())
+            .finish()
+    }
+}
+
+impl Nf4Weight {
+    /// `blocks` as a `[rows, cols]` matrix (row-major, as the values were flattened when
+    /// quantized), placed on `device`.
+    pub fn new(
+        blocks: cpu::nf4::Nf4Blocks,
+        rows: usize,
+        cols: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if rows.checked_mul(cols) != Some(blocks.len()) {
+            return Err(Error::Shape {
+                op: "Nf4Weight::new",
+                message: format!(
+                    "{} values cannot be a [{rows}, {cols}] matrix",
+                    blocks.len()
+                ),
+            });
+        }
+        let stored = match device {
+            Device::Cpu => StoredNf4::Host(blocks),
+            Device::Cuda(ordinal) => StoredNf4::Device(Box::new(cuda::nf4::CudaNf4::new(
+                &blocks,
+                &CudaDevice::get(*ordinal)?,
+            )?)),
+        };
+        Ok(Self {
+            rows,
+            cols,
+            first_row: 0,
+            stored: std::sync::Arc::new(stored),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn device(&self) -> Device {
+        match self.stored.as_ref() {
+            StoredNf4::Host(_) => Device::Cpu,
+            StoredNf4::Device(w) => w.device(),
+        }
+    }
+
+    /// Values per quantization block.
+    pub fn block_size(&self) -> usize {
+        match self.stored.as_ref() {
+            StoredNf4::Host(w) => w.block_size(),
+            StoredNf4::Device(w) => w.block_size(),
+        }
+    }
+
+    /// Bytes of the whole stored tensor (codes and scales), which views share.
+    pub fn storage_bytes(&self) -> usize {
+        match self.stored.as_ref() {
+            StoredNf4::Host(w) => w.storage_bytes(),
+            StoredNf4::Device(w) => w.storage_bytes(),
+        }
+    }
+
+    /// Rows `start .. start + len` of the matrix, sharing its storage.
+    pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Self> {
+        if start.checked_add(len).is_none_or(|end| end > self.rows) {
+            return Err(Error::Shape {
+                op: "Nf4Weight::narrow_rows",
+                message: format!("rows {start}..{} of {}", start + len, self.rows),
+            });
+        }
+        Ok(Self {
+            rows: len,
+            first_row: self.first_row + start,
+            ..self.clone()
+        })
+    }
+
+    /// The matrix decoded to a dense `[rows, cols]` tensor of `dtype` on its device (the same
+    /// bits as bitsandbytes' `dequantize_4bit`).
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        let start = self.first_row * self.cols;
+        match self.stored.as_ref() {
+            StoredNf4::Host(w) => {
+                let mut values = vec![0.0; self.rows * self.cols];
+                w.dequantize_into(start, &mut values);
+                Ok(Tensor::from_vec(values, [self.rows, self.cols])?.to_dtype(dtype)?)
+            }
+            StoredNf4::Device(w) => cuda::nf4::dequantize(w, start, &[self.rows, self.cols], dtype),
+        }
+    }
+
+    /// The rows of the stored tensor this matrix covers.
+    fn stored_rows(&self) -> std::ops::Range<usize> {
+        self.first_row..self.first_row + self.rows
+    }
+
+    fn check_device(&self, op: &'static str, x: &Tensor) -> Result<()> {
+        if x.device() == self.device() {
+            return Ok(());
+        }
+        Err(Error::Device {
+            op,
+            message: format!(
+                "x is on {:?} but the NF4 weight on {:?}",
+                x.device(),
+                self.device()
+            ),
+        })
+    }
+}
+
+/// `x · wᵀ (+ bias)` with an NF4 weight `[n, k]`: [`linear`] for quantized weights. On a GPU,
+/// up to [`cuda::nf4::FUSED_MAX_ROWS`] rows of f16/bf16 activations run one kernel that reads
+/// the packed weights once; longer products (prefill) decode the weights into a dense scratch
+/// tensor and multiply it with cuBLAS, where the product, not the weights, is the cost.
+pub fn nf4_linear(x: &Tensor, w: &Nf4Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "nf4_linear";
+    let _timer = OpTimer::start("linear", x.device());
+    w.check_device(OP, x)?;
+    match w.stored.as_ref() {
+        StoredNf4::Host(blocks) => {
+            let [m, k] = dims2(OP, x)?;
+            let mut out = vec![0.0; m * w.rows];
+            let bias = bias.map(Tensor::as_slice::<f32>).transpose()?;
+            cpu::nf4::linear(x.as_slice()?, m, k, blocks, w.stored_rows(), bias, &mut out)?;
+            Ok(Tensor::from_vec(out, [m, w.rows])?)
+        }
+        StoredNf4::Device(stored) => {
+            if fused_nf4(x, w) {
+                cuda::nf4::linear(
+                    x,
+                    stored,
+                    w.cols,
+                    w.stored_rows(),
+                    bias,
+                    Epilogue::default(),
+                )
+            } else {
+                cuda::gemm::linear(x, &w.dequantize(x.dtype())?, bias)
+            }
+        }
+    }
+}
+
+/// [`nf4_linear`] followed by `epilogue`: [`linear_with_epilogue`] for quantized weights, fused
+/// into the product where [`nf4_linear`] runs it as one kernel.
+pub fn nf4_linear_with_epilogue(
+    x: &Tensor,
+    w: &Nf4Weight,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    const OP: &str = "nf4_linear_with_epilogue";
+    w.check_device(OP, x)?;
+    match w.stored.as_ref() {
+        StoredNf4::Device(stored) if fused_nf4(x, w) => {
+            let _timer = OpTimer::start("linear", x.device());
+            cuda::nf4::linear(x, stored, w.cols, w.stored_rows(), bias, epilogue)
+        }
+        _ if epilogue.activation == OutputActivation::Identity && epilogue.addend.is_none() => {
+            nf4_linear(x, w, bias)
+        }
+        _ => {
+            let dense = w.dequantize(match x.device() {
+                Device::Cpu => DType::F32,
+                Device::Cuda(_) => x.dtype(),
+            })?;
+            linear_with_epilogue(x, &dense, bias, epilogue)
+        }
+    }
+}
+
+/// Whether the GPU product of `x` and `w` runs on the packed weights.
+fn fused_nf4(x: &Tensor, w: &Nf4Weight) -> bool {
+    let k = x.dims().last().copied().unwrap_or(0);
+    let m = x.elem_count() / k.max(1);
+    k == w.cols
+        && x.is_contiguous()
+        && (x.layout().offset() * x.dtype().size_in_bytes()).is_multiple_of(16)
+        && cuda::nf4::fused_linear_supported(x.dtype(), m, k, w.block_size())
+}

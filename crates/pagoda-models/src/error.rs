@@ -19,6 +19,10 @@ pub enum Error {
         dtype: pagoda_tensor::DType,
         what: &'static str,
     },
+    /// A quantized weight that cannot be read or made: an unsupported format, a malformed
+    /// quantization state, shapes that cannot be stacked.
+    #[error("quantized tensor `{name}`: {message}")]
+    Quantization { name: String, message: String },
     #[error("invalid batch: {0}")]
     Batch(String),
     #[error("{path}: {source}")]

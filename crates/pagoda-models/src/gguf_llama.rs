@@ -150,6 +150,10 @@ impl WeightSource for GgufLlamaWeights<'_> {
     fn load_f32(&self, name: &str) -> Result<Tensor> {
         self.load(name)
     }
+
+    fn load_raw(&self, name: &str) -> Result<Tensor> {
+        self.load(name)
+    }
 }
 
 /// Undoes the row order llama.cpp's converter gives the Q and K projections.

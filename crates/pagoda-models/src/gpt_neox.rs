@@ -7,6 +7,7 @@ use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, GptNeoxConfig};
 use crate::layers::{Embedding, FusedLinear, Linear, Norm, PagedSelfAttention, three};
+use crate::quantization::{LayerRole, RawWeight};
 use crate::weights::WeightLoader;
 use crate::{Model, ModelInfo, Result, StepInputs};
 
@@ -83,7 +84,7 @@ impl GptNeox {
             .collect::<Result<Vec<_>>>()?;
         let embed_in = Embedding::load(loader, "gpt_neox.embed_in.weight", c.vocab_size, hidden)?;
         let embed_out = if c.tie_word_embeddings && !loader.contains("embed_out.weight") {
-            embed_in.as_linear()
+            embed_in.as_linear(loader)?
         } else {
             Linear::load(loader, "embed_out", hidden, c.vocab_size, false)?
         };
@@ -156,12 +157,34 @@ fn split_query_key_value(
     prefix: &str,
 ) -> Result<FusedLinear> {
     let (hidden, heads, head_dim) = (c.hidden_size, c.num_attention_heads, c.head_dim());
-    let weight = loader
-        .raw_matrix(&format!("{prefix}.weight"), 3 * hidden, hidden)?
-        .reshape([heads, 3, head_dim, hidden])?
-        .permute(&[1, 0, 2, 3])?
-        .contiguous()?
-        .reshape([3 * hidden, hidden])?;
+    let name = format!("{prefix}.weight");
+    let weight = match loader.raw_linear_weight(&name, 3 * hidden, hidden)? {
+        RawWeight::Dense(weight) => RawWeight::Dense(
+            weight
+                .reshape([heads, 3, head_dim, hidden])?
+                .permute(&[1, 0, 2, 3])?
+                .contiguous()?
+                .reshape([3 * hidden, hidden])?,
+        ),
+        // Rows of NF4 weights move whole: row (part, head, d) of the result is row
+        // (head, part, d) of the checkpoint.
+        RawWeight::Nf4 { blocks, rows, cols } => {
+            let order: Vec<usize> = (0..rows)
+                .map(|r| {
+                    let (part, head, d) = (r / hidden, (r % hidden) / head_dim, r % head_dim);
+                    (head * 3 + part) * head_dim + d
+                })
+                .collect();
+            let blocks =
+                blocks
+                    .permute_rows(cols, &order)
+                    .map_err(|e| crate::Error::Quantization {
+                        name: name.clone(),
+                        message: e.to_string(),
+                    })?;
+            RawWeight::Nf4 { blocks, rows, cols }
+        }
+    };
     let bias = if c.attention_bias {
         let bias = loader
             .raw_vector(&format!("{prefix}.bias"), 3 * hidden)?
@@ -174,7 +197,7 @@ fn split_query_key_value(
         None
     };
     Ok(FusedLinear::new(
-        loader.place_matrix(weight)?,
+        loader.place_linear_weight(weight, LayerRole::Attention, &name)?,
         bias,
         vec![hidden; 3],
     ))

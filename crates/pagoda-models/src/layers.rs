@@ -5,15 +5,17 @@ use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cpu::rope::RopeTable;
 use pagoda_kernels::ops::{self, Epilogue, LayerKv, NormWeights, OutputActivation, Rope};
 use pagoda_kv::KvCache;
-use pagoda_tensor::{DType, Device, Tensor};
+use pagoda_tensor::{Device, Tensor};
 
+use crate::quantization::{LayerRole, LinearWeight, RawWeight, concat_tensor_rows};
 use crate::step::StepInputs;
 use crate::weights::WeightLoader;
 use crate::{Error, Result};
 
-/// `y = x Wᵀ + b` with `W` stored `[out_features, in_features]`, as in `nn.Linear`.
+/// `y = x Wᵀ + b` with `W` stored `[out_features, in_features]`, as in `nn.Linear`; the weight
+/// dense or in NF4 ([`LinearWeight`]), as the checkpoint and the load options decide.
 pub(crate) struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
@@ -25,7 +27,8 @@ impl Linear {
         out_features: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = loader.matrix(&format!("{prefix}.weight"), out_features, in_features)?;
+        let weight =
+            loader.linear_weight(&format!("{prefix}.weight"), out_features, in_features)?;
         let bias = if bias {
             Some(loader.vector(&format!("{prefix}.bias"), out_features)?)
         } else {
@@ -34,33 +37,30 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub(crate) fn new(weight: LinearWeight, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::linear(x, &self.weight, self.bias.as_ref())?)
+        self.weight.linear(x, self.bias.as_ref())
     }
 
     /// [`Self::forward`] followed by `epilogue`, fused into the product where the device can.
     pub(crate) fn forward_with(&self, x: &Tensor, epilogue: Epilogue<'_>) -> Result<Tensor> {
-        Ok(ops::linear_with_epilogue(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            epilogue,
-        )?)
+        self.weight
+            .linear_with_epilogue(x, self.bias.as_ref(), epilogue)
     }
 }
 
-/// Several projections of the same input stored as one matrix, `[out_1 + out_2 + .., in]`.
+/// Several projections of the same input stored as one matrix, `[out_1 + out_2 + .., in]`
+/// (dense or NF4, the parts joined without decoding).
 ///
 /// A single row (a decode step) runs one product over the whole matrix and takes each part as a
 /// view of the output row, which is contiguous: one launch instead of several, and one longer
 /// stream of weights. More rows run one product per part over row ranges of the same matrix, so
 /// every part comes out contiguous as the kernels that follow read it.
 pub(crate) struct FusedLinear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     widths: Vec<usize>,
 }
@@ -74,30 +74,35 @@ impl FusedLinear {
         in_features: usize,
         bias: bool,
     ) -> Result<Self> {
+        let names: Vec<String> = parts
+            .iter()
+            .map(|(part, _)| format!("{prefix}.{part}.weight"))
+            .collect();
         let weights = parts
             .iter()
-            .map(|(part, out)| {
-                loader.raw_matrix(&format!("{prefix}.{part}.weight"), *out, in_features)
-            })
+            .zip(&names)
+            .map(|((_, out), name)| loader.raw_linear_weight(name, *out, in_features))
             .collect::<Result<Vec<_>>>()?;
+        let role = LayerRole::of(&names[0]);
+        let weight = RawWeight::concat_rows(weights, &loader.nf4_options(role), prefix)?;
         let biases = if bias {
             let biases = parts
                 .iter()
                 .map(|(part, out)| loader.raw_vector(&format!("{prefix}.{part}.bias"), *out))
                 .collect::<Result<Vec<_>>>()?;
-            Some(loader.place_vector(concat_rows(&biases)?)?)
+            Some(loader.place_vector(concat_tensor_rows(&biases)?)?)
         } else {
             None
         };
         Ok(Self {
-            weight: loader.place_matrix(concat_rows(&weights)?)?,
+            weight: loader.place_linear_weight(weight, role, prefix)?,
             bias: biases,
             widths: parts.iter().map(|(_, out)| *out).collect(),
         })
     }
 
     /// A fused matrix already in `[part 1; part 2; ..]` row order.
-    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>, widths: Vec<usize>) -> Self {
+    pub(crate) fn new(weight: LinearWeight, bias: Option<Tensor>, widths: Vec<usize>) -> Self {
         Self {
             weight,
             bias,
@@ -111,20 +116,20 @@ impl FusedLinear {
         let mut parts = Vec::with_capacity(self.widths.len());
         let mut start = 0;
         if rows == 1 {
-            let out = ops::linear(x, &self.weight, self.bias.as_ref())?;
+            let out = self.weight.linear(x, self.bias.as_ref())?;
             for &width in &self.widths {
                 parts.push(out.narrow(1, start, width)?);
                 start += width;
             }
         } else {
             for &width in &self.widths {
-                let weight = self.weight.narrow(0, start, width)?;
+                let weight = self.weight.narrow_rows(start, width)?;
                 let bias = self
                     .bias
                     .as_ref()
                     .map(|b| b.narrow(0, start, width))
                     .transpose()?;
-                parts.push(ops::linear(x, &weight, bias.as_ref())?);
+                parts.push(weight.linear(x, bias.as_ref())?);
                 start += width;
             }
         }
@@ -144,12 +149,8 @@ impl FusedLinear {
             activation: OutputActivation::SiluGate,
             addend: None,
         };
-        Ok(ops::linear_with_epilogue(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            epilogue,
-        )?)
+        self.weight
+            .linear_with_epilogue(x, self.bias.as_ref(), epilogue)
     }
 }
 
@@ -159,29 +160,9 @@ pub(crate) fn three(parts: Vec<Tensor>) -> Result<[Tensor; 3]> {
         .map_err(|parts| Error::Batch(format!("expected Q, K and V, got {} parts", parts.len())))
 }
 
-/// Stacks matrices (or vectors) of one dtype along their first dimension, on the CPU.
-fn concat_rows(parts: &[Tensor]) -> Result<Tensor> {
-    fn stack<T: pagoda_tensor::Element>(parts: &[Tensor]) -> Result<Tensor> {
-        let mut dims = parts[0].dims().to_vec();
-        dims[0] = parts.iter().map(|p| p.dims()[0]).sum();
-        let mut values = Vec::with_capacity(dims.iter().product());
-        for part in parts {
-            values.extend(part.to_vec::<T>()?);
-        }
-        Ok(Tensor::from_vec(values, dims)?)
-    }
-    match parts.first().map(Tensor::dtype) {
-        Some(DType::F32) => stack::<f32>(parts),
-        Some(DType::F16) => stack::<half::f16>(parts),
-        Some(DType::BF16) => stack::<half::bf16>(parts),
-        other => Err(Error::Batch(format!(
-            "cannot stack weights of dtype {other:?}"
-        ))),
-    }
-}
-
 pub(crate) struct Embedding {
     table: Tensor,
+    name: String,
 }
 
 impl Embedding {
@@ -193,6 +174,7 @@ impl Embedding {
     ) -> Result<Self> {
         Ok(Self {
             table: loader.matrix(name, vocab, hidden)?,
+            name: name.to_owned(),
         })
     }
 
@@ -200,9 +182,16 @@ impl Embedding {
         Ok(ops::embedding(&self.table, ids)?)
     }
 
-    /// The table as an output projection, for models that tie their embeddings.
-    pub(crate) fn as_linear(&self) -> Linear {
-        Linear::new(self.table.clone(), None)
+    /// The table as an output projection, for models that tie their embeddings: the table
+    /// itself, or a quantized copy when the load options quantize the lm_head.
+    pub(crate) fn as_linear(&self, loader: &WeightLoader<'_>) -> Result<Linear> {
+        if loader.nf4_selected(LayerRole::LmHead) {
+            let [vocab, hidden] = [self.table.dims()[0], self.table.dims()[1]];
+            let raw = RawWeight::Dense(loader.raw_matrix(&self.name, vocab, hidden)?);
+            let weight = loader.place_linear_weight(raw, LayerRole::LmHead, &self.name)?;
+            return Ok(Linear::new(weight, None));
+        }
+        Ok(Linear::new(LinearWeight::Dense(self.table.clone()), None))
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`pagoda_kv::KvCache`] that the caller owns.
 
 mod batch;
+mod bnb;
 pub mod config;
 mod error;
 mod gguf_llama;
@@ -13,6 +14,7 @@ mod gpt_neox;
 mod layers;
 mod llama;
 mod loader;
+mod quantization;
 mod step;
 mod weights;
 
@@ -22,6 +24,7 @@ pub use error::{Error, Result};
 pub use gpt_neox::GptNeox;
 pub use llama::Llama;
 pub use loader::{CheckpointFormat, LoadOptions, load_model};
+pub use quantization::{Nf4Options, Quantization, QuantizedLayers};
 pub use step::{StepBuffers, StepGraph, StepInputs, StepShape};
 
 use pagoda_kv::KvCache;

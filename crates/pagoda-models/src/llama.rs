@@ -107,7 +107,7 @@ impl Llama {
         let lm_head = if loader.contains("lm_head.weight") {
             Linear::load(loader, "lm_head", hidden, c.vocab_size, false)?
         } else if c.tie_word_embeddings {
-            embed_tokens.as_linear()
+            embed_tokens.as_linear(loader)?
         } else {
             return Err(pagoda_tensor::Error::MissingTensor {
                 name: "lm_head.weight".into(),

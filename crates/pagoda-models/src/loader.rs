@@ -6,7 +6,9 @@ use pagoda_tensor::gguf::GgufFile;
 use pagoda_tensor::safetensors::SafeTensors;
 use pagoda_tensor::{DType, Device};
 
+use crate::bnb::check_quantization_config;
 use crate::gguf_llama::{GgufLlamaWeights, llama_config};
+use crate::quantization::Quantization;
 use crate::weights::{WeightLoader, WeightSource};
 use crate::{Architecture, Error, GptNeox, Llama, Model, ModelConfig, ModelInfo, Result};
 
@@ -44,6 +46,9 @@ pub struct LoadOptions {
     /// `None`: on the CPU, each matrix as stored (GGUF quantized tensors as f32); on a GPU, the
     /// checkpoint's bf16 if it is stored so, else f16. CPU activations are always f32.
     pub dtype: Option<DType>,
+    /// Quantize dense weights as they load (`None`: keep the checkpoint's precision). A
+    /// checkpoint that bitsandbytes saved in NF4 loads in NF4 either way.
+    pub quantize: Option<Quantization>,
 }
 
 impl Default for LoadOptions {
@@ -51,6 +56,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: None,
+            quantize: None,
         }
     }
 }
@@ -60,7 +66,9 @@ impl Default for LoadOptions {
 pub fn load_model(path: &Path, options: &LoadOptions) -> Result<Box<dyn Model>> {
     match CheckpointFormat::detect(path)? {
         CheckpointFormat::HuggingFace => {
-            let config = ModelConfig::from_file(&path.join("config.json"))?;
+            let config_path = path.join("config.json");
+            let config = ModelConfig::from_file(&config_path)?;
+            check_quantization(&config_path)?;
             let weights = SafeTensors::open_dir(path)?;
             let stored = stored_float_dtype(&weights);
             build(config, &weights, options, stored)
@@ -104,7 +112,7 @@ fn build(
             what: "model (use f32, f16 or bf16)",
         });
     }
-    let loader = WeightLoader::new(weights, options.device, matrix_dtype);
+    let loader = WeightLoader::new(weights, options.device, matrix_dtype, options.quantize);
     let info =
         |architecture, num_layers, num_kv_heads, head_dim, vocab_size, max_position_embeddings| {
             ModelInfo {
@@ -143,6 +151,22 @@ fn build(
             );
             Box::new(Llama::load(c, &loader, info)?)
         }
+    })
+}
+
+/// Refuses a checkpoint quantized by a method pagoda does not read (see [`crate::bnb`]).
+fn check_quantization(config_path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(config_path).map_err(|source| Error::Io {
+        path: config_path.to_owned(),
+        source,
+    })?;
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: config_path.to_owned(),
+        message: format!("invalid JSON: {e}"),
+    })?;
+    check_quantization_config(&config).map_err(|message| Error::Config {
+        path: config_path.to_owned(),
+        message,
     })
 }
 

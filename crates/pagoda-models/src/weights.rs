@@ -1,9 +1,12 @@
 //! Where a model's tensors come from, and the checks that make a wrong checkpoint fail with the
 //! tensor's name instead of a wrong answer.
 
+use pagoda_kernels::ops::Nf4Weight;
 use pagoda_tensor::safetensors::SafeTensors;
 use pagoda_tensor::{DType, Device, Tensor};
 
+use crate::bnb;
+use crate::quantization::{LayerRole, LinearWeight, Quantization, RawWeight};
 use crate::{Error, Result};
 
 /// A store of named tensors, under Hugging Face names.
@@ -12,6 +15,8 @@ pub(crate) trait WeightSource {
     /// The tensor as stored, when it is a dtype matrices can be used in without conversion.
     fn load_matrix(&self, name: &str) -> Result<Tensor>;
     fn load_f32(&self, name: &str) -> Result<Tensor>;
+    /// The tensor as stored, whatever its dtype (packed quantized weights, their metadata).
+    fn load_raw(&self, name: &str) -> Result<Tensor>;
 }
 
 impl WeightSource for SafeTensors {
@@ -34,6 +39,10 @@ impl WeightSource for SafeTensors {
     fn load_f32(&self, name: &str) -> Result<Tensor> {
         Ok(self.get_as(name, DType::F32)?)
     }
+
+    fn load_raw(&self, name: &str) -> Result<Tensor> {
+        Ok(self.get(name)?)
+    }
 }
 
 /// Loads tensors from a [`WeightSource`], checks their shapes, and puts them where the model
@@ -45,6 +54,8 @@ pub(crate) struct WeightLoader<'a> {
     device: Device,
     /// `None` keeps each matrix's stored dtype.
     matrix_dtype: Option<DType>,
+    /// Which dense linear weights to quantize as they load.
+    quantization: Option<Quantization>,
 }
 
 impl<'a> WeightLoader<'a> {
@@ -52,12 +63,14 @@ impl<'a> WeightLoader<'a> {
         source: &'a dyn WeightSource,
         device: Device,
         matrix_dtype: Option<DType>,
+        quantization: Option<Quantization>,
     ) -> Self {
         Self {
             source,
             placed_bytes: std::cell::Cell::new(0),
             device,
             matrix_dtype,
+            quantization,
         }
     }
 
@@ -109,6 +122,66 @@ impl<'a> WeightLoader<'a> {
 
     pub(crate) fn placed_bytes(&self) -> usize {
         self.placed_bytes.get()
+    }
+
+    /// A linear layer's weight `[rows, cols]` on the host as the checkpoint stores it: NF4 when
+    /// bitsandbytes saved it so, else dense.
+    pub(crate) fn raw_linear_weight(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<RawWeight> {
+        if bnb::is_stored_4bit(self.source, name) {
+            let blocks = bnb::load_nf4(self.source, name, rows, cols)?;
+            return Ok(RawWeight::Nf4 { blocks, rows, cols });
+        }
+        Ok(RawWeight::Dense(self.raw_matrix(name, rows, cols)?))
+    }
+
+    /// Puts a linear layer's weight where the model runs: NF4 if it is stored so or the load
+    /// options quantize weights of `role` (named `name` in errors), else dense in the matrix
+    /// dtype.
+    pub(crate) fn place_linear_weight(
+        &self,
+        raw: RawWeight,
+        role: LayerRole,
+        name: &str,
+    ) -> Result<LinearWeight> {
+        let nf4 = self.quantization.and_then(|q| q.nf4_for(role));
+        let (blocks, rows, cols) = match (raw, nf4) {
+            (RawWeight::Dense(tensor), None) => {
+                return Ok(LinearWeight::Dense(self.place_matrix(tensor)?));
+            }
+            (raw, options) => raw.into_nf4(&options.unwrap_or_default(), name)?,
+        };
+        let weight = Nf4Weight::new(blocks, rows, cols, &self.device)?;
+        self.placed_bytes
+            .set(self.placed_bytes.get() + weight.storage_bytes());
+        Ok(LinearWeight::Nf4(weight))
+    }
+
+    /// [`Self::raw_linear_weight`] then [`Self::place_linear_weight`], the role read off the name.
+    pub(crate) fn linear_weight(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<LinearWeight> {
+        let raw = self.raw_linear_weight(name, rows, cols)?;
+        self.place_linear_weight(raw, LayerRole::of(name), name)
+    }
+
+    /// Whether the load options store weights of `role` in NF4.
+    pub(crate) fn nf4_selected(&self, role: LayerRole) -> bool {
+        self.quantization.and_then(|q| q.nf4_for(role)).is_some()
+    }
+
+    /// The settings dense parts are quantized with when joined to NF4 parts.
+    pub(crate) fn nf4_options(&self, role: LayerRole) -> crate::Nf4Options {
+        self.quantization
+            .and_then(|q| q.nf4_for(role))
+            .unwrap_or_default()
     }
 }
 

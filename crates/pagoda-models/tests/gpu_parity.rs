@@ -316,8 +316,15 @@ fn check_model(dir: &Path, device: Device, dtypes: &[Option<DType>]) -> Vec<Outc
     let reference = read_reference(dir);
     let mut outcomes = Vec::new();
     for &dtype in dtypes {
-        let model = load_model(dir, &LoadOptions { device, dtype })
-            .unwrap_or_else(|e| panic!("loading {} as {dtype:?}: {e}", dir.display()));
+        let model = load_model(
+            dir,
+            &LoadOptions {
+                device,
+                dtype,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("loading {} as {dtype:?}: {e}", dir.display()));
         let model = model.as_ref();
         let info = model.info();
         assert_eq!(info.vocab_size, reference.vocab, "{name}: vocabulary size");

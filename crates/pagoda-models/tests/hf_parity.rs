@@ -289,6 +289,7 @@ fn every_fixture_matches_transformers_on_the_gpu() {
                 &LoadOptions {
                     device: pagoda_tensor::Device::Cuda(0),
                     dtype: Some(dtype),
+                    ..LoadOptions::default()
                 },
             );
         }

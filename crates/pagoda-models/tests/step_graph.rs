@@ -103,6 +103,7 @@ fn check(name: &str, dtype: DType) {
             &LoadOptions {
                 device: Device::Cuda(0),
                 dtype: Some(dtype),
+                ..LoadOptions::default()
             },
         )
         .unwrap_or_else(|e| panic!("loading {name}: {e}")),

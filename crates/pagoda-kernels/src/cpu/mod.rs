@@ -5,6 +5,7 @@ pub mod attention;
 pub mod embedding;
 pub mod gemm;
 pub mod kv_write;
+pub mod nf4;
 pub mod norm;
 pub mod rope;
 pub mod sampling;

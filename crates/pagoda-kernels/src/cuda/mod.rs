@@ -10,6 +10,7 @@ pub mod gemm;
 pub(crate) mod gemv;
 pub mod kv_write;
 pub mod memory;
+pub mod nf4;
 pub mod norm;
 pub mod paged_attention;
 pub mod registry;

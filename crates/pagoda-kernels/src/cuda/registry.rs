@@ -47,6 +47,8 @@ pub enum KernelModule {
     Gemv,
     /// `kernels/flash_attention.cu`: tensor-core attention for prefill over the paged KV cache.
     FlashAttention,
+    /// `kernels/nf4.cu`: NF4 weights, decoded or multiplied in their packed form.
+    Nf4,
 }
 
 /// Our headers, handed to NVRTC by name so that `#include "common.cuh"` resolves without a
@@ -65,7 +67,7 @@ const OPTIONS: [&str; 1] = ["-std=c++17"];
 
 impl KernelModule {
     /// Every module, in a fixed order.
-    pub const ALL: [KernelModule; 10] = [
+    pub const ALL: [KernelModule; 11] = [
         KernelModule::Norm,
         KernelModule::Activation,
         KernelModule::Embedding,
@@ -76,6 +78,7 @@ impl KernelModule {
         KernelModule::Sampling,
         KernelModule::Gemv,
         KernelModule::FlashAttention,
+        KernelModule::Nf4,
     ];
 
     /// The file stem: the module's source is `kernels/<name>.cu`.
@@ -91,6 +94,7 @@ impl KernelModule {
             KernelModule::Sampling => "sampling",
             KernelModule::Gemv => "gemv",
             KernelModule::FlashAttention => "flash_attention",
+            KernelModule::Nf4 => "nf4",
         }
     }
 
@@ -107,6 +111,7 @@ impl KernelModule {
             KernelModule::Sampling => include_str!("../../../../kernels/sampling.cu"),
             KernelModule::Gemv => include_str!("../../../../kernels/gemv.cu"),
             KernelModule::FlashAttention => include_str!("../../../../kernels/flash_attention.cu"),
+            KernelModule::Nf4 => include_str!("../../../../kernels/nf4.cu"),
         }
     }
 

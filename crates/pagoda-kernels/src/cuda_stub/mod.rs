@@ -7,6 +7,7 @@ pub mod flash_attention;
 pub mod gemm;
 pub mod kv_write;
 pub mod memory;
+pub mod nf4;
 pub mod norm;
 pub mod paged_attention;
 pub mod rope;

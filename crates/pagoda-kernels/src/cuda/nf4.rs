@@ -1,0 +1,404 @@
+//! Launcher of `kernels/nf4.cu`: NF4 tensors ([`crate::cpu::nf4`]) on the device, decoded to
+//! a dense tensor ([`dequantize`], bit for bit what bitsandbytes' `dequantize_4bit` gives), or
+//! multiplied without leaving their packed form ([`linear`], for up to [`FUSED_MAX_ROWS`] rows of
+//! f16/bf16 activations, with [`crate::ops::Epilogue`] fused in).
+
+use std::ops::Range;
+
+use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
+use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
+use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
+
+use super::registry::{KernelModule, function};
+use super::tensor_access::{
+    FLOAT_DTYPES, alloc_output, arg_u32, common_device, device_view, expect_dims, expect_dtype,
+    expect_same_dtype, into_tensor, kernel_name, launch_error,
+};
+use crate::cpu::nf4::{Nf4Blocks, Scales};
+use crate::error::checked_product;
+use crate::ops::{Epilogue, OutputActivation};
+use crate::{Error, Result};
+
+/// The most rows of activations [`linear`] takes; longer products decode the weights first
+/// (see [`crate::ops::nf4_linear`]).
+pub const FUSED_MAX_ROWS: usize = 64;
+
+/// Values per 64-value chunk of the product kernel, which needs whole chunks per row and at
+/// most one block scale per chunk.
+const CHUNK: usize = 64;
+/// Weight rows per tile of the product, and output columns per tile of its gated form
+/// (`NF4_ROWS` in nf4.cu).
+const ROWS_PER_TILE: usize = 16;
+/// Threads per block of the product (`NF4_WARPS` warps).
+const LINEAR_THREADS: u32 = 256;
+/// Blocks of the product per SM (`NF4_BLOCKS_PER_SM`): the most its registers (128 a thread,
+/// its launch bound) and shared memory leave room for. Each block loops over tiles of rows.
+const BLOCKS_PER_SM: usize = 2;
+
+/// `bias_kind` and `act` values of the product (as in gemv.cu).
+const BIAS_NONE: i32 = 0;
+const BIAS_F32: i32 = 1;
+const BIAS_SAME: i32 = 2;
+
+fn act_code(activation: OutputActivation) -> i32 {
+    match activation {
+        OutputActivation::Identity => 0,
+        OutputActivation::Gelu => 1,
+        OutputActivation::GeluTanh => 2,
+        OutputActivation::SiluGate => 3,
+    }
+}
+
+/// The second level of double-quantized scales on the device.
+struct NestedOnDevice {
+    code: Tensor,
+    absmax: Tensor,
+    offsets: Tensor,
+    /// log2 of the NF4 blocks per group.
+    shift: u32,
+}
+
+/// An NF4 tensor ([`Nf4Blocks`]) on one CUDA device: packed codes (U8), block scales (F32, or
+/// U8 codes with their second level when double-quantized).
+pub struct CudaNf4 {
+    packed: Tensor,
+    absmax: Tensor,
+    nested: Option<NestedOnDevice>,
+    len: usize,
+    block_size: usize,
+    storage_bytes: usize,
+}
+
+impl CudaNf4 {
+    /// Copies `blocks` to `device`. The second level's groups must be a power of two of
+    /// blocks (bitsandbytes always uses 256).
+    pub fn new(blocks: &Nf4Blocks, device: &CudaDevice) -> Result<Self> {
+        const OP: &str = "CudaNf4::new";
+        let target = Device::Cuda(device.ordinal());
+        let upload_u8 = |values: &[u8]| -> Result<Tensor> {
+            Ok(Tensor::from_slice(values, [values.len()])?.to_device(&target)?)
+        };
+        let upload_f32 = |values: &[f32]| -> Result<Tensor> {
+            Ok(Tensor::from_slice(values, [values.len()])?.to_device(&target)?)
+        };
+        let (absmax, nested) = match blocks.scales() {
+            Scales::Absmax(absmax) => (upload_f32(absmax)?, None),
+            Scales::Nested(n) => {
+                if !n.block_size.is_power_of_two() {
+                    return Err(Error::InvalidParameter {
+                        op: OP,
+                        message: format!(
+                            "nested scale groups of {} blocks; the kernels take powers of two",
+                            n.block_size
+                        ),
+                    });
+                }
+                let nested = NestedOnDevice {
+                    code: upload_f32(&n.code)?,
+                    absmax: upload_f32(&n.absmax)?,
+                    offsets: upload_f32(&n.offsets)?,
+                    shift: n.block_size.trailing_zeros(),
+                };
+                (upload_u8(&n.quantized)?, Some(nested))
+            }
+        };
+        Ok(CudaNf4 {
+            packed: upload_u8(blocks.packed())?,
+            absmax,
+            nested,
+            len: blocks.len(),
+            block_size: blocks.block_size(),
+            storage_bytes: blocks.storage_bytes(),
+        })
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Values per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Bytes of device memory the codes and scales take: what a product reads.
+    pub fn storage_bytes(&self) -> usize {
+        self.storage_bytes
+    }
+
+    /// The packed codes, U8.
+    pub fn packed(&self) -> &Tensor {
+        &self.packed
+    }
+
+    /// The device the tensor lives on.
+    pub fn device(&self) -> Device {
+        self.packed.device()
+    }
+}
+
+/// The scale arguments every kernel of nf4.cu takes after the packed codes: `absmax, code2,
+/// absmax2, offset2, nested, nested_shift, block_shift`. Pointers the kernel does not read
+/// are passed as null.
+struct ScaleArgs<'a> {
+    absmax: pagoda_tensor::cudarc::driver::CudaView<'a, u8>,
+    nested: Option<[pagoda_tensor::cudarc::driver::CudaView<'a, u8>; 3]>,
+    nested_flag: i32,
+    nested_shift: u32,
+    block_shift: u32,
+}
+
+impl<'a> ScaleArgs<'a> {
+    fn of(op: &'static str, w: &'a CudaNf4) -> Result<Self> {
+        let nested = w
+            .nested
+            .as_ref()
+            .map(|n| -> Result<_> {
+                Ok([
+                    device_view(op, "nested code", &n.code)?,
+                    device_view(op, "nested absmax", &n.absmax)?,
+                    device_view(op, "nested offsets", &n.offsets)?,
+                ])
+            })
+            .transpose()?;
+        Ok(ScaleArgs {
+            absmax: device_view(op, "absmax", &w.absmax)?,
+            nested_flag: i32::from(nested.is_some()),
+            nested_shift: w.nested.as_ref().map_or(0, |n| n.shift),
+            nested,
+            block_shift: w.block_size.trailing_zeros(),
+        })
+    }
+
+    fn push<'b>(
+        &'b self,
+        launch: &mut pagoda_tensor::cudarc::driver::LaunchArgs<'b>,
+        null: &'b u64,
+    ) {
+        launch.arg(&self.absmax);
+        match &self.nested {
+            Some([code, absmax, offsets]) => launch.arg(code).arg(absmax).arg(offsets),
+            None => launch.arg(null).arg(null).arg(null),
+        };
+        launch
+            .arg(&self.nested_flag)
+            .arg(&self.nested_shift)
+            .arg(&self.block_shift);
+    }
+}
+
+/// Elements `start .. start + product(dims)` of `w`, decoded to `dtype` (f32, f16 or bf16) as
+/// a contiguous tensor of shape `dims` on `w`'s device: `CODE[q] * absmax` in f32, rounded
+/// once, as bitsandbytes' `dequantize_4bit` does.
+pub fn dequantize(w: &CudaNf4, start: usize, dims: &[usize], dtype: DType) -> Result<Tensor> {
+    const OP: &str = "nf4_dequantize";
+    let count = checked_product(OP, dims)?;
+    if start.checked_add(count).is_none_or(|end| end > w.len) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "elements {start}..{} of a tensor of {}",
+                start.saturating_add(count),
+                w.len
+            ),
+        ));
+    }
+    let device = common_device(OP, &[("packed", &w.packed)])?;
+    let name = kernel_name(OP, "nf4_dequantize", dtype)?;
+    let mut out = alloc_output(OP, &device, dtype, dims)?;
+    if count == 0 {
+        return into_tensor(out, dims);
+    }
+    let kernel = function(&device, KernelModule::Nf4, &name)?;
+    let per_block = DEQUANT_THREADS as usize * DEQUANT_PER_THREAD;
+    let config = LaunchConfig {
+        grid_dim: (
+            arg_u32(OP, "blocks", count.div_ceil(per_block).min(1 << 20))?,
+            1,
+            1,
+        ),
+        block_dim: (DEQUANT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let packed = device_view(OP, "packed", &w.packed)?;
+    let scales = ScaleArgs::of(OP, w)?;
+    let (start_arg, count_arg) = (start as u64, count as u64);
+    let null = 0u64;
+    let stream = device.stream();
+    let mut launch = stream.launch_builder(&kernel);
+    launch.arg(&packed);
+    scales.push(&mut launch, &null);
+    launch.arg(&start_arg).arg(&count_arg).arg(out.slice_mut());
+    // SAFETY: the arguments follow nf4_dequantize's signature (packed, absmax, code2, absmax2,
+    // offset2, nested, nested_shift, block_shift, start, count, out); packed holds len / 2
+    // rounded up bytes and the scales one entry per block (and per group when nested, with a
+    // 256-entry code), as `CudaNf4::new` checked through `Nf4Blocks`; the kernel reads elements
+    // start .. start + count < len and writes `count` elements of `dtype` into `out`.
+    unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
+    into_tensor(out, dims)
+}
+
+/// Whether [`linear`] multiplies `m` rows of `dtype` activations by rows of `k` values of an
+/// NF4 tensor with blocks of `block_size` without decoding it first: f16 or bf16, 1..=64 rows,
+/// `k` a positive multiple of 64 and blocks of at least 64 values.
+pub fn fused_linear_supported(dtype: DType, m: usize, k: usize, block_size: usize) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+        && (1..=FUSED_MAX_ROWS).contains(&m)
+        && k > 0
+        && k.is_multiple_of(CHUNK)
+        && block_size >= CHUNK
+}
+
+/// `epilogue(x [.., k] · w[rows]ᵀ + bias)` where `w` is viewed as `[len / k, k]` and `rows`
+/// picks consecutive weight rows, in one kernel that reads each packed weight once.
+///
+/// The output has x's leading dimensions and `rows.len()` columns, or half as many with
+/// [`OutputActivation::SiluGate`], where `rows` holds the gate rows then as many up rows. The
+/// bias (f32 or x's dtype) has one entry per row of `rows`; an addend has the output's shape
+/// and dtype. [`fused_linear_supported`] must hold.
+pub fn linear(
+    x: &Tensor,
+    w: &CudaNf4,
+    k: usize,
+    rows: Range<usize>,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
+) -> Result<Tensor> {
+    const OP: &str = "nf4_linear";
+    let mut tensors = vec![("x", x), ("packed", &w.packed)];
+    tensors.extend(bias.map(|b| ("bias", b)));
+    tensors.extend(epilogue.addend.map(|a| ("addend", a)));
+    let device = common_device(OP, &tensors)?;
+    expect_dtype(OP, "x", x, &FLOAT_DTYPES)?;
+    let dtype = x.dtype();
+    let Some((&x_k, outer)) = x.dims().split_last() else {
+        return Err(Error::shape(OP, "x must have at least one dimension"));
+    };
+    let m: usize = outer.iter().product();
+    if x_k != k || !fused_linear_supported(dtype, m, k, w.block_size) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "takes 1..={FUSED_MAX_ROWS} rows of f16/bf16 with k a multiple of {CHUNK} and \
+                 blocks of at least {CHUNK}; got x {:?} {dtype}, k = {k}, blocks of {}",
+                x.dims(),
+                w.block_size
+            ),
+        ));
+    }
+    if rows.is_empty() || rows.end > w.len / k {
+        return Err(Error::shape(
+            OP,
+            format!("weight rows {rows:?} of a [{}, {k}] tensor", w.len / k),
+        ));
+    }
+    let gated = epilogue.activation == OutputActivation::SiluGate;
+    if gated && !rows.len().is_multiple_of(2) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "a gated product needs gate and up rows in equal number, got {}",
+                rows.len()
+            ),
+        ));
+    }
+    let n = if gated { rows.len() / 2 } else { rows.len() };
+    let mut dims = outer.to_vec();
+    dims.push(n);
+    let bias_kind = match bias {
+        None => BIAS_NONE,
+        Some(bias) => {
+            expect_dtype(OP, "bias", bias, &[dtype, DType::F32])?;
+            expect_dims(OP, "bias", bias, &[rows.len()])?;
+            if bias.dtype() == DType::F32 {
+                BIAS_F32
+            } else {
+                BIAS_SAME
+            }
+        }
+    };
+    if let Some(addend) = epilogue.addend {
+        expect_same_dtype(OP, "addend", addend, "x", dtype)?;
+        expect_dims(OP, "addend", addend, &dims)?;
+    }
+    // The kernel reads x in 8-byte pieces of each 128-byte row chunk.
+    if !(x.layout().offset() * dtype.size_in_bytes()).is_multiple_of(16) {
+        return Err(Error::shape(OP, "x must start 16-byte aligned"));
+    }
+
+    let n_tiles = m.div_ceil(8).next_power_of_two();
+    let suffix = if dtype == DType::F16 { "f16" } else { "bf16" };
+    let outputs_per_tile = if gated {
+        ROWS_PER_TILE / 2
+    } else {
+        ROWS_PER_TILE
+    };
+    let row_tiles = n.div_ceil(outputs_per_tile);
+    let sms = device
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| Error::cuda(OP, format!("querying the SM count: {e}")))?;
+    let sms = usize::try_from(sms).unwrap_or(1).max(1);
+    let blocks = row_tiles.min(sms * BLOCKS_PER_SM);
+    let name = format!("nf4_linear_{suffix}_m{n_tiles}");
+    let kernel = function(&device, KernelModule::Nf4, &name)?;
+    let config = LaunchConfig {
+        grid_dim: (arg_u32(OP, "blocks", blocks)?, 1, 1),
+        block_dim: (LINEAR_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (row_begin, m_arg, n_arg, k_arg) = (
+        arg_u32(OP, "first row", rows.start)?,
+        arg_u32(OP, "m", m)?,
+        arg_u32(OP, "n", n)?,
+        arg_u32(OP, "k", k)?,
+    );
+    let x_view = device_view(OP, "x", x)?;
+    let packed = device_view(OP, "packed", &w.packed)?;
+    let scales = ScaleArgs::of(OP, w)?;
+    let bias_view = bias.map(|b| device_view(OP, "bias", b)).transpose()?;
+    let addend_view = epilogue
+        .addend
+        .map(|a| device_view(OP, "addend", a))
+        .transpose()?;
+    let act = act_code(epilogue.activation);
+    let null = 0u64;
+    let mut out = alloc_output(OP, &device, dtype, &dims)?;
+    let stream = device.stream();
+    let mut launch = stream.launch_builder(&kernel);
+    launch.arg(&x_view).arg(&packed);
+    scales.push(&mut launch, &null);
+    launch.arg(&row_begin);
+    match bias_view.as_ref() {
+        Some(bias) => launch.arg(bias),
+        None => launch.arg(&null),
+    };
+    launch.arg(&bias_kind);
+    match addend_view.as_ref() {
+        Some(addend) => launch.arg(addend),
+        None => launch.arg(&null),
+    };
+    launch
+        .arg(&act)
+        .arg(out.slice_mut())
+        .arg(&m_arg)
+        .arg(&n_arg)
+        .arg(&k_arg);
+    // SAFETY: the arguments follow nf4_linear_*'s signature (x, packed, absmax, code2, absmax2,
+    // offset2, nested, nested_shift, block_shift, row_begin, bias, bias_kind, addend, act, out,
+    // m, n, k); x holds m x k elements of `dtype` starting 16-byte aligned, k is a multiple of 64
+    // so every weight row starts 32-byte aligned in `packed`, the weight rows read (row_begin
+    // .. row_begin + n, or + 2n when gated) lie inside the tensor, the scales cover its blocks
+    // (checked by `Nf4Blocks`), the bias holds one entry per row read of the kind bias_kind
+    // names (or is null and unread), the addend (or null) and out hold m x n elements of `dtype`,
+    // and the grid has at most one block of 256 threads (the kernel's launch bound) per tile of
+    // 16 outputs (gated: 8), each block looping over its tiles; m <= 8 * n_tiles, the kernel's
+    // row capacity.
+    unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
+    into_tensor(out, &dims)
+}
