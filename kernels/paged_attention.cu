@@ -3,19 +3,22 @@
 // context up to and including the row's position, times v, with K/V read through the sequence's
 // block table. Grouped-query attention: query head h reads KV head h / (heads / kv_heads).
 //
-// One thread block of WARPS warps per (query row, head, context split). A split is a run of
-// split_len context tokens, walked in tiles of TILE tokens: the block first looks up where every
-// token of the tile lives, then computes the tile's scores (warp w takes tokens w, w + WARPS, ...,
-// its lanes split the head dimensions - lane l holds l, l + 32, ..., so up to 256 - and a warp sum
-// makes the dot product), keeping them in shared memory; one block-wide max and sum per tile
-// update the running softmax statistics (f32), and the warps then add the tile's weighted values
-// the same way. The loads of KEYS_IN_FLIGHT tokens are issued before any of them is used, so a
-// warp waits on memory once per group of tokens rather than once per token.
+// Decode reads every key and value of the context once per step, and there is little arithmetic
+// per byte, so the kernel is built to stream K/V at the memory's rate:
 //
-// With one split the block writes the normalised row. Decode batches have too few (row, head)
-// pairs to fill the GPU, so the host asks for several splits per context; each block then writes
-// its unnormalised partial result (max, sum, weighted values) to a scratch buffer and
-// paged_attention_combine merges a row's splits (the flash-decoding scheme).
+// - One thread block per (query row, KV head, context split) serves all the query heads that
+//   share the KV head (up to GROUP of them, more in several blocks), so each K/V row is read once
+//   per group rather than once per query head.
+// - A warp splits its 32 lanes into segments of `lanes` lanes (the fewest powers of two whose
+//   16-byte chunks cover a head: 16 for 128 f16 dimensions), each segment streaming its own tokens
+//   with one 16-byte load per lane per row; the four warps of a block take interleaved steps of
+//   LOADS tokens per segment, and every lane issues all of a step's K and V loads before it uses
+//   any of them. Block-table entries for the next step are fetched while the current one is
+//   computed, so the dependent lookup never stalls a step.
+// - Each segment keeps its own running softmax statistics (max and sum in the log2 domain, f32),
+//   so nothing is synchronised while streaming: segments merge through shuffles at the end of the
+//   split, warps through shared memory, splits in paged_attention_combine (the flash-decoding
+//   scheme; the host asks for splits when the (row, KV head) pairs alone cannot fill the GPU).
 //
 // The batch layout is validated on the host when it is built; the kernel still never reads outside
 // the pages: a row outside every sequence's query span, or a block id outside the pages, makes the
@@ -25,13 +28,14 @@
 
 namespace {
 
-constexpr int WARPS = 8;
-constexpr int TILE = 128;
-constexpr int KEYS_IN_FLIGHT = 4;
+constexpr int WARPS = 4;
 constexpr int MAX_HEAD_DIM = 256;
-constexpr int DIMS_PER_LANE = MAX_HEAD_DIM / 32;
 // Splits hold a multiple of this many context tokens (SPLIT_GRANULE in paged_attention.rs).
 constexpr unsigned SPLIT_GRANULE = 32;
+// The most splits a context is cut into (MAX_SPLITS in paged_attention.rs): the combining kernel
+// keeps one weight per split in shared memory.
+constexpr int MAX_SPLITS = 256;
+constexpr float LOG2E = 1.4426950408889634f;
 
 #define QUIET_NAN __int_as_float(0x7fc00000)
 
@@ -72,39 +76,175 @@ __device__ __forceinline__ unsigned split_length(unsigned context, unsigned num_
     return max(SPLIT_GRANULE, (even + SPLIT_GRANULE - 1) / SPLIT_GRANULE * SPLIT_GRANULE);
 }
 
-// Scratch layout per (row, head, split): max, sum, then head_dim weighted values.
+// Scratch layout per (row, head, split): max (log2 domain), sum, then head_dim weighted values.
 __device__ __forceinline__ unsigned long long scratch_offset(unsigned row, unsigned head, unsigned split,
                                                              unsigned num_heads, unsigned num_splits,
                                                              unsigned head_dim) {
     return ((static_cast<unsigned long long>(row) * num_heads + head) * num_splits + split) * (head_dim + 2);
 }
 
+// How a head of T is cut into 16-byte chunks and spread over a segment's lanes.
+template <typename T> struct HeadChunks {
+    // Elements per 16-byte chunk.
+    static constexpr int VEC = 16 / sizeof(T);
+    // Chunks per lane when a segment is a whole warp and the head MAX_HEAD_DIM long: 1 for
+    // 16-bit types, 2 for f32.
+    static constexpr int PER_LANE = MAX_HEAD_DIM / (32 * VEC);
+    // Elements a lane holds.
+    static constexpr int ELEMS = PER_LANE * VEC;
+};
+
+// One 16-byte load of K/V data that this block reads exactly once: through the non-coherent path
+// (the pages are not written while the kernel runs) and not kept in L1. L2 fetches 128-byte lines,
+// no more: a head's row can be that short, and the next 128 bytes belong to another KV head.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ unsigned bits_of(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ unsigned bits_of(half_t x) { return x.bits; }
+__device__ __forceinline__ unsigned bits_of(bf16_t x) { return x.bits; }
+
+// Elements [first, first + VEC) of `row` as one 16-byte chunk (zeros past head_dim): one vector
+// load when the rows are 16-byte aligned and head_dim fills whole chunks, element loads otherwise.
 template <typename T>
+__device__ __forceinline__ uint4 load_chunk(const T* row, unsigned first, unsigned head_dim, bool vectorized) {
+    constexpr int VEC = HeadChunks<T>::VEC;
+    constexpr int PER_WORD = 4 / sizeof(T);
+    uint4 raw = {0u, 0u, 0u, 0u};
+    if (first >= head_dim) return raw;
+    if (vectorized) return load_stream(row + first);
+    unsigned words[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+        if (first + i < head_dim) words[i / PER_WORD] |= bits_of(row[first + i]) << (32 / PER_WORD * (i % PER_WORD));
+    }
+    raw.x = words[0];
+    raw.y = words[1];
+    raw.z = words[2];
+    raw.w = words[3];
+    return raw;
+}
+
+// Element i (a compile-time constant once unrolled) of a chunk, as float.
+template <typename T> __device__ __forceinline__ float chunk_element(const uint4& raw, int i);
+
+template <> __device__ __forceinline__ float chunk_element<float>(const uint4& raw, int i) {
+    const unsigned word = i == 0 ? raw.x : i == 1 ? raw.y : i == 2 ? raw.z : raw.w;
+    return __uint_as_float(word);
+}
+
+template <> __device__ __forceinline__ float chunk_element<half_t>(const uint4& raw, int i) {
+    const unsigned word = i < 2 ? raw.x : i < 4 ? raw.y : i < 6 ? raw.z : raw.w;
+    half_t h;
+    h.bits = static_cast<unsigned short>(i % 2 == 0 ? word & 0xffffu : word >> 16);
+    return to_float(h);
+}
+
+template <> __device__ __forceinline__ float chunk_element<bf16_t>(const uint4& raw, int i) {
+    const unsigned word = i < 2 ? raw.x : i < 4 ? raw.y : i < 6 ? raw.z : raw.w;
+    return __uint_as_float(i % 2 == 0 ? word << 16 : word & 0xffff0000u);
+}
+
+// The chunks a lane holds, unpacked to floats.
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4 (&raw)[HeadChunks<T>::PER_LANE], float (&out)[HeadChunks<T>::ELEMS]) {
+    constexpr int VEC = HeadChunks<T>::VEC;
+#pragma unroll
+    for (int c = 0; c < HeadChunks<T>::PER_LANE; ++c) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) out[c * VEC + i] = chunk_element<T>(raw[c], i);
+    }
+}
+
+// Sums v over the lanes of a segment (lanes xor-apart by less than `lanes`); every lane of the
+// segment receives the sum. `lanes` is the same power of two for the whole warp.
+__device__ __forceinline__ float segment_sum(float v, unsigned lanes) {
+#pragma unroll
+    for (unsigned offset = 16; offset > 0; offset >>= 1) {
+        if (offset < lanes) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// Max / sum of v over the segments of a warp (lanes xor-apart by `lanes` or more).
+__device__ __forceinline__ float across_segments_max(float v, unsigned lanes) {
+#pragma unroll
+    for (unsigned offset = 16; offset > 0; offset >>= 1) {
+        if (offset >= lanes) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    }
+    return v;
+}
+
+__device__ __forceinline__ float across_segments_sum(float v, unsigned lanes) {
+#pragma unroll
+    for (unsigned offset = 16; offset > 0; offset >>= 1) {
+        if (offset >= lanes) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// exp2(x - max) for a running max that may still be -inf (nothing seen yet): 0 then.
+__device__ __forceinline__ float rescale(float x, float max) { return max == NEG_INF ? 0.0f : exp2f(x - max); }
+
+template <typename T, int GROUP>
 __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages,
                                 T* __restrict__ out, float* __restrict__ scratch,
                                 const unsigned* __restrict__ query_start, const unsigned* __restrict__ context_len,
                                 const unsigned* __restrict__ block_tables, unsigned num_seqs, unsigned max_blocks,
                                 unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned head_dim,
                                 unsigned block_size, unsigned num_blocks, float scale) {
-    __shared__ unsigned long long token_base[TILE];
-    __shared__ float weights[TILE];
-    __shared__ float partial_out[WARPS][MAX_HEAD_DIM];
-    __shared__ int broken;
+    constexpr int VEC = HeadChunks<T>::VEC;
+    constexpr int PER_LANE = HeadChunks<T>::PER_LANE;
+    constexpr int ELEMS = HeadChunks<T>::ELEMS;
+    // Tokens each lane has in flight per step (their K and V rows): fewer for large groups, whose
+    // queries and accumulators take the registers.
+    constexpr int LOADS = GROUP <= 4 ? 4 : 2;
+
+    __shared__ float merge_values[WARPS][GROUP][MAX_HEAD_DIM];
+    __shared__ float merge_max[WARPS][GROUP];
+    __shared__ float merge_sum[WARPS][GROUP];
+
     const unsigned lane = threadIdx.x & 31;
     const unsigned warp = threadIdx.x >> 5;
-    const unsigned head = blockIdx.y;
+    const unsigned group_size = num_heads / num_kv_heads;
+    const unsigned head_blocks = (group_size + GROUP - 1) / GROUP;
+    const unsigned kv_head = blockIdx.y / head_blocks;
+    const unsigned first_head = kv_head * group_size + (blockIdx.y % head_blocks) * GROUP;
+    const unsigned heads_here = min(static_cast<unsigned>(GROUP), (kv_head + 1) * group_size - first_head);
     const unsigned split = blockIdx.z;
     const unsigned num_splits = gridDim.z;
-    const unsigned kv_head = head / (num_heads / num_kv_heads);
+
+    // Lanes per token: the fewest (a power of two) whose chunks cover the head.
+    const unsigned chunks = (head_dim + VEC - 1) / VEC;
+    unsigned lanes = 1;
+    while (lanes * PER_LANE < chunks) lanes <<= 1;
+    const unsigned segments = 32 / lanes;
+    const unsigned segment = lane / lanes;
+    const unsigned part = lane % lanes;
+    const bool vectorized = head_dim % VEC == 0 && is_aligned16(k_pages) && is_aligned16(v_pages);
+    const unsigned long long token_stride = static_cast<unsigned long long>(num_kv_heads) * head_dim;
+    const T* k_head = k_pages + static_cast<unsigned long long>(kv_head) * head_dim;
+    const T* v_head = v_pages + static_cast<unsigned long long>(kv_head) * head_dim;
+    // Blocks of a power-of-two size (the usual 16) are found with a shift rather than a division.
+    const int block_shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
+    const unsigned step_tokens = LOADS * segments;
+    const unsigned stride = WARPS * step_tokens;
+    const float log2_scale = scale * LOG2E;
 
     for (unsigned row = blockIdx.x; row < num_tokens; row += gridDim.x) {
         RowPlace place;
-        const bool valid = place_row(row, query_start, context_len, num_seqs, &place);
-        T* out_row = out + (static_cast<unsigned long long>(row) * num_heads + head) * head_dim;
-        if (!valid) {
+        if (!place_row(row, query_start, context_len, num_seqs, &place)) {
             // With several splits the combining kernel writes the NaN row.
             if (num_splits == 1) {
-                for (unsigned d = threadIdx.x; d < head_dim; d += blockDim.x) out_row[d] = from_float<T>(QUIET_NAN);
+                T* out_row = out + (static_cast<unsigned long long>(row) * num_heads + first_head) * head_dim;
+                for (unsigned i = threadIdx.x; i < heads_here * head_dim; i += blockDim.x) {
+                    out_row[i] = from_float<T>(QUIET_NAN);
+                }
             }
             continue;
         }
@@ -115,140 +255,171 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
         if (begin >= end) continue;
         const unsigned* table = block_tables + static_cast<unsigned long long>(place.seq) * max_blocks;
 
-        const T* q_row = q + (static_cast<unsigned long long>(row) * num_heads + head) * head_dim;
-        float query[DIMS_PER_LANE];
-        float acc[DIMS_PER_LANE];
+        // The group's queries, pre-multiplied by scale * log2(e) so that scores are in the log2
+        // domain; lane `part` of a segment holds chunks part, part + lanes, ...
+        float query[GROUP][ELEMS];
+        float acc[GROUP][ELEMS];
+        float run_max[GROUP];
+        float run_sum[GROUP];
+        const T* q_row = q + (static_cast<unsigned long long>(row) * num_heads + first_head) * head_dim;
 #pragma unroll
-        for (int i = 0; i < DIMS_PER_LANE; ++i) {
-            const unsigned d = lane + 32 * i;
-            query[i] = d < head_dim ? scale * to_float(q_row[d]) : 0.0f;
-            acc[i] = 0.0f;
-        }
-        float max = NEG_INF;
-        float sum = 0.0f;
-        if (threadIdx.x == 0) broken = 0;
-
-        for (unsigned tile = begin; tile < end; tile += TILE) {
-            const unsigned n = min(static_cast<unsigned>(TILE), end - tile);
-            // Earlier tiles (and rows) may still be reading token_base and weights.
-            __syncthreads();
-            for (unsigned j = threadIdx.x; j < n; j += blockDim.x) {
-                const unsigned token = tile + j;
-                const unsigned block = table[token / block_size];
-                unsigned long long base = 0;
-                if (block >= num_blocks) {
-                    broken = 1;
-                } else {
-                    base = ((static_cast<unsigned long long>(block) * block_size + token % block_size) *
-                                num_kv_heads +
-                            kv_head) *
-                           head_dim;
+        for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+            for (int c = 0; c < PER_LANE; ++c) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    const unsigned d = (part + c * lanes) * VEC + i;
+                    query[g][c * VEC + i] =
+                        g < heads_here && d < head_dim ? log2_scale * to_float(q_row[g * head_dim + d]) : 0.0f;
+                    acc[g][c * VEC + i] = 0.0f;
                 }
-                token_base[j] = base;
             }
-            __syncthreads();
+            run_max[g] = NEG_INF;
+            run_sum[g] = 0.0f;
+        }
 
-            // Scores of the tile.
-            for (unsigned first = warp; first < n; first += WARPS * KEYS_IN_FLIGHT) {
-                float keys[KEYS_IN_FLIGHT][DIMS_PER_LANE];
+        // Element offsets of the rows of this lane's tokens of the step starting at `start`.
+        bool broken = false;
+        unsigned long long offset[LOADS];
+        auto locate = [&](unsigned start) {
 #pragma unroll
-                for (int k = 0; k < KEYS_IN_FLIGHT; ++k) {
-                    const unsigned j = first + k * WARPS;
-                    const T* key = k_pages + token_base[j < n ? j : 0];
-#pragma unroll
-                    for (int i = 0; i < DIMS_PER_LANE; ++i) {
-                        const unsigned d = lane + 32 * i;
-                        keys[k][i] = (j < n && d < head_dim) ? to_float(key[d]) : 0.0f;
+            for (int u = 0; u < LOADS; ++u) {
+                const unsigned token = start + u * segments + segment;
+                unsigned long long at = 0;
+                if (token < end) {
+                    const unsigned index = block_shift >= 0 ? token >> block_shift : token / block_size;
+                    const unsigned block = table[index];
+                    if (block < num_blocks) {
+                        at = (static_cast<unsigned long long>(block) * block_size + (token - index * block_size)) *
+                             token_stride;
+                    } else {
+                        broken = true;
                     }
                 }
+                offset[u] = at;
+            }
+        };
+
+        // The loop bounds depend on the warp only, so every lane reaches the shuffles.
+        unsigned first = begin + warp * step_tokens;
+        locate(first);
+        for (; first < end; first += stride) {
+            uint4 keys[LOADS][PER_LANE];
+            uint4 values[LOADS][PER_LANE];
 #pragma unroll
-                for (int k = 0; k < KEYS_IN_FLIGHT; ++k) {
+            for (int u = 0; u < LOADS; ++u) {
+                const bool valid = first + u * segments + segment < end;
+#pragma unroll
+                for (int c = 0; c < PER_LANE; ++c) {
+                    const unsigned chunk_first = (part + c * lanes) * VEC;
+                    const uint4 zero = {0u, 0u, 0u, 0u};
+                    keys[u][c] = valid ? load_chunk(k_head + offset[u], chunk_first, head_dim, vectorized) : zero;
+                    values[u][c] = valid ? load_chunk(v_head + offset[u], chunk_first, head_dim, vectorized) : zero;
+                }
+            }
+            locate(first + stride);
+
+            float score[LOADS][GROUP];
+#pragma unroll
+            for (int u = 0; u < LOADS; ++u) {
+                const bool valid = first + u * segments + segment < end;
+                float key[ELEMS];
+                unpack<T>(keys[u], key);
+#pragma unroll
+                for (int g = 0; g < GROUP; ++g) {
                     float dot = 0.0f;
 #pragma unroll
-                    for (int i = 0; i < DIMS_PER_LANE; ++i) dot += query[i] * keys[k][i];
-                    dot = warp_sum(dot);
-                    const unsigned j = first + k * WARPS;
-                    if (lane == 0 && j < n) weights[j] = dot;
+                    for (int e = 0; e < ELEMS; ++e) dot += query[g][e] * key[e];
+                    dot = segment_sum(dot, lanes);
+                    score[u][g] = valid ? dot : NEG_INF;
                 }
             }
-            __syncthreads();
-
-            // One max and one sum per tile; the running statistics and values are rescaled once.
-            float tile_max = NEG_INF;
-            for (unsigned j = threadIdx.x; j < n; j += blockDim.x) tile_max = fmaxf(tile_max, weights[j]);
-            tile_max = block_max(tile_max);
-            const float new_max = fmaxf(max, tile_max);
-            const float correction = expf(max - new_max);
-            float tile_sum = 0.0f;
-            for (unsigned j = threadIdx.x; j < n; j += blockDim.x) {
-                const float w = expf(weights[j] - new_max);
-                weights[j] = w;
-                tile_sum += w;
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                float new_max = run_max[g];
+#pragma unroll
+                for (int u = 0; u < LOADS; ++u) new_max = fmaxf(new_max, score[u][g]);
+                const float correction = rescale(run_max[g], new_max);
+                run_sum[g] *= correction;
+#pragma unroll
+                for (int e = 0; e < ELEMS; ++e) acc[g][e] *= correction;
+#pragma unroll
+                for (int u = 0; u < LOADS; ++u) {
+                    score[u][g] = rescale(score[u][g], new_max);
+                    run_sum[g] += score[u][g];
+                }
+                run_max[g] = new_max;
             }
-            tile_sum = block_sum(tile_sum);
-            sum = sum * correction + tile_sum;
-            max = new_max;
 #pragma unroll
-            for (int i = 0; i < DIMS_PER_LANE; ++i) acc[i] *= correction;
-            // block_sum synchronised the block after every thread wrote its weights.
+            for (int u = 0; u < LOADS; ++u) {
+                float value[ELEMS];
+                unpack<T>(values[u], value);
+#pragma unroll
+                for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+                    for (int e = 0; e < ELEMS; ++e) acc[g][e] += score[u][g] * value[e];
+                }
+            }
+        }
 
-            // Weighted values of the tile.
-            for (unsigned first = warp; first < n; first += WARPS * KEYS_IN_FLIGHT) {
-                float values[KEYS_IN_FLIGHT][DIMS_PER_LANE];
+        // Merge the warp's segments, then hand each warp's statistics and values to the block.
 #pragma unroll
-                for (int k = 0; k < KEYS_IN_FLIGHT; ++k) {
-                    const unsigned j = first + k * WARPS;
-                    const T* value = v_pages + token_base[j < n ? j : 0];
+        for (int g = 0; g < GROUP; ++g) {
+            const float warp_max = across_segments_max(run_max[g], lanes);
+            const float weight = rescale(run_max[g], warp_max);
+            const float warp_sum = across_segments_sum(run_sum[g] * weight, lanes);
 #pragma unroll
-                    for (int i = 0; i < DIMS_PER_LANE; ++i) {
-                        const unsigned d = lane + 32 * i;
-                        values[k][i] = (j < n && d < head_dim) ? to_float(value[d]) : 0.0f;
+            for (int e = 0; e < ELEMS; ++e) acc[g][e] = across_segments_sum(acc[g][e] * weight, lanes);
+            if (segment == 0) {
+#pragma unroll
+                for (int c = 0; c < PER_LANE; ++c) {
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) {
+                        const unsigned d = (part + c * lanes) * VEC + i;
+                        if (d < head_dim) merge_values[warp][g][d] = acc[g][c * VEC + i];
                     }
                 }
+            }
+            if (lane == 0) {
+                merge_max[warp][g] = warp_max;
+                merge_sum[warp][g] = warp_sum;
+            }
+        }
+        const bool is_broken = __syncthreads_or(broken) != 0;
+
+        for (unsigned i = threadIdx.x; i < heads_here * head_dim; i += blockDim.x) {
+            const unsigned g = i / head_dim;
+            const unsigned d = i - g * head_dim;
+            float max = NEG_INF;
 #pragma unroll
-                for (int k = 0; k < KEYS_IN_FLIGHT; ++k) {
-                    const unsigned j = first + k * WARPS;
-                    const float w = j < n ? weights[j] : 0.0f;
+            for (int w = 0; w < WARPS; ++w) max = fmaxf(max, merge_max[w][g]);
+            float sum = 0.0f;
+            float value = 0.0f;
 #pragma unroll
-                    for (int i = 0; i < DIMS_PER_LANE; ++i) acc[i] += w * values[k][i];
+            for (int w = 0; w < WARPS; ++w) {
+                const float weight = rescale(merge_max[w][g], max);
+                sum += merge_sum[w][g] * weight;
+                value += merge_values[w][g][d] * weight;
+            }
+            const unsigned head = first_head + g;
+            if (num_splits == 1) {
+                const float result = is_broken ? QUIET_NAN : value / sum;
+                out[(static_cast<unsigned long long>(row) * num_heads + head) * head_dim + d] = from_float<T>(result);
+            } else {
+                float* part_out = scratch + scratch_offset(row, head, split, num_heads, num_splits, head_dim);
+                part_out[2 + d] = value;
+                if (d == 0) {
+                    part_out[0] = max;
+                    part_out[1] = is_broken ? QUIET_NAN : sum;
                 }
             }
         }
-
-#pragma unroll
-        for (int i = 0; i < DIMS_PER_LANE; ++i) {
-            const unsigned d = lane + 32 * i;
-            if (d < head_dim) partial_out[warp][d] = acc[i];
-        }
-        __syncthreads();
-        const bool is_broken = broken != 0;
-        if (num_splits == 1) {
-            const float inv_sum = is_broken ? QUIET_NAN : 1.0f / sum;
-            for (unsigned d = threadIdx.x; d < head_dim; d += blockDim.x) {
-                float value = 0.0f;
-#pragma unroll
-                for (int w = 0; w < WARPS; ++w) value += partial_out[w][d];
-                out_row[d] = from_float<T>(value * inv_sum);
-            }
-        } else {
-            float* part = scratch + scratch_offset(row, head, split, num_heads, num_splits, head_dim);
-            if (threadIdx.x == 0) {
-                part[0] = max;
-                part[1] = is_broken ? QUIET_NAN : sum;
-            }
-            for (unsigned d = threadIdx.x; d < head_dim; d += blockDim.x) {
-                float value = 0.0f;
-#pragma unroll
-                for (int w = 0; w < WARPS; ++w) value += partial_out[w][d];
-                part[2 + d] = value;
-            }
-        }
-        // partial_out and broken are overwritten by the next row.
+        // The shared statistics are overwritten by the next row.
         __syncthreads();
     }
 }
 
-// Merges the splits of one (row, head): every split's values scaled by exp(its max - the overall
+// Merges the splits of one (row, head): every split's values scaled by exp2(its max - the overall
 // max), divided by the equally scaled sum of the splits' sums.
 template <typename T>
 __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __restrict__ out,
@@ -256,6 +427,7 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
                                         const unsigned* __restrict__ context_len, unsigned num_seqs,
                                         unsigned num_tokens, unsigned num_heads, unsigned head_dim,
                                         unsigned num_splits) {
+    __shared__ float weights[MAX_SPLITS];
     const unsigned head = blockIdx.y;
     for (unsigned row = blockIdx.x; row < num_tokens; row += gridDim.x) {
         RowPlace place;
@@ -264,21 +436,30 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
             for (unsigned d = threadIdx.x; d < head_dim; d += blockDim.x) out_row[d] = from_float<T>(QUIET_NAN);
             continue;
         }
-        // Only the splits that start at or before the row's position were written.
+        // Only the splits that start at or before the row's position were written; the first
+        // always was, so the overall max is finite.
         const unsigned split_len = split_length(context_len[place.seq], num_splits);
         const unsigned used = min(place.position / split_len + 1, num_splits);
         const float* parts = scratch + scratch_offset(row, head, 0, num_heads, num_splits, head_dim);
         const unsigned stride = head_dim + 2;
-        float total_max = NEG_INF;
-        for (unsigned s = 0; s < used; ++s) total_max = fmaxf(total_max, parts[s * stride]);
-        float total_sum = 0.0f;
-        for (unsigned s = 0; s < used; ++s) total_sum += parts[s * stride + 1] * expf(parts[s * stride] - total_max);
-        const float inv_sum = 1.0f / total_sum;
+        float max = NEG_INF;
+        for (unsigned s = threadIdx.x; s < used; s += blockDim.x) max = fmaxf(max, parts[s * stride]);
+        max = block_max(max);
+        float sum = 0.0f;
+        for (unsigned s = threadIdx.x; s < used; s += blockDim.x) {
+            const float weight = exp2f(parts[s * stride] - max);
+            weights[s] = weight;
+            sum += parts[s * stride + 1] * weight;
+        }
+        // block_sum synchronises the block after every weight is written.
+        const float inv_sum = 1.0f / block_sum(sum);
         for (unsigned d = threadIdx.x; d < head_dim; d += blockDim.x) {
             float value = 0.0f;
-            for (unsigned s = 0; s < used; ++s) value += parts[s * stride + 2 + d] * expf(parts[s * stride] - total_max);
+            for (unsigned s = 0; s < used; ++s) value += parts[s * stride + 2 + d] * weights[s];
             out_row[d] = from_float<T>(value * inv_sum);
         }
+        // The weights are overwritten by the next row.
+        __syncthreads();
     }
 }
 
@@ -287,20 +468,28 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
 // q, out [num_tokens, num_heads, head_dim]; k_pages, v_pages [num_blocks, block_size, num_kv_heads,
 // head_dim]; scratch f32 [num_tokens, num_heads, num_splits, head_dim + 2] (unused with one split);
 // query_start [num_seqs + 1] (cumulative, query_start[num_seqs] = num_tokens); context_len
-// [num_seqs]; block_tables [num_seqs, max_blocks]. Grid (rows, num_heads, num_splits), WARPS warps
-// per block; head_dim <= 256; each sequence cuts its context into num_splits splits of
-// split_length() tokens.
-#define PAGODA_PAGED_ATTENTION_KERNELS(SUFFIX, T)                                                                     \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_##SUFFIX(                               \
+// [num_seqs]; block_tables [num_seqs, max_blocks]. Grid (rows, num_kv_heads * ceil(group / GROUP),
+// num_splits <= MAX_SPLITS), WARPS warps per block; head_dim <= 256; each sequence cuts its
+// context into num_splits splits of split_length() tokens. `_g<GROUP>` serves up to GROUP query
+// heads per KV head in one block.
+#define PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, GROUP)                                                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_g##GROUP##_##SUFFIX(                   \
         const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages, T* __restrict__ out,  \
         float* __restrict__ scratch, const unsigned* __restrict__ query_start,                                       \
         const unsigned* __restrict__ context_len, const unsigned* __restrict__ block_tables, unsigned num_seqs,      \
         unsigned max_blocks, unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned head_dim,      \
         unsigned block_size, unsigned num_blocks, float scale) {                                                     \
-        paged_attention<T>(q, k_pages, v_pages, out, scratch, query_start, context_len, block_tables, num_seqs,      \
-                           max_blocks, num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks,        \
-                           scale);                                                                                   \
-    }                                                                                                                \
+        paged_attention<T, GROUP>(q, k_pages, v_pages, out, scratch, query_start, context_len, block_tables,         \
+                                  num_seqs, max_blocks, num_tokens, num_heads, num_kv_heads, head_dim, block_size,   \
+                                  num_blocks, scale);                                                                \
+    }
+
+#define PAGODA_PAGED_ATTENTION_KERNELS(SUFFIX, T)                                                                     \
+    PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 1)                                                                       \
+    PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 2)                                                                       \
+    PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 3)                                                                       \
+    PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 4)                                                                       \
+    PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 8)                                                                       \
     /* Grid (rows, num_heads), any block size that is a multiple of 32. */                                           \
     extern "C" __global__ void paged_attention_combine_##SUFFIX(                                                     \
         const float* __restrict__ scratch, T* __restrict__ out, const unsigned* __restrict__ query_start,            \

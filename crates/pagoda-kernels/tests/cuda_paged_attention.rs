@@ -1,7 +1,9 @@
 //! CUDA paged attention against the CPU oracle: ragged batches mixing decode, prefill and chunked
-//! prefill rows, grouped-query heads, scattered non-monotonic block ids, contexts that are not a
-//! multiple of the block size, a single token, decode batches of a real model's shape, and one
-//! 32k-token context.
+//! prefill rows, every group width the kernel has (1, 2, 3, 4 and 8 query heads per KV head,
+//! multi-query with one KV head, groups wider than a block), scattered non-monotonic block ids,
+//! contexts that are not a multiple of the block size, a single token, decode batches of a real
+//! model's shape, every split count from 1 to the most, and 32k-token contexts. Outputs come from
+//! memory poisoned with NaN first.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -12,7 +14,9 @@ use common::{
 };
 use pagoda_kernels::cpu::attention::{AttentionParams, SequenceSpan};
 use pagoda_kernels::cpu::kv_write::PageGeometry;
-use pagoda_kernels::cuda::paged_attention::{DeviceBatchLayout, paged_attention};
+use pagoda_kernels::cuda::paged_attention::{
+    DeviceBatchLayout, MAX_SPLITS, default_num_splits, paged_attention, paged_attention_with_splits,
+};
 use pagoda_kernels::{Error, cpu};
 use pagoda_tensor::{CudaDevice, DType};
 
@@ -26,6 +30,17 @@ struct Case<'a> {
 }
 
 fn run(device: &CudaDevice, rng: &mut TestRng, case: &Case<'_>, dtype: DType) {
+    run_with_splits(device, rng, case, dtype, None);
+}
+
+/// [`run`] with each context cut into `splits` splits, or the default number.
+fn run_with_splits(
+    device: &CudaDevice,
+    rng: &mut TestRng,
+    case: &Case<'_>,
+    dtype: DType,
+    splits: Option<usize>,
+) {
     let Case {
         seqs,
         num_heads,
@@ -79,8 +94,17 @@ fn run(device: &CudaDevice, rng: &mut TestRng, case: &Case<'_>, dtype: DType) {
         ),
         (seqs.len(), num_tokens, max_blocks)
     );
-    poison_pool(device, num_tokens * num_heads * head_dim * 4);
-    let out = paged_attention(&q, &layout, &params, &k_pages, &v_pages).unwrap();
+    let splits = match splits {
+        Some(splits) => splits,
+        None => default_num_splits(&q, &layout, &params, &k_pages, &v_pages).unwrap(),
+    };
+    // The output and the splits' scratch come from the pool: poison both.
+    poison_pool(
+        device,
+        num_tokens * num_heads * (splits * (head_dim + 2) + head_dim) * 4,
+    );
+    let out =
+        paged_attention_with_splits(&q, &layout, &params, &k_pages, &v_pages, splits).unwrap();
     assert_eq!(
         (out.dims(), out.dtype()),
         (&[num_tokens, num_heads, head_dim][..], dtype)
@@ -108,7 +132,8 @@ fn run(device: &CudaDevice, rng: &mut TestRng, case: &Case<'_>, dtype: DType) {
     )
     .unwrap();
     let what = format!(
-        "{dtype} heads {num_heads}/{num_kv_heads} dim {head_dim} block {block_size} seqs {seqs:?}"
+        "{dtype} heads {num_heads}/{num_kv_heads} dim {head_dim} block {block_size} splits {splits} \
+         seqs {seqs:?}"
     );
     assert_close(&what, &download(&out), &expected, dtype);
 }
@@ -123,7 +148,7 @@ fn ragged_batches_match_the_cpu() {
     // context of exactly one block, and one of a block and one token.
     let seqs = [(1, 1), (1, 37), (5, 5), (3, 50), (16, 16), (2, 17)];
     for dtype in FLOAT_DTYPES {
-        for head_dim in [3, 64, 80, 128, 256] {
+        for head_dim in [3, 64, 80, 96, 128, 256] {
             run(
                 &device,
                 &mut rng,
@@ -229,6 +254,109 @@ fn a_32k_token_context() {
                 seqs: &seqs,
                 num_heads: 4,
                 num_kv_heads: 2,
+                head_dim: 128,
+                block_size: 16,
+            },
+            dtype,
+        );
+    }
+}
+
+#[test]
+fn every_group_width_matches_the_cpu() {
+    let Some(device) = gpu_or_skip("paged_attention_every_group_width") else {
+        return;
+    };
+    let mut rng = TestRng::new("paged_attention_every_group_width");
+    // A decode batch of ragged contexts, one of them a single token, plus a prompt chunk.
+    let seqs = [(1, 1), (1, 100), (1, 333), (1, 17), (3, 40)];
+    // (query heads, KV heads): groups of 1, 2, 3, 4 and 8; multi-query (one KV head) with a
+    // group of 6 in a block of 8, and with 12 and 32 heads, which take several blocks per KV head.
+    let heads = [
+        (8, 8),
+        (4, 2),
+        (24, 8),
+        (32, 8),
+        (16, 2),
+        (6, 1),
+        (12, 1),
+        (32, 1),
+    ];
+    for dtype in FLOAT_DTYPES {
+        for (num_heads, num_kv_heads) in heads {
+            run(
+                &device,
+                &mut rng,
+                &Case {
+                    seqs: &seqs,
+                    num_heads,
+                    num_kv_heads,
+                    head_dim: 128,
+                    block_size: 16,
+                },
+                dtype,
+            );
+        }
+    }
+}
+
+#[test]
+fn every_split_count_matches_the_cpu() {
+    let Some(device) = gpu_or_skip("paged_attention_every_split_count") else {
+        return;
+    };
+    let mut rng = TestRng::new("paged_attention_every_split_count");
+    // Contexts longer and shorter than a split, so some splits of some rows are empty.
+    let seqs = [(1, 1000), (1, 37), (1, 513), (2, 64)];
+    for dtype in [DType::F32, DType::F16] {
+        for splits in [1, 2, 7, 64, MAX_SPLITS] {
+            run_with_splits(
+                &device,
+                &mut rng,
+                &Case {
+                    seqs: &seqs,
+                    num_heads: 24,
+                    num_kv_heads: 8,
+                    head_dim: 128,
+                    block_size: 16,
+                },
+                dtype,
+                Some(splits),
+            );
+        }
+    }
+    let layout = DeviceBatchLayout::new(&[0, 1], &[5], &[0], 1, 16, 1, &device).unwrap();
+    let params = AttentionParams {
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 8,
+        scale: 0.3,
+    };
+    let (q, _) = random_tensor(&mut rng, &[1, 2, 8], DType::F16, 1.0, &device);
+    let (pages, _) = random_tensor(&mut rng, &[1, 16, 1, 8], DType::F16, 1.0, &device);
+    for splits in [0, MAX_SPLITS + 1] {
+        assert!(matches!(
+            paged_attention_with_splits(&q, &layout, &params, &pages, &pages, splits),
+            Err(Error::Shape { .. })
+        ));
+    }
+}
+
+#[test]
+fn a_32k_token_decode_shaped_like_the_benchmark() {
+    let Some(device) = gpu_or_skip("paged_attention_a_32k_token_decode") else {
+        return;
+    };
+    let mut rng = TestRng::new("paged_attention_a_32k_token_decode");
+    // B1 L32768 H32 KVH8 D128 of the decode benchmark, and one token past it.
+    for (context, dtype) in [(32768, DType::F16), (32769, DType::BF16)] {
+        run(
+            &device,
+            &mut rng,
+            &Case {
+                seqs: &[(1, context)],
+                num_heads: 32,
+                num_kv_heads: 8,
                 head_dim: 128,
                 block_size: 16,
             },

@@ -63,16 +63,6 @@ pub enum Error {
     #[cfg(feature = "pages")]
     #[error("KV cache pages: {0}")]
     InvalidPages(String),
-    /// Copying blocks is not implemented for pages on this device.
-    #[cfg(feature = "pages")]
-    #[error(
-        "copying KV-cache blocks on {device} is not supported: pagoda-tensor has no \
-         device-to-device copy within a tensor yet"
-    )]
-    CopyUnsupported {
-        /// Where the pages live.
-        device: pagoda_tensor::Device,
-    },
     /// Creating or accessing the page tensors failed.
     #[cfg(feature = "pages")]
     #[error("KV cache page tensors: {0}")]

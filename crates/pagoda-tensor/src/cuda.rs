@@ -437,6 +437,56 @@ impl CudaStorage {
         })
     }
 
+    /// Queues a device-to-device copy of this buffer's elements `src_range` to elements
+    /// `dst_start..` of the same buffer, as [`slice::copy_within`] does on the host; returns
+    /// without waiting for it. The two ranges must not overlap unless they are the same (a copy
+    /// onto itself, which queues nothing): the driver's copy has no defined order between them.
+    pub fn copy_within(&mut self, src_range: Range<usize>, dst_start: usize) -> Result<()> {
+        let count = src_range.end.saturating_sub(src_range.start);
+        let dst_end = dst_start.saturating_add(count);
+        if src_range.start > src_range.end || src_range.end > self.len || dst_end > self.len {
+            return Err(Error::Cuda(format!(
+                "copying elements {src_range:?} to {dst_start}.. within {} elements",
+                self.len
+            )));
+        }
+        if count == 0 || src_range.start == dst_start {
+            return Ok(());
+        }
+        if src_range.start < dst_end && dst_start < src_range.end {
+            return Err(Error::Cuda(format!(
+                "copying elements {src_range:?} to {dst_start}..{dst_end}: the ranges overlap"
+            )));
+        }
+        use cudarc::driver::DevicePtrMut;
+        let size = self.dtype.size_in_bytes();
+        let ordinal = self.device.ordinal;
+        let stream = &self.device.stream;
+        self.device
+            .context
+            .bind_to_thread()
+            .map_err(|e| driver_error(format_args!("binding cuda:{ordinal}"), e))?;
+        let (base, _record) = self.slice.device_ptr_mut(stream);
+        // Both ranges are within `len` elements, which the allocation holds.
+        let src = base + (src_range.start * size) as u64;
+        let dst = base + (dst_start * size) as u64;
+        // SAFETY: `src` and `dst` address `count * size` bytes each inside this buffer's
+        // allocation (checked above), the ranges do not overlap, and the copy is queued on the
+        // device's one stream, after every earlier write to the buffer and before any later read.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, count * size, stream.cu_stream())
+        }
+        .map_err(|e| {
+            driver_error(
+                format_args!(
+                    "copying {} bytes within a buffer on cuda:{ordinal}",
+                    count * size
+                ),
+                e,
+            )
+        })
+    }
+
     /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -478,5 +528,69 @@ impl CudaStorage {
     /// The device memory, for kernels that write into it.
     pub fn slice_mut(&mut self) -> &mut CudaSlice<u8> {
         &mut self.slice
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GPU 0, or `None` (with a message) when there is none and `PAGODA_REQUIRE_GPU` is not `1`.
+    fn gpu(test: &str) -> Option<CudaDevice> {
+        match CudaDevice::get(0) {
+            Ok(device) => Some(device),
+            Err(err) if std::env::var("PAGODA_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+                panic!("{test}: PAGODA_REQUIRE_GPU=1 but no GPU is usable: {err}")
+            }
+            Err(err) => {
+                eprintln!("{test}: skipped: no GPU ({err})");
+                None
+            }
+        }
+    }
+
+    fn words(storage: &CudaStorage) -> Vec<u32> {
+        storage
+            .to_host_bytes(0..storage.len())
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn copy_within_matches_the_host_copy() {
+        let Some(device) = gpu("copy_within_matches_the_host_copy") else {
+            return;
+        };
+        let mut host: Vec<u32> = (0..1000).map(|i| i * 7 + 3).collect();
+        let bytes: Vec<u8> = host.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut storage = CudaStorage::from_host_bytes(&device, DType::U32, &bytes).unwrap();
+        // Forward, backward, adjacent, onto itself and empty, applied in order.
+        for (src, dst) in [
+            (0..100, 500),
+            (450..550, 10),
+            (900..1000, 800),
+            (5..25, 5),
+            (3..3, 999),
+        ] {
+            host.copy_within(src.clone(), dst);
+            storage.copy_within(src, dst).unwrap();
+        }
+        assert_eq!(words(&storage), host);
+
+        // Past the end (either range), reversed, and overlapping either way.
+        let reversed = Range { start: 10, end: 5 };
+        for (src, dst) in [
+            (0..10, 995),
+            (990..1001, 0),
+            (reversed, 0),
+            (0..10, 5),
+            (5..10, 1),
+        ] {
+            let err = storage.copy_within(src.clone(), dst).unwrap_err();
+            assert!(matches!(err, Error::Cuda(_)), "{src:?} -> {dst}: {err}");
+        }
+        assert_eq!(words(&storage), host, "a refused copy changed the buffer");
     }
 }

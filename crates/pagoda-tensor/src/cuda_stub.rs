@@ -110,6 +110,15 @@ impl CudaStorage {
         match self.never {}
     }
 
+    /// Queues a copy of this buffer's elements `src_range` to elements `dst_start..` of itself.
+    pub fn copy_within(
+        &mut self,
+        _src_range: std::ops::Range<usize>,
+        _dst_start: usize,
+    ) -> Result<()> {
+        match self.never {}
+    }
+
     /// The device address of the first element.
     pub fn address(&self) -> u64 {
         match self.never {}

@@ -1,14 +1,18 @@
 //! Launcher of `kernels/paged_attention.cu`: causal attention for a flat batch of sequences whose
 //! keys and values live in the paged KV cache, as [`crate::cpu::attention::paged_attention`]
-//! computes it: prefill, chunked prefill after cached context and single-token decode alike, with
-//! grouped-query attention and head dimensions up to 256, softmax statistics in f32.
+//! computes it: single-token decode above all, and any other query rows alike (prompt chunks the
+//! flash kernel does not take), with grouped-query attention and head dimensions up to 256,
+//! softmax statistics in f32.
 //!
-//! One thread block per query row, head and context split computes a tile of scores at a time in
-//! shared memory, with one softmax rescale per tile. When the batch has too few (row, head) pairs
-//! to fill the GPU - decode - the context is cut into splits whose partial results a second kernel
-//! merges (the flash-decoding scheme), so a short batch still reads its K/V with many blocks.
+//! Decode streams every key and value of each context once per step, so the kernel is built to
+//! read them at the memory's rate: one thread block per (query row, KV head, context split) serves
+//! all the query heads that share the KV head, so each K/V row is read once per group; warps read
+//! rows with 16-byte loads, several rows in flight per lane. When the (row, KV head) pairs alone
+//! cannot fill the GPU the context is cut into splits whose partial results a second kernel
+//! merges (the flash-decoding scheme).
 
-use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
+use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
+use pagoda_tensor::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
 
 use super::registry::{KernelModule, function};
@@ -22,18 +26,18 @@ use crate::{Error, Result};
 /// The largest head dimension the kernel holds (8 values per lane of a warp).
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// The most splits a context is cut into; must equal `MAX_SPLITS` in paged_attention.cu, whose
+/// merge keeps one weight per split in shared memory.
+pub const MAX_SPLITS: usize = 256;
+
 /// Warps per thread block; must equal `WARPS` in paged_attention.cu.
-const WARPS: u32 = 8;
+const WARPS: u32 = 4;
 
 /// Threads per block of the kernel that merges a row's splits (it loops over the head dimensions).
 const COMBINE_THREADS: u32 = 128;
 
-/// Thread blocks worth launching before splitting contexts stops paying: a few per SM of the
-/// largest GPUs (132 SMs on an H100 SXM), small enough that the merge and its scratch stay cheap.
-const TARGET_BLOCKS: usize = 512;
-
-/// Splits hold a multiple of this many context tokens (one key per warp of the block, four times
-/// over: the tokens one round of loads covers), so a split never leaves most warps idle.
+/// Splits hold a multiple of this many context tokens (`SPLIT_GRANULE` in paged_attention.cu), so
+/// a split is never shorter than one step of a block's warps over a 128-dimension f16 head.
 const SPLIT_GRANULE: usize = 32;
 
 /// Where each sequence of a flat batch keeps its query rows and its context, on the device.
@@ -288,7 +292,7 @@ fn validate(
 /// num_heads, head_dim]` in `q`'s dtype.
 ///
 /// `q`'s rows must be exactly the layout's query rows, and the pages must have the block count and
-/// size the layout was checked against.
+/// size the layout was checked against. Each context is cut into [`default_num_splits`] splits.
 pub fn paged_attention(
     q: &Tensor,
     layout: &DeviceBatchLayout,
@@ -296,121 +300,252 @@ pub fn paged_attention(
     k_pages: &Tensor,
     v_pages: &Tensor,
 ) -> Result<Tensor> {
-    const OP: &str = "paged_attention";
-    let device = check_attention(OP, q, layout, params, k_pages, v_pages, &FLOAT_DTYPES)?;
-    let AttentionParams {
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        scale,
-    } = *params;
-    if head_dim > MAX_HEAD_DIM {
+    let plan = Plan::new(q, layout, params, k_pages, v_pages)?;
+    let num_splits = plan.default_num_splits(layout)?;
+    plan.launch(q, layout, params, k_pages, v_pages, num_splits)
+}
+
+/// [`paged_attention`] with each context cut into `num_splits` splits (1 to [`MAX_SPLITS`])
+/// instead of the default: the same result up to rounding, for benchmarks that compare the
+/// choices.
+pub fn paged_attention_with_splits(
+    q: &Tensor,
+    layout: &DeviceBatchLayout,
+    params: &AttentionParams,
+    k_pages: &Tensor,
+    v_pages: &Tensor,
+    num_splits: usize,
+) -> Result<Tensor> {
+    let plan = Plan::new(q, layout, params, k_pages, v_pages)?;
+    if !(1..=MAX_SPLITS).contains(&num_splits) {
         return Err(Error::shape(
-            OP,
-            format!("head_dim {head_dim} exceeds the kernel's {MAX_HEAD_DIM}"),
+            "paged_attention",
+            format!("num_splits must be 1 to {MAX_SPLITS}, got {num_splits}"),
         ));
     }
-    let num_tokens = layout.num_tokens;
-    // Heads index the grid's y dimension, which holds at most 65535 blocks.
-    if num_heads > 65535 {
-        return Err(Error::shape(
-            OP,
-            format!("{num_heads} heads exceed the grid's 65535"),
-        ));
+    plan.launch(q, layout, params, k_pages, v_pages, num_splits)
+}
+
+/// How many splits [`paged_attention`] cuts each context of this batch into on this GPU.
+///
+/// Enough that the thread blocks fill whole waves of the GPU's resident blocks (at least 90% of
+/// the slots of the last wave busy), with no more than a context of the table's capacity has
+/// [`SPLIT_GRANULE`]-token pieces; one split when the (row, KV head) pairs alone fill the GPU
+/// (prefill). The kernels derive each sequence's split length from its own context, so the
+/// count depends only on the batch's shape and the GPU: a recorded graph replays it at every
+/// context length.
+pub fn default_num_splits(
+    q: &Tensor,
+    layout: &DeviceBatchLayout,
+    params: &AttentionParams,
+    k_pages: &Tensor,
+    v_pages: &Tensor,
+) -> Result<usize> {
+    Plan::new(q, layout, params, k_pages, v_pages)?.default_num_splits(layout)
+}
+
+/// A checked call: its device, and the kernel and grid for its group of query heads.
+struct Plan {
+    device: CudaDevice,
+    kernel: CudaFunction,
+    name: String,
+    /// Thread blocks per context split: query rows x KV heads x blocks per KV head.
+    blocks_per_split: usize,
+    /// The grid's y dimension: KV heads x blocks per KV head.
+    head_blocks: u32,
+}
+
+impl Plan {
+    const OP: &'static str = "paged_attention";
+
+    fn new(
+        q: &Tensor,
+        layout: &DeviceBatchLayout,
+        params: &AttentionParams,
+        k_pages: &Tensor,
+        v_pages: &Tensor,
+    ) -> Result<Self> {
+        let device = check_attention(Self::OP, q, layout, params, k_pages, v_pages, &FLOAT_DTYPES)?;
+        let AttentionParams {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            ..
+        } = *params;
+        if head_dim > MAX_HEAD_DIM {
+            return Err(Error::shape(
+                Self::OP,
+                format!("head_dim {head_dim} exceeds the kernel's {MAX_HEAD_DIM}"),
+            ));
+        }
+        let group = num_heads / num_kv_heads;
+        let width = group_width(group);
+        let head_blocks = num_kv_heads * group.div_ceil(width);
+        // Blocks per row (and the merge's heads) index the grid's y dimension, at most 65535.
+        if num_heads > 65535 {
+            return Err(Error::shape(
+                Self::OP,
+                format!(
+                    "{num_heads} heads over {num_kv_heads} KV heads take {head_blocks} blocks per row, \
+                     more than the grid's 65535"
+                ),
+            ));
+        }
+        let name = kernel_name(Self::OP, &format!("paged_attention_g{width}"), q.dtype())?;
+        let kernel = function(&device, KernelModule::PagedAttention, &name)?;
+        Ok(Plan {
+            device,
+            kernel,
+            name,
+            blocks_per_split: layout.num_tokens.saturating_mul(head_blocks),
+            head_blocks: head_blocks as u32,
+        })
     }
 
-    let dims = [num_tokens, num_heads, head_dim];
-    let mut out = alloc_output(OP, &device, q.dtype(), &dims)?;
-    if num_tokens == 0 {
-        return into_tensor(out, &dims);
+    /// [`default_num_splits`] for this call.
+    fn default_num_splits(&self, layout: &DeviceBatchLayout) -> Result<usize> {
+        let sms = self
+            .device
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| Error::cuda(Self::OP, format!("querying the SM count: {e}")))?;
+        // The occupancy query needs the device's context current on this thread.
+        let per_sm = self
+            .device
+            .context()
+            .bind_to_thread()
+            .and_then(|()| {
+                self.kernel
+                    .occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, 0, None)
+            })
+            .map_err(|e| {
+                Error::cuda(
+                    Self::OP,
+                    format!("querying the occupancy of {}: {e}", self.name),
+                )
+            })?;
+        let resident = usize::try_from(sms).unwrap_or(1).max(1) * (per_sm as usize).max(1);
+        Ok(split_count(
+            self.blocks_per_split,
+            layout.max_blocks_per_seq * layout.block_size,
+            resident,
+        ))
     }
-    let capacity = layout.max_blocks_per_seq * layout.block_size;
-    let num_splits = split_count(num_tokens * num_heads, capacity);
-    // With one split the kernel writes the output itself and never touches the scratch.
-    let scratch_dims = if num_splits > 1 {
-        [num_tokens, num_heads, num_splits, head_dim + 2]
-    } else {
-        [1, 1, 1, 1]
-    };
-    let mut scratch = alloc_output(OP, &device, DType::F32, &scratch_dims)?;
-    let name = kernel_name(OP, "paged_attention", q.dtype())?;
-    let kernel = function(&device, KernelModule::PagedAttention, &name)?;
-    let args = [
-        arg_u32(OP, "num_seqs", layout.num_seqs)?,
-        arg_u32(OP, "max_blocks_per_seq", layout.max_blocks_per_seq)?,
-        arg_u32(OP, "num_tokens", num_tokens)?,
-        num_heads as u32,
-        arg_u32(OP, "num_kv_heads", num_kv_heads)?,
-        head_dim as u32,
-        arg_u32(OP, "block_size", layout.block_size)?,
-        arg_u32(OP, "num_blocks", layout.num_blocks)?,
-    ];
-    let num_splits_arg = arg_u32(OP, "num_splits", num_splits)?;
-    let (q_view, k_view, v_view) = (
-        device_view(OP, "q", q)?,
-        device_view(OP, "k_pages", k_pages)?,
-        device_view(OP, "v_pages", v_pages)?,
-    );
-    let query_start = device_view(OP, "query_start", &layout.query_start)?;
-    let context_len = device_view(OP, "context_len", &layout.context_len)?;
-    let block_tables = device_view(OP, "block_tables", &layout.block_tables)?;
-    let config = LaunchConfig {
-        grid_dim: (
-            args[2].min(i32::MAX as u32),
-            num_heads as u32,
-            num_splits_arg,
-        ),
-        block_dim: (WARPS * 32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let stream = device.stream();
-    let mut launch = stream.launch_builder(&kernel);
-    launch
-        .arg(&q_view)
-        .arg(&k_view)
-        .arg(&v_view)
-        .arg(out.slice_mut())
-        .arg(scratch.slice_mut())
-        .arg(&query_start)
-        .arg(&context_len)
-        .arg(&block_tables);
-    for arg in &args {
-        launch.arg(arg);
-    }
-    launch.arg(&scale);
-    // SAFETY: the arguments follow paged_attention's signature in paged_attention.cu (q, k_pages,
-    // v_pages, out, scratch, query_start, context_len, block_tables, num_seqs, max_blocks,
-    // num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale); every
-    // buffer has the shape checked above in the kernel name's dtype (metadata u32, scratch f32
-    // [num_tokens, num_heads, num_splits, head_dim + 2] whenever num_splits > 1), the layout was
-    // validated against these pages when it was built, head_dim <= 256 and the block has WARPS
-    // warps; the kernel sizes each sequence's splits to cover its context.
-    unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
-    if num_splits > 1 {
-        let combine_name = kernel_name(OP, "paged_attention_combine", q.dtype())?;
-        let combine = function(&device, KernelModule::PagedAttention, &combine_name)?;
+
+    fn launch(
+        &self,
+        q: &Tensor,
+        layout: &DeviceBatchLayout,
+        params: &AttentionParams,
+        k_pages: &Tensor,
+        v_pages: &Tensor,
+        num_splits: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = Plan::OP;
+        let AttentionParams {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale,
+        } = *params;
+        let num_tokens = layout.num_tokens;
+        let dims = [num_tokens, num_heads, head_dim];
+        let mut out = alloc_output(OP, &self.device, q.dtype(), &dims)?;
+        if num_tokens == 0 {
+            return into_tensor(out, &dims);
+        }
+        // With one split the kernel writes the output itself and never touches the scratch.
+        let scratch_dims = if num_splits > 1 {
+            [num_tokens, num_heads, num_splits, head_dim + 2]
+        } else {
+            [1, 1, 1, 1]
+        };
+        let mut scratch = alloc_output(OP, &self.device, DType::F32, &scratch_dims)?;
+        let args = [
+            arg_u32(OP, "num_seqs", layout.num_seqs)?,
+            arg_u32(OP, "max_blocks_per_seq", layout.max_blocks_per_seq)?,
+            arg_u32(OP, "num_tokens", num_tokens)?,
+            arg_u32(OP, "num_heads", num_heads)?,
+            arg_u32(OP, "num_kv_heads", num_kv_heads)?,
+            head_dim as u32,
+            arg_u32(OP, "block_size", layout.block_size)?,
+            arg_u32(OP, "num_blocks", layout.num_blocks)?,
+        ];
+        let num_splits_arg = num_splits as u32;
+        let (q_view, k_view, v_view) = (
+            device_view(OP, "q", q)?,
+            device_view(OP, "k_pages", k_pages)?,
+            device_view(OP, "v_pages", v_pages)?,
+        );
+        let query_start = device_view(OP, "query_start", &layout.query_start)?;
+        let context_len = device_view(OP, "context_len", &layout.context_len)?;
+        let block_tables = device_view(OP, "block_tables", &layout.block_tables)?;
+        // Rows index the grid's x dimension; the kernels loop over rows past its limit.
+        let row_blocks = args[2].min(i32::MAX as u32);
         let config = LaunchConfig {
-            grid_dim: (args[2].min(i32::MAX as u32), num_heads as u32, 1),
-            block_dim: (COMBINE_THREADS, 1, 1),
+            grid_dim: (row_blocks, self.head_blocks, num_splits_arg),
+            block_dim: (WARPS * 32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = stream.launch_builder(&combine);
+        let stream = self.device.stream();
+        let mut launch = stream.launch_builder(&self.kernel);
         launch
-            .arg(scratch.slice())
+            .arg(&q_view)
+            .arg(&k_view)
+            .arg(&v_view)
             .arg(out.slice_mut())
+            .arg(scratch.slice_mut())
             .arg(&query_start)
             .arg(&context_len)
-            .arg(&args[0])
-            .arg(&args[2])
-            .arg(&args[3])
-            .arg(&args[5])
-            .arg(&num_splits_arg);
-        // SAFETY: the arguments follow paged_attention_combine's signature (scratch, out,
-        // query_start, context_len, num_seqs, num_tokens, num_heads, head_dim, num_splits); the scratch was filled by the launch above on the same stream for every
-        // split at or before each row's position, which is all the merge reads.
-        unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &combine_name, e))?;
+            .arg(&block_tables);
+        for arg in &args {
+            launch.arg(arg);
+        }
+        launch.arg(&scale);
+        // SAFETY: the arguments follow paged_attention_g<N>'s signature in paged_attention.cu (q,
+        // k_pages, v_pages, out, scratch, query_start, context_len, block_tables, num_seqs,
+        // max_blocks, num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks,
+        // scale); every buffer has the shape checked in `Plan::new` in the kernel name's dtype
+        // (metadata u32, scratch f32 [num_tokens, num_heads, num_splits, head_dim + 2] whenever
+        // num_splits > 1), the layout was validated against these pages when it was built,
+        // head_dim <= 256, num_splits <= MAX_SPLITS, the block has WARPS warps and the grid's y
+        // dimension covers every KV head's blocks of the kernel's group width; the kernel sizes
+        // each sequence's splits to cover its context.
+        unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &self.name, e))?;
+        if num_splits > 1 {
+            let combine_name = kernel_name(OP, "paged_attention_combine", q.dtype())?;
+            let combine = function(&self.device, KernelModule::PagedAttention, &combine_name)?;
+            let config = LaunchConfig {
+                grid_dim: (row_blocks, num_heads as u32, 1),
+                block_dim: (COMBINE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = stream.launch_builder(&combine);
+            launch
+                .arg(scratch.slice())
+                .arg(out.slice_mut())
+                .arg(&query_start)
+                .arg(&context_len)
+                .arg(&args[0])
+                .arg(&args[2])
+                .arg(&args[3])
+                .arg(&args[5])
+                .arg(&num_splits_arg);
+            // SAFETY: the arguments follow paged_attention_combine's signature (scratch, out,
+            // query_start, context_len, num_seqs, num_tokens, num_heads, head_dim, num_splits);
+            // the scratch was filled by the launch above on the same stream for every split at or
+            // before each row's position, which is all the merge reads; num_heads <= 65535.
+            unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &combine_name, e))?;
+        }
+        into_tensor(out, &dims)
     }
-    into_tensor(out, &dims)
+}
+
+/// The query heads one block serves for a group of `group` query heads per KV head: the kernel
+/// `paged_attention_g<width>`. Groups of up to four heads have a kernel of their own; larger
+/// ones use blocks of 8 (several per KV head when the group is larger still).
+fn group_width(group: usize) -> usize {
+    if group <= 4 { group } else { 8 }
 }
 
 /// The checks every attention launcher over a [`DeviceBatchLayout`] makes: `q`, the pages and
@@ -459,15 +594,28 @@ pub(crate) fn check_attention(
     Ok(device)
 }
 
-/// How many splits to cut each context into: enough for about [`TARGET_BLOCKS`] blocks in all,
-/// but no more than a context of `capacity` tokens (the longest the block tables can hold) has
-/// [`SPLIT_GRANULE`]-token pieces; one split when the (row, head) pairs alone fill the GPU
-/// (prefill). The kernels derive each sequence's split length from its own context
-/// (`split_length` in paged_attention.cu), so the count depends only on the batch's shape: a
-/// recorded graph replays it at every context length.
-fn split_count(pairs: usize, capacity: usize) -> usize {
-    let max_splits = capacity.div_ceil(SPLIT_GRANULE).max(1);
-    TARGET_BLOCKS.div_ceil(pairs.max(1)).clamp(1, max_splits)
+/// How many splits to cut each context into, given the thread blocks one split takes, the
+/// longest context the block tables hold (`capacity` tokens) and the blocks the GPU keeps
+/// resident at once: the fewest splits whose blocks fill whole waves to at least 90% (so no wave
+/// runs mostly empty), or all the splits the capacity allows when even those do not fill one
+/// wave. Splits hold at least [`SPLIT_GRANULE`] tokens and number at most [`MAX_SPLITS`].
+fn split_count(blocks_per_split: usize, capacity: usize, resident: usize) -> usize {
+    let max_splits = capacity.div_ceil(SPLIT_GRANULE).clamp(1, MAX_SPLITS);
+    let (blocks_per_split, resident) = (blocks_per_split.max(1), resident.max(1));
+    if blocks_per_split.saturating_mul(max_splits) <= resident {
+        return max_splits;
+    }
+    let fill = |splits: usize| {
+        let blocks = blocks_per_split * splits;
+        blocks as f64 / (blocks.div_ceil(resident) * resident) as f64
+    };
+    (1..=max_splits)
+        .find(|&splits| fill(splits) >= 0.9)
+        .unwrap_or_else(|| {
+            (1..=max_splits)
+                .max_by(|&a, &b| fill(a).total_cmp(&fill(b)))
+                .unwrap_or(1)
+        })
 }
 
 /// Context tokens per split for a context of `context` tokens cut into `num_splits`: the same
@@ -486,29 +634,59 @@ mod tests {
 
     #[test]
     fn splits_cover_the_context_and_fill_the_gpu() {
-        for pairs in [1, 24, 96, 511, 512, 4096] {
-            for capacity in [16, 32, 4096, 32768] {
-                let splits = split_count(pairs, capacity);
-                assert!(splits >= 1, "{pairs} {capacity}");
-                if pairs >= TARGET_BLOCKS {
-                    assert_eq!(splits, 1, "{pairs} {capacity}");
+        // An H100 with four blocks resident per SM.
+        let resident = 132 * 4;
+        for blocks in [1, 8, 24, 96, 511, 512, 528, 600, 4096] {
+            for capacity in [16, 32, 4096, 32768, 1 << 20] {
+                let splits = split_count(blocks, capacity, resident);
+                assert!((1..=MAX_SPLITS).contains(&splits), "{blocks} {capacity}");
+                assert!(
+                    splits <= capacity.div_ceil(SPLIT_GRANULE),
+                    "{blocks} {capacity}"
+                );
+                // Either every split the capacity allows, or the fewest that fill their waves.
+                let max_splits = capacity.div_ceil(SPLIT_GRANULE).min(MAX_SPLITS);
+                let fills = |s: usize| {
+                    let launched = blocks * s;
+                    launched * 10 >= launched.div_ceil(resident) * resident * 9
+                };
+                if splits < max_splits {
+                    assert!(fills(splits), "{blocks} {capacity}: {splits} splits");
+                    assert!(
+                        (1..splits).all(|s| !fills(s)),
+                        "{blocks} {capacity}: fewer than {splits} splits fill the GPU"
+                    );
                 }
                 for context in [1, 31, 32, 33, 190, 4096, 32768] {
                     if context > capacity {
                         continue;
                     }
                     let len = split_length(context, splits);
-                    assert!(len.is_multiple_of(SPLIT_GRANULE), "{pairs} {context}");
+                    assert!(len.is_multiple_of(SPLIT_GRANULE), "{blocks} {context}");
                     assert!(
                         splits * len >= context,
-                        "{pairs} {context}: {splits} x {len}"
+                        "{blocks} {context}: {splits} x {len}"
                     );
                 }
             }
         }
-        // Decode of one sequence with 24 heads: 22 splits; 190 tokens of context use 6 of them.
-        assert_eq!(split_count(24, 8192), 22);
-        assert_eq!(split_length(190, 22), 32);
-        assert_eq!(split_count(24, 64), 2);
+        // Prefill-sized batches and B64 x 8 KV heads fill the GPU without splitting.
+        assert_eq!(split_count(4096, 32768, resident), 1);
+        assert_eq!(split_count(512, 2048, resident), 1);
+        // 600 blocks would leave a second wave nearly empty: four splits make 2400 blocks, 4.5
+        // waves at 91%.
+        assert_eq!(split_count(600, 2048, resident), 4);
+        // One sequence of 32k tokens over 8 KV heads: 60 splits of 576 tokens fill one wave.
+        assert_eq!(split_count(8, 32768, resident), 60);
+        assert_eq!(split_length(32768, 60), 576);
+        // A short table cannot be split further than its 32-token pieces.
+        assert_eq!(split_count(8, 64, resident), 2);
+        assert_eq!(split_count(1, 1 << 20, resident), MAX_SPLITS);
+    }
+
+    #[test]
+    fn groups_map_to_the_compiled_widths() {
+        let widths: Vec<usize> = (1..=12).map(group_width).collect();
+        assert_eq!(widths, [1, 2, 3, 4, 8, 8, 8, 8, 8, 8, 8, 8]);
     }
 }

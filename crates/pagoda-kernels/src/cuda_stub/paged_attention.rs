@@ -9,6 +9,9 @@ use crate::{Error, Result};
 /// The largest head dimension the CUDA kernel holds.
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// The most splits the CUDA kernel cuts a context into.
+pub const MAX_SPLITS: usize = 256;
+
 /// Uninhabited: no value of the stub types can exist.
 #[derive(Clone, Copy, Debug)]
 enum Never {}
@@ -103,5 +106,29 @@ pub fn paged_attention(
     _k_pages: &Tensor,
     _v_pages: &Tensor,
 ) -> Result<Tensor> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
+
+/// Paged attention on the GPU with a given number of splits; always fails without the `cuda`
+/// feature.
+pub fn paged_attention_with_splits(
+    _q: &Tensor,
+    _layout: &DeviceBatchLayout,
+    _params: &AttentionParams,
+    _k_pages: &Tensor,
+    _v_pages: &Tensor,
+    _num_splits: usize,
+) -> Result<Tensor> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
+
+/// The splits paged attention would use on the GPU; always fails without the `cuda` feature.
+pub fn default_num_splits(
+    _q: &Tensor,
+    _layout: &DeviceBatchLayout,
+    _params: &AttentionParams,
+    _k_pages: &Tensor,
+    _v_pages: &Tensor,
+) -> Result<usize> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }

@@ -1,0 +1,286 @@
+//! Paged decode attention, f16, on the shapes of shared/BENCH.md and issue 4: B64 H24 KVH8 L2048
+//! D128 (Llama-3.2-3B's heads, 64 sequences of 2048 tokens) and B1 H32 KVH8 L32768 D128 (one
+//! 32k-token context), one query token per sequence, K/V in pages of 16 tokens whose ids are
+//! shuffled (every sequence's table scattered and non-monotonic).
+//!
+//! Decode attention must read every key and value of each context once, so its ceiling is the
+//! memory's: throughput is the K/V bytes read per call (B x L x KV heads x D x 2 tensors x 2
+//! bytes), to compare with the device-to-device copy bandwidth (read + write) measured in the same
+//! run, as benches/peers/attention_decode.py does for PyTorch SDPA on contiguous K/V. Shapes whose
+//! pages fit a few times in L2 rotate over several copies, so each call reads DRAM.
+//!
+//! After criterion's report a summary prints, per shape, the median time per call, GB/s (10^9
+//! bytes) and the fraction of the copy bandwidth, also as one JSON line each (`{"bench":
+//! "pagoda_decode", ...}`) for the peer script to compare; then the same call with every split
+//! count from 1 to the most the kernel takes, each checked against the default's output.
+
+mod common;
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use pagoda_kernels::cpu::attention::AttentionParams;
+use pagoda_kernels::cuda;
+use pagoda_kernels::cuda::paged_attention::{
+    DeviceBatchLayout, MAX_SPLITS, default_num_splits, paged_attention, paged_attention_with_splits,
+};
+use pagoda_tensor::{CudaDevice, Tensor};
+
+use common::{median_seconds, seeded_f16, time_gpu};
+
+/// A decode shape: `batch` sequences of `context` tokens, `heads` query heads over `kv_heads`.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    context: usize,
+    head_dim: usize,
+}
+
+impl Shape {
+    /// K and V bytes one call reads.
+    fn kv_bytes(&self) -> usize {
+        self.batch * self.context * self.kv_heads * self.head_dim * 2 * 2
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "B{} H{} KVH{} L{} D{}",
+            self.batch, self.heads, self.kv_heads, self.context, self.head_dim
+        )
+    }
+}
+
+const SHAPES: [Shape; 2] = [
+    Shape {
+        batch: 64,
+        heads: 24,
+        kv_heads: 8,
+        context: 2048,
+        head_dim: 128,
+    },
+    Shape {
+        batch: 1,
+        heads: 32,
+        kv_heads: 8,
+        context: 32_768,
+        head_dim: 128,
+    },
+];
+const BLOCK_SIZE: usize = 16;
+/// The page copies of one shape together cover at least this many bytes, several times L2.
+const ROTATION_BYTES: usize = 400 << 20;
+/// Bytes of the copy that measures the ceiling: large enough that L2 plays no part.
+const COPY_BYTES: usize = 1 << 30;
+const RUNS: usize = 11;
+
+/// One shape's inputs: the query rows, shuffled pages (in as many copies as the rotation needs),
+/// the layout.
+struct Inputs {
+    q: Tensor,
+    pages: Vec<(Tensor, Tensor)>,
+    next: usize,
+    layout: DeviceBatchLayout,
+    params: AttentionParams,
+}
+
+impl Inputs {
+    fn new(shape: &Shape, device: &CudaDevice) -> Inputs {
+        let Shape {
+            batch,
+            heads,
+            kv_heads,
+            context,
+            head_dim,
+        } = *shape;
+        let blocks_per_seq = context.div_ceil(BLOCK_SIZE);
+        let num_blocks = batch * blocks_per_seq;
+        // A fixed permutation, multiplication modulo num_blocks by a unit near num_blocks / phi,
+        // scatters each sequence's blocks over the whole cache in non-monotonic order.
+        let step = (num_blocks * 618 / 1000..)
+            .find(|&s| gcd(s, num_blocks) == 1)
+            .unwrap_or(1);
+        let tables: Vec<u32> = (0..num_blocks)
+            .map(|i| ((i * step) % num_blocks) as u32)
+            .collect();
+        let query_start: Vec<u32> = (0..=batch as u32).collect();
+        let context_len = vec![context as u32; batch];
+        let layout = DeviceBatchLayout::new(
+            &query_start,
+            &context_len,
+            &tables,
+            blocks_per_seq,
+            BLOCK_SIZE,
+            num_blocks,
+            device,
+        )
+        .expect("building the batch layout");
+        let page_dims = [num_blocks, BLOCK_SIZE, kv_heads, head_dim];
+        let copies = ROTATION_BYTES.div_ceil(shape.kv_bytes()).max(1) as u64;
+        let pages = (0..copies)
+            .map(|c| {
+                (
+                    seeded_f16(&page_dims, 2 + 2 * c, device),
+                    seeded_f16(&page_dims, 3 + 2 * c, device),
+                )
+            })
+            .collect();
+        Inputs {
+            q: seeded_f16(&[batch, heads, head_dim], 1, device),
+            pages,
+            next: 0,
+            layout,
+            params: AttentionParams {
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+            },
+        }
+    }
+
+    /// One call on the next copy of the pages, with `splits` splits or the default.
+    fn run(&mut self, splits: Option<usize>) -> Tensor {
+        self.next = (self.next + 1) % self.pages.len();
+        let (k, v) = &self.pages[self.next];
+        match splits {
+            Some(splits) => {
+                paged_attention_with_splits(&self.q, &self.layout, &self.params, k, v, splits)
+            }
+            None => paged_attention(&self.q, &self.layout, &self.params, k, v),
+        }
+        .expect("paged attention")
+    }
+
+    fn default_splits(&self) -> usize {
+        let (k, v) = &self.pages[0];
+        default_num_splits(&self.q, &self.layout, &self.params, k, v).expect("the default splits")
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+fn bench(c: &mut Criterion, device: &CudaDevice, inputs: &mut [Inputs]) {
+    let mut group = c.benchmark_group("cuda_paged_attention_f16");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for (shape, inputs) in SHAPES.iter().zip(inputs.iter_mut()) {
+        group.throughput(Throughput::Bytes(shape.kv_bytes() as u64));
+        group.bench_function(BenchmarkId::new("decode", shape.label()), |b| {
+            b.iter_custom(|iters| time_gpu(device, iters, || drop(black_box(inputs.run(None)))))
+        });
+    }
+    group.finish();
+}
+
+/// The largest |a - b| over the largest |b|, reading both outputs as f16.
+fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (
+        a.to_vec_f32().expect("downloading an output"),
+        b.to_vec_f32().expect("downloading an output"),
+    );
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = a.iter().zip(&b).fold(0.0f32, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() { f32::INFINITY } else { m.max(d) }
+    });
+    f64::from(worst / scale.max(f32::MIN_POSITIVE))
+}
+
+/// One measurement as the JSON line benches/peers/attention_decode.py reads.
+fn json_line(shape: &Shape, seconds: f64, copy_rate: f64, splits: usize) -> String {
+    let rate = shape.kv_bytes() as f64 / seconds / 1e9;
+    format!(
+        concat!(
+            "{{\"bench\": \"pagoda_decode\", \"B\": {}, \"H\": {}, \"KVH\": {}, \"L\": {}, \"D\": {}, ",
+            "\"ms\": {:.4}, \"gbps\": {:.0}, \"copy_gbps\": {:.0}, \"of_copy\": {:.3}, \"splits\": {}}}"
+        ),
+        shape.batch,
+        shape.heads,
+        shape.kv_heads,
+        shape.context,
+        shape.head_dim,
+        seconds * 1e3,
+        rate,
+        copy_rate,
+        rate / copy_rate,
+        splits
+    )
+}
+
+/// The per-shape table, each line also as JSON; then every split count of each shape.
+fn summary(device: &CudaDevice, inputs: &mut [Inputs]) {
+    let copy_rate = cuda::memory::copy_bandwidth(device, COPY_BYTES, RUNS).expect("copy") / 1e9;
+    println!(
+        "\npaged decode attention f16, block_size {BLOCK_SIZE}, shuffled pages (median of {RUNS} \
+         samples of 10 calls; bytes = K/V read)"
+    );
+    println!("device-to-device copy: {copy_rate:.0} GB/s (read + write)");
+    println!(
+        "{:>26} {:>7} {:>10} {:>9} {:>8} {:>10}",
+        "shape", "splits", "us", "GB/s", "of copy", "check"
+    );
+    let mut json = Vec::new();
+    for (shape, inputs) in SHAPES.iter().zip(inputs.iter_mut()) {
+        let default = inputs.default_splits();
+        let reference = inputs.run(None);
+        let base = median_seconds(device, RUNS, 10, || drop(inputs.run(None)));
+        json.push(json_line(shape, base, copy_rate, default));
+        // Powers of two up to the most splits the context has 32-token pieces for, and the
+        // default.
+        let max_splits = (shape.context / 32).min(MAX_SPLITS);
+        let mut counts: Vec<usize> = (0..usize::BITS)
+            .map(|p| 1usize << p)
+            .take_while(|&s| s <= max_splits)
+            .chain([default])
+            .collect();
+        counts.sort_unstable();
+        counts.dedup();
+        for splits in counts {
+            let (time, check) = if splits == default {
+                (base, "default".to_owned())
+            } else {
+                let difference = relative_difference(&inputs.run(Some(splits)), &reference);
+                let time = median_seconds(device, RUNS, 10, || drop(inputs.run(Some(splits))));
+                let check = if difference < 1e-2 {
+                    format!("{:.2}x", base / time)
+                } else {
+                    format!("MISMATCH {difference:.1e}")
+                };
+                (time, check)
+            };
+            let rate = shape.kv_bytes() as f64 / time / 1e9;
+            println!(
+                "{:>26} {:>7} {:>10.1} {:>9.0} {:>7.1}% {:>10}",
+                shape.label(),
+                splits,
+                time * 1e6,
+                rate,
+                100.0 * rate / copy_rate,
+                check
+            );
+        }
+    }
+    println!();
+    for line in json {
+        println!("{line}");
+    }
+}
+
+fn main() {
+    let Ok(device) = CudaDevice::get(0) else {
+        eprintln!("cuda_paged_attention: skipped: no GPU");
+        return;
+    };
+    let mut inputs: Vec<Inputs> = SHAPES.iter().map(|s| Inputs::new(s, &device)).collect();
+    let mut criterion = Criterion::default().configure_from_args();
+    bench(&mut criterion, &device, &mut inputs);
+    criterion.final_summary();
+    summary(&device, &mut inputs);
+}
