@@ -165,6 +165,31 @@ pub fn add_norm(x: &Tensor, residual: &mut Tensor, p: &NormWeights<'_>) -> Resul
     }
 }
 
+/// `residual += x`, then two norms of the new residual (LayerNorms, or RMSNorms, with the same
+/// eps): a parallel-residual block's attention and MLP inputs. One pass on the GPU for
+/// LayerNorm; otherwise [`add_norm`] and [`norm`].
+pub fn add_norm_dual(
+    x: &Tensor,
+    residual: &mut Tensor,
+    first: &NormWeights<'_>,
+    second: &NormWeights<'_>,
+) -> Result<(Tensor, Tensor)> {
+    if let (Device::Cuda(_), Some(bias), Some(bias2)) = (x.device(), first.bias, second.bias)
+        && first.eps == second.eps
+    {
+        let _timer = OpTimer::start("add_norm", x.device());
+        return cuda::norm::add_layer_norm_dual(
+            x,
+            residual,
+            (first.weight, bias),
+            (second.weight, bias2),
+            first.eps,
+        );
+    }
+    let out = add_norm(x, residual, first)?;
+    Ok((out, norm(residual, second)?))
+}
+
 fn cpu_norm(x: &[f32], hidden: usize, p: &NormWeights<'_>, out: &mut [f32]) -> Result<()> {
     let weight = p.weight.as_slice()?;
     match p.bias {

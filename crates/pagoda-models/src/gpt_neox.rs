@@ -191,23 +191,35 @@ impl Model for GptNeox {
         // runs fused with the next norm.
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let x = layer
-                .input_layernorm
-                .add_forward(pending.take(), &mut residual)?;
+            // A parallel-residual block normalises the same residual twice (attention and MLP
+            // inputs): both norms come out of one pass.
+            let (x, mlp_input) = if self.config.use_parallel_residual {
+                let (x, mlp_input) = layer.input_layernorm.add_forward_dual(
+                    &layer.post_attention_layernorm,
+                    pending.take(),
+                    &mut residual,
+                )?;
+                (x, Some(mlp_input))
+            } else {
+                let x = layer
+                    .input_layernorm
+                    .add_forward(pending.take(), &mut residual)?;
+                (x, None)
+            };
             let [q, k, v] = three(layer.qkv_proj.forward(&x)?)?;
             let attn = self.attention.forward(i, q, k, v, ctx, kv)?;
             let attn = layer.dense.forward(&attn)?;
-            if self.config.use_parallel_residual {
+            pending = Some(match mlp_input {
                 // x + attn(ln1(x)) + mlp(ln2(x))
-                let x = layer.post_attention_layernorm.forward(&residual)?;
-                pending = Some(self.mlp(layer, &x, Some(&attn))?);
-            } else {
+                Some(mlp_input) => self.mlp(layer, &mlp_input, Some(&attn))?,
                 // h = x + attn(ln1(x)); h + mlp(ln2(h))
-                let h = layer
-                    .post_attention_layernorm
-                    .add_forward(Some(attn), &mut residual)?;
-                pending = Some(self.mlp(layer, &h, None)?);
-            }
+                None => {
+                    let h = layer
+                        .post_attention_layernorm
+                        .add_forward(Some(attn), &mut residual)?;
+                    self.mlp(layer, &h, None)?
+                }
+            });
         }
         let hidden = self.final_layer_norm.add_forward(pending, &mut residual)?;
         let rows = ops::embedding(&hidden, &ctx.logits_rows)?;

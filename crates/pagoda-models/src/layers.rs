@@ -261,6 +261,25 @@ impl Norm {
         Ok(ops::norm(x, &self.weights())?)
     }
 
+    /// [`Self::add_forward`], and the new residual normalised by `second` as well (one pass
+    /// where the device can): a parallel-residual block's attention and MLP inputs.
+    pub(crate) fn add_forward_dual(
+        &self,
+        second: &Norm,
+        pending: Option<Tensor>,
+        residual: &mut Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        match pending {
+            Some(x) => Ok(ops::add_norm_dual(
+                &x,
+                residual,
+                &self.weights(),
+                &second.weights(),
+            )?),
+            None => Ok((self.forward(residual)?, second.forward(residual)?)),
+        }
+    }
+
     /// Adds the sublayer output `pending` (if any) into `residual`, then normalises it: a
     /// pre-norm transformer's residual step, fused.
     pub(crate) fn add_forward(
