@@ -332,6 +332,12 @@ __device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __res
         softmax_in_registers<T, E, CLUSTER>(x, y, rows, cols, segment);                                     \
     }
 
+// 128 values per thread only for 16-bit types: 64 registers of held words (f32 would need 128).
+#define PAGODA_SOFTMAX_WIDE(T, SUFFIX, CLUSTER, ATTRIBUTES) PAGODA_SOFTMAX_WIDE_##SUFFIX(T, CLUSTER, ATTRIBUTES)
+#define PAGODA_SOFTMAX_WIDE_f32(T, CLUSTER, ATTRIBUTES)
+#define PAGODA_SOFTMAX_WIDE_f16(T, CLUSTER, ATTRIBUTES) PAGODA_SOFTMAX_HELD(T, f16, CLUSTER, 128, ATTRIBUTES)
+#define PAGODA_SOFTMAX_WIDE_bf16(T, CLUSTER, ATTRIBUTES) PAGODA_SOFTMAX_HELD(T, bf16, CLUSTER, 128, ATTRIBUTES)
+
 #define PAGODA_SOFTMAX_NO_CLUSTER
 #define PAGODA_SOFTMAX_CLUSTER(CLUSTER) __cluster_dims__(CLUSTER, 1, 1)
 
@@ -340,6 +346,7 @@ __device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __res
     PAGODA_SOFTMAX_HELD(T, SUFFIX, 1, 16, PAGODA_SOFTMAX_NO_CLUSTER)                                          \
     PAGODA_SOFTMAX_HELD(T, SUFFIX, 1, 32, PAGODA_SOFTMAX_NO_CLUSTER)                                          \
     PAGODA_SOFTMAX_HELD(T, SUFFIX, 1, 64, PAGODA_SOFTMAX_NO_CLUSTER)                                          \
+    PAGODA_SOFTMAX_WIDE(T, SUFFIX, 1, PAGODA_SOFTMAX_NO_CLUSTER)                                              \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
         softmax_online_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,          \
                                 long long cols) {                                                             \
@@ -350,7 +357,8 @@ __device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __res
     PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 8, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                               \
     PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 16, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                              \
     PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 32, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                              \
-    PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 64, PAGODA_SOFTMAX_CLUSTER(CLUSTER))
+    PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 64, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                              \
+    PAGODA_SOFTMAX_WIDE(T, SUFFIX, CLUSTER, PAGODA_SOFTMAX_CLUSTER(CLUSTER))
 
 PAGODA_SOFTMAX_KERNELS(float, f32)
 PAGODA_SOFTMAX_KERNELS(half_t, f16)

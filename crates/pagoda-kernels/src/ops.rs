@@ -99,6 +99,38 @@ pub fn linear_with_epilogue(
     }
 }
 
+/// `x · wᵀ + bias + x2 · w2ᵀ + bias2 + addend`: two products into the same outputs (`w` `[n, k]`,
+/// `w2` `[n, k2]`, `x` `[.., k]` and `x2` `[.., k2]` with the same leading dimensions). On a
+/// GPU, decode-sized products (at most [`cuda::gemm::EPILOGUE_MAX_ROWS`] rows) run as one
+/// kernel that reads both weights in one pass; otherwise as two products, the second adding
+/// the first.
+pub fn linear_pair(
+    (x, w, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    (x2, w2, bias2): (&Tensor, &Tensor, Option<&Tensor>),
+    addend: Option<&Tensor>,
+) -> Result<Tensor> {
+    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::EPILOGUE_MAX_ROWS).contains(&rows)
+    {
+        let _timer = OpTimer::start("linear", x.device());
+        return cuda::gemm::linear_pair((x, w, bias), (x2, w2, bias2), addend);
+    }
+    let first = linear(x, w, bias)?;
+    let first = match addend {
+        Some(addend) => add(&first, addend)?,
+        None => first,
+    };
+    linear_with_epilogue(
+        x2,
+        w2,
+        bias2,
+        Epilogue {
+            activation: OutputActivation::Identity,
+            addend: Some(&first),
+        },
+    )
+}
+
 /// Rows `ids` (U32) of `table` `[rows, hidden]`: token embeddings, or any row gather.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let _timer = OpTimer::start("embedding", table.device());

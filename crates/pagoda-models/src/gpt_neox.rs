@@ -117,31 +117,25 @@ impl GptNeox {
         &self.config
     }
 
-    /// The MLP of `x`, plus `addend` when given (the attention output of a parallel-residual
-    /// block): the activation runs fused into the first product, the addition into the second.
-    fn mlp(&self, layer: &Layer, x: &Tensor, addend: Option<&Tensor>) -> Result<Tensor> {
-        let activation = match self.config.hidden_act {
-            Activation::GeluExact => OutputActivation::Gelu,
-            Activation::GeluTanh => OutputActivation::GeluTanh,
-            Activation::Silu => {
-                return Err(crate::Error::Config {
-                    path: "config.json".into(),
-                    message: "GPT-NeoX with silu is not supported".into(),
-                });
-            }
-        };
-        let h = layer.dense_h_to_4h.forward_with(
+    /// The MLP's activation, which runs fused into its first product.
+    fn mlp_activation(&self) -> Result<OutputActivation> {
+        match self.config.hidden_act {
+            Activation::GeluExact => Ok(OutputActivation::Gelu),
+            Activation::GeluTanh => Ok(OutputActivation::GeluTanh),
+            Activation::Silu => Err(crate::Error::Config {
+                path: "config.json".into(),
+                message: "GPT-NeoX with silu is not supported".into(),
+            }),
+        }
+    }
+
+    /// The MLP's hidden activations of `x`.
+    fn mlp_hidden(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        layer.dense_h_to_4h.forward_with(
             x,
             Epilogue {
-                activation,
+                activation: self.mlp_activation()?,
                 addend: None,
-            },
-        )?;
-        layer.dense_4h_to_h.forward_with(
-            &h,
-            Epilogue {
-                activation: OutputActivation::Identity,
-                addend,
             },
         )
     }
@@ -208,16 +202,23 @@ impl Model for GptNeox {
             };
             let [q, k, v] = three(layer.qkv_proj.forward(&x)?)?;
             let attn = self.attention.forward(i, q, k, v, ctx, kv)?;
-            let attn = layer.dense.forward(&attn)?;
             pending = Some(match mlp_input {
-                // x + attn(ln1(x)) + mlp(ln2(x))
-                Some(mlp_input) => self.mlp(layer, &mlp_input, Some(&attn))?,
-                // h = x + attn(ln1(x)); h + mlp(ln2(h))
+                // x + dense(attn(ln1(x))) + mlp(ln2(x)): the attention's output projection and
+                // the MLP's down projection sum into the same outputs, one pass over both.
+                Some(mlp_input) => {
+                    let h = self.mlp_hidden(layer, &mlp_input)?;
+                    layer
+                        .dense
+                        .forward_pair(&attn, &layer.dense_4h_to_h, &h, None)?
+                }
+                // h = x + dense(attn(ln1(x))); h + mlp(ln2(h))
                 None => {
+                    let attn = layer.dense.forward(&attn)?;
                     let h = layer
                         .post_attention_layernorm
                         .add_forward(Some(attn), &mut residual)?;
-                    self.mlp(layer, &h, None)?
+                    let h = self.mlp_hidden(layer, &h)?;
+                    layer.dense_4h_to_h.forward(&h)?
                 }
             });
         }

@@ -51,6 +51,22 @@ impl Linear {
             epilogue,
         )?)
     }
+
+    /// `self(x) + other(x2) + addend`, the two layers having the same outputs: one pass over
+    /// both weights where the device can ([`ops::linear_pair`]).
+    pub(crate) fn forward_pair(
+        &self,
+        x: &Tensor,
+        other: &Linear,
+        x2: &Tensor,
+        addend: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        Ok(ops::linear_pair(
+            (x, &self.weight, self.bias.as_ref()),
+            (x2, &other.weight, other.bias.as_ref()),
+            addend,
+        )?)
+    }
 }
 
 /// Several projections of the same input stored as one matrix, `[out_1 + out_2 + .., in]`.

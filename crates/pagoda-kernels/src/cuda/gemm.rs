@@ -117,6 +117,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             &device,
             x,
             w,
+            None,
             bias,
             Epilogue::default(),
             (m, n, k),
@@ -237,7 +238,85 @@ pub fn linear_with_epilogue(
     }
     let mut dims = outer.to_vec();
     dims.push(n);
-    gemv::gemv(OP, &device, x, w, bias, epilogue, (m, n, k), &dims)
+    gemv::gemv(OP, &device, x, w, None, bias, epilogue, (m, n, k), &dims)
+}
+
+/// `x [.., k] · w [n, k]ᵀ + bias + x2 [.., k2] · w2 [n, k2]ᵀ + bias2 + addend` for at most
+/// [`EPILOGUE_MAX_ROWS`] rows, in one kernel: two products into the same outputs (GPT-NeoX's
+/// attention output projection and MLP down projection, which a parallel-residual block sums)
+/// cost one pass over both weights and one launch. `x` and `x2` have the same leading
+/// dimensions; an addend has the output's shape and dtype.
+pub fn linear_pair(
+    (x, w, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    (x2, w2, bias2): (&Tensor, &Tensor, Option<&Tensor>),
+    addend: Option<&Tensor>,
+) -> Result<Tensor> {
+    const OP: &str = "linear_pair";
+    let mut tensors = vec![("x", x), ("w", w), ("x2", x2), ("w2", w2)];
+    tensors.extend(bias.map(|b| ("bias", b)));
+    tensors.extend(bias2.map(|b| ("bias2", b)));
+    tensors.extend(addend.map(|a| ("addend", a)));
+    let device = common_device(OP, &tensors)?;
+    expect_dtype(OP, "x", x, &FLOAT_DTYPES)?;
+    for (name, t) in [("w", w), ("x2", x2), ("w2", w2)] {
+        expect_same_dtype(OP, name, t, "x", x.dtype())?;
+    }
+    let [n, k] = dims_of(OP, "w", w)?;
+    let [n2, k2] = dims_of(OP, "w2", w2)?;
+    if n2 != n {
+        return Err(Error::shape(
+            OP,
+            format!("w has {n} rows but w2 {n2}: both products must have the same outputs"),
+        ));
+    }
+    let (Some((&x_k, outer)), Some((&x2_k, outer2))) =
+        (x.dims().split_last(), x2.dims().split_last())
+    else {
+        return Err(Error::shape(
+            OP,
+            "x and x2 must have at least one dimension",
+        ));
+    };
+    if x_k != k || x2_k != k2 || outer != outer2 {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "x {:?} and x2 {:?} do not match w [{n}, {k}] and w2 [{n}, {k2}]",
+                x.dims(),
+                x2.dims()
+            ),
+        ));
+    }
+    let m: usize = outer.iter().product();
+    if !(1..=EPILOGUE_MAX_ROWS).contains(&m) || n == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("takes 1..={EPILOGUE_MAX_ROWS} rows and outputs, got {m} rows, {n} outputs"),
+        ));
+    }
+    let mut dims = outer.to_vec();
+    dims.push(n);
+    let second = gemv::SecondProduct {
+        x: x2,
+        w: w2,
+        bias: bias2,
+        k: k2,
+    };
+    let epilogue = Epilogue {
+        activation: crate::ops::OutputActivation::Identity,
+        addend,
+    };
+    gemv::gemv(
+        OP,
+        &device,
+        x,
+        w,
+        Some(second),
+        bias,
+        epilogue,
+        (m, n, k),
+        &dims,
+    )
 }
 
 /// `out[i] = a[i] · b[i]` for every batch entry: `a` is `[batch, m, k]`, `b` `[batch, k, n]`,

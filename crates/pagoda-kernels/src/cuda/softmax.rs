@@ -22,8 +22,9 @@ use crate::{Error, Result};
 
 const OP: &str = "softmax_rows";
 
-/// Values per thread of the held forms (`softmax_c*_e{8,16,32,64}` in softmax.cu).
-pub const VALUES_PER_THREAD: [usize; 4] = [8, 16, 32, 64];
+/// Values per thread of the held forms (`softmax_c*_e{8,16,32,64,128}` in softmax.cu; 128 for
+/// 16-bit types only, whose words take half the registers).
+pub const VALUES_PER_THREAD: [usize; 5] = [8, 16, 32, 64, 128];
 /// Blocks per row of the held forms: one, or a cluster (`softmax_c{2,4,8}_*`, Hopper and later).
 pub const BLOCKS_PER_ROW: [usize; 4] = [1, 2, 4, 8];
 const MAX_THREADS: usize = 1024;
@@ -59,6 +60,7 @@ impl SoftmaxForm {
                 if !BLOCKS_PER_ROW.contains(&blocks)
                     || !VALUES_PER_THREAD.contains(&per_thread)
                     || per_thread < vector
+                    || per_thread * element_size > 256
                 {
                     return None;
                 }

@@ -28,3 +28,12 @@ pub fn linear_with_epilogue(
 ) -> Result<Tensor> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }
+
+/// Two decode-sized products into the same outputs; always fails without the `cuda` feature.
+pub fn linear_pair(
+    _first: (&Tensor, &Tensor, Option<&Tensor>),
+    _second: (&Tensor, &Tensor, Option<&Tensor>),
+    _addend: Option<&Tensor>,
+) -> Result<Tensor> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
