@@ -1,11 +1,11 @@
 // Row-wise softmax: y[r, :] = exp(x[r, :] - max) / sum(exp(x[r, :] - max)), f32 math for every dtype.
 //
 // Three forms, chosen by the launcher (crates/pagoda-kernels/src/cuda/softmax.rs) from the row length:
-// - softmax_row_e{8,16,32}: one thread block per row, the row held in registers (E f32 values per
-//   thread): one read and one write of the row, one exp per element.
-// - softmax_cluster{2,4} (sm_90+): a thread block cluster per row, each block holding a segment in
-//   registers; the blocks exchange their max and sum through distributed shared memory, so rows too
-//   long for one block still cost one read and one write.
+// - softmax_c1_e{8,16,32,64}: one thread block per row, the row held in registers (E values per
+//   thread, as loaded): one read and one write of the row.
+// - softmax_c{2,4,8}_e{8,16,32,64} (sm_90+): a thread block cluster per row, each block holding a
+//   segment in registers; the blocks exchange their max and sum through distributed shared memory,
+//   so rows too long for one block still cost one read and one write.
 // - softmax_online: longer rows. A running (max, sum) per thread, merged across the block, then a
 //   second pass that re-reads the row (back to front, so the most recently read part is still in
 //   L2) and writes it.
@@ -332,12 +332,6 @@ __device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __res
         softmax_in_registers<T, E, CLUSTER>(x, y, rows, cols, segment);                                     \
     }
 
-// 128 values per thread only for 16-bit types: 64 registers of held words (f32 would need 128).
-#define PAGODA_SOFTMAX_WIDE(T, SUFFIX, CLUSTER, ATTRIBUTES) PAGODA_SOFTMAX_WIDE_##SUFFIX(T, CLUSTER, ATTRIBUTES)
-#define PAGODA_SOFTMAX_WIDE_f32(T, CLUSTER, ATTRIBUTES)
-#define PAGODA_SOFTMAX_WIDE_f16(T, CLUSTER, ATTRIBUTES) PAGODA_SOFTMAX_HELD(T, f16, CLUSTER, 128, ATTRIBUTES)
-#define PAGODA_SOFTMAX_WIDE_bf16(T, CLUSTER, ATTRIBUTES) PAGODA_SOFTMAX_HELD(T, bf16, CLUSTER, 128, ATTRIBUTES)
-
 #define PAGODA_SOFTMAX_NO_CLUSTER
 #define PAGODA_SOFTMAX_CLUSTER(CLUSTER) __cluster_dims__(CLUSTER, 1, 1)
 
@@ -346,7 +340,6 @@ __device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __res
     PAGODA_SOFTMAX_HELD(T, SUFFIX, 1, 16, PAGODA_SOFTMAX_NO_CLUSTER)                                          \
     PAGODA_SOFTMAX_HELD(T, SUFFIX, 1, 32, PAGODA_SOFTMAX_NO_CLUSTER)                                          \
     PAGODA_SOFTMAX_HELD(T, SUFFIX, 1, 64, PAGODA_SOFTMAX_NO_CLUSTER)                                          \
-    PAGODA_SOFTMAX_WIDE(T, SUFFIX, 1, PAGODA_SOFTMAX_NO_CLUSTER)                                              \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
         softmax_online_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,          \
                                 long long cols) {                                                             \
@@ -357,8 +350,7 @@ __device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __res
     PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 8, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                               \
     PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 16, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                              \
     PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 32, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                              \
-    PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 64, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                              \
-    PAGODA_SOFTMAX_WIDE(T, SUFFIX, CLUSTER, PAGODA_SOFTMAX_CLUSTER(CLUSTER))
+    PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 64, PAGODA_SOFTMAX_CLUSTER(CLUSTER))
 
 PAGODA_SOFTMAX_KERNELS(float, f32)
 PAGODA_SOFTMAX_KERNELS(half_t, f16)

@@ -2,10 +2,10 @@
 //! bf16 tensors.
 //!
 //! A row is read once and written once while it fits in registers: those of one thread block up
-//! to 16384 columns, and on Hopper (compute capability 9.0+) those of a cluster of 2, 4 or 8
-//! blocks, which exchange their partial max and sum through distributed shared memory. Past what
-//! a cluster holds (or past one block before Hopper), rows take the online form: a running max and
-//! sum in one pass, then a second pass that re-reads the row, mostly from L2, and writes it.
+//! to 65536 columns, and on Hopper (compute capability 9.0+) those of a cluster of 2, 4 or 8
+//! blocks, which exchange their partial max and sum through distributed shared memory, up to
+//! 524288. Longer rows (or rows past one block before Hopper) take the online form: a running max
+//! and sum in one pass, then a second pass that re-reads the row, mostly from L2, and writes it.
 //!
 //! Which form runs is [`choose_form`]'s decision; [`softmax_rows_with`] runs any form that can hold
 //! a row, so benchmarks can time every candidate on the same input.
@@ -22,9 +22,9 @@ use crate::{Error, Result};
 
 const OP: &str = "softmax_rows";
 
-/// Values per thread of the held forms (`softmax_c*_e{8,16,32,64,128}` in softmax.cu; 128 for
-/// 16-bit types only, whose words take half the registers).
-pub const VALUES_PER_THREAD: [usize; 5] = [8, 16, 32, 64, 128];
+/// Values per thread of the held forms (`softmax_c*_e{8,16,32,64}` in softmax.cu). 128 was
+/// measured too, for 16-bit rows: at 2.5 to 7 times the time of 64, it is not compiled.
+pub const VALUES_PER_THREAD: [usize; 4] = [8, 16, 32, 64];
 /// Blocks per row of the held forms: one, or a cluster (`softmax_c{2,4,8}_*`, Hopper and later).
 pub const BLOCKS_PER_ROW: [usize; 4] = [1, 2, 4, 8];
 const MAX_THREADS: usize = 1024;
@@ -60,7 +60,6 @@ impl SoftmaxForm {
                 if !BLOCKS_PER_ROW.contains(&blocks)
                     || !VALUES_PER_THREAD.contains(&per_thread)
                     || per_thread < vector
-                    || per_thread * element_size > 256
                 {
                     return None;
                 }
@@ -88,50 +87,41 @@ impl SoftmaxForm {
 /// The form [`softmax_rows`] runs for rows of `cols` elements of `dtype`, with or without
 /// thread-block clusters (compute capability 9.0+).
 ///
-/// Held forms read a row once, so they win wherever they fit; among them the smallest footprint
-/// per block wins, because more blocks then share a multiprocessor and overlap one another's
-/// loads, reductions and stores.
+/// The rules come from timing every form on the BENCH.md shapes (benches/cuda_softmax.rs, f16,
+/// H100): held forms read a row once, so they win wherever they fit. One block per row wins
+/// while it fits, with the most values per thread that still leaves 128 threads or more: more
+/// values per thread put more loads in flight per instruction, and small blocks keep more
+/// blocks, at different phases, on each multiprocessor (4096 columns: 32 values per thread,
+/// 128 threads, 100% of the copy bandwidth; 8 values, 512 threads, 82%). Rows too long for one
+/// block take the widest cluster at 64 values per thread, the smallest blocks (128256 columns:
+/// 8 blocks of 251 threads, 58%; 2 blocks of 1002, 48%).
 pub fn choose_form(cols: usize, dtype: DType, clusters: bool) -> SoftmaxForm {
     let element_size = dtype.size_in_bytes();
-    let fits = |form: SoftmaxForm, max_threads: u32| {
-        form.geometry(cols, element_size)
-            .is_some_and(|(_, threads)| threads <= max_threads)
+    let threads = |form: SoftmaxForm| form.geometry(cols, element_size).map(|(_, t)| t);
+    let one_block = |per_thread| SoftmaxForm::Held {
+        blocks: 1,
+        per_thread,
     };
-    // One block of at most 512 threads, the fewest values per thread.
-    for per_thread in VALUES_PER_THREAD {
-        let form = SoftmaxForm::Held {
-            blocks: 1,
-            per_thread,
-        };
-        if per_thread <= 32 && fits(form, 512) {
-            return form;
-        }
+    if let Some(&per_thread) = VALUES_PER_THREAD
+        .iter()
+        .rev()
+        .find(|&&v| threads(one_block(v)).is_some_and(|t| t >= 128))
+    {
+        return one_block(per_thread);
     }
-    if clusters {
-        for blocks in [2, 4, 8] {
-            let form = SoftmaxForm::Held {
-                blocks,
-                per_thread: 32,
-            };
-            if fits(form, 512) {
-                return form;
-            }
-        }
-        let widest = SoftmaxForm::Held {
-            blocks: 8,
-            per_thread: 64,
-        };
-        if fits(widest, 1024) {
-            return widest;
-        }
-    } else {
-        let widest = SoftmaxForm::Held {
-            blocks: 1,
-            per_thread: 64,
-        };
-        if fits(widest, 1024) {
-            return widest;
-        }
+    // Rows too short to give any form 128 threads: one warp or a few.
+    if let Some(&per_thread) = VALUES_PER_THREAD
+        .iter()
+        .find(|&&v| threads(one_block(v)).is_some_and(|t| t < 128))
+    {
+        return one_block(per_thread);
+    }
+    let cluster = SoftmaxForm::Held {
+        blocks: 8,
+        per_thread: 64,
+    };
+    if clusters && threads(cluster).is_some() {
+        return cluster;
     }
     SoftmaxForm::Online { threads: 512 }
 }
@@ -270,35 +260,29 @@ mod tests {
     #[test]
     fn rows_that_fit_one_block_stay_in_its_registers() {
         assert_eq!(choose_form(1, DType::F16, true), held(1, 8));
-        assert_eq!(choose_form(4096, DType::F16, true), held(1, 8));
-        assert_eq!(choose_form(4097, DType::F16, true), held(1, 16));
-        assert_eq!(choose_form(16384, DType::F32, false), held(1, 32));
-        assert_eq!(held(1, 8).geometry(4096, 2), Some((4096, 512)));
-        assert_eq!(held(1, 16).geometry(4097, 2), Some((4097, 288)));
+        assert_eq!(choose_form(1000, DType::F16, true), held(1, 8));
+        assert_eq!(choose_form(4096, DType::F16, true), held(1, 32));
+        assert_eq!(choose_form(4097, DType::F16, true), held(1, 32));
+        assert_eq!(choose_form(32000, DType::F16, false), held(1, 64));
+        assert_eq!(choose_form(65536, DType::F32, true), held(1, 64));
+        assert_eq!(held(1, 32).geometry(4096, 2), Some((4096, 128)));
+        assert_eq!(held(1, 64).geometry(32000, 2), Some((32000, 512)));
     }
 
     #[test]
     fn longer_rows_spread_over_a_cluster_on_hopper() {
-        assert_eq!(choose_form(16385, DType::F16, true), held(2, 32));
-        assert_eq!(choose_form(32000, DType::F16, true), held(2, 32));
-        assert_eq!(choose_form(128_256, DType::F16, true), held(8, 32));
-        assert_eq!(choose_form(262_144, DType::F16, true), held(8, 64));
+        assert_eq!(choose_form(65537, DType::F16, true), held(8, 64));
+        assert_eq!(choose_form(128_256, DType::F16, true), held(8, 64));
+        assert_eq!(choose_form(524_288, DType::F16, true), held(8, 64));
+        assert_eq!(held(8, 64).geometry(128_256, 2), Some((16032, 256)));
         assert_eq!(held(2, 32).geometry(16385, 2), Some((8200, 288)));
-        assert_eq!(held(8, 32).geometry(128_256, 2), Some((16032, 512)));
     }
 
     #[test]
     fn the_longest_rows_stream_online() {
-        assert_eq!(choose_form(524_288, DType::F16, true), held(8, 64));
-        assert_eq!(
-            choose_form(524_289, DType::F16, true),
-            SoftmaxForm::Online { threads: 512 }
-        );
-        assert_eq!(choose_form(65536, DType::F16, false), held(1, 64));
-        assert_eq!(
-            choose_form(65537, DType::F16, false),
-            SoftmaxForm::Online { threads: 512 }
-        );
+        let online = SoftmaxForm::Online { threads: 512 };
+        assert_eq!(choose_form(524_289, DType::F16, true), online);
+        assert_eq!(choose_form(65537, DType::F16, false), online);
     }
 
     #[test]
