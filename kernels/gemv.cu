@@ -248,7 +248,7 @@ __device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const
                                                   const void* __restrict__ bias2, int bias2_kind,
                                                   unsigned k2, const T* __restrict__ addend, int act,
                                                   T* __restrict__ out, unsigned m, unsigned n,
-                                                  unsigned k) {
+                                                  unsigned k, unsigned block) {
     static_assert(ROWS == 2, "the gated epilogue pairs a gate row with its up row");
     __shared__ float partial[GEMV_MAX_WARPS][ROWS * GEMV_MAX_M];
     const unsigned tid = threadIdx.x;
@@ -259,7 +259,7 @@ __device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const
     // Gated: this block's output column j and its weight rows j (gate) and n + j (up).
     // Otherwise ROWS consecutive output columns; rows past n (the last block of an n that ROWS
     // does not divide) re-read row n - 1 and are not written.
-    const unsigned row0 = gated ? blockIdx.x : blockIdx.x * ROWS;
+    const unsigned row0 = gated ? block : block * ROWS;
     unsigned rows[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) rows[r] = gated ? row0 + r * n : min(row0 + r, n - 1);
@@ -339,7 +339,55 @@ PAGODA_FOR_EACH_FLOAT(GEMV_KERNEL)
         const T* __restrict__ addend, int act, T* __restrict__ out, unsigned m, unsigned n,     \
         unsigned k) {                                                                           \
         gemv_split_kernel<T, GEMV_SPLIT_ROWS, GEMV_SPLIT_BATCH, true>(                          \
-            x, w, bias, bias_kind, x2, w2, bias2, bias2_kind, k2, addend, act, out, m, n, k);   \
+            x, w, bias, bias_kind, x2, w2, bias2, bias2_kind, k2, addend, act, out, m, n, k,    \
+            blockIdx.x);                                                                        \
     }
 PAGODA_FOR_EACH_FLOAT(GEMV_SPLIT_KERNEL)
 #undef GEMV_SPLIT_KERNEL
+
+// ---------------------------------------------------------------------------------------------
+// Two independent split-form products in one launch: the first `a.blocks` blocks compute `a`,
+// the rest `b`. Two products that do not depend on each other (GPT-NeoX's QKV projection and
+// MLP up projection, whose inputs come out of one norm kernel) then share one ramp-up and one
+// drain of the GPU instead of paying each.
+// ---------------------------------------------------------------------------------------------
+
+// The arguments of gemv_split, as one struct (GemvProblem in gemv.rs, field for field).
+struct GemvProblem {
+    const void* x;
+    const void* w;
+    const void* bias;
+    const void* x2;
+    const void* w2;
+    const void* bias2;
+    const void* addend;
+    void* out;
+    int bias_kind;
+    int bias2_kind;
+    int act;
+    unsigned k2;
+    unsigned m;
+    unsigned n;
+    unsigned k;
+    // Blocks of the grid this problem takes.
+    unsigned blocks;
+};
+
+template <typename T>
+__device__ __forceinline__ void gemv_split_problem(const GemvProblem& p, unsigned block) {
+    gemv_split_kernel<T, GEMV_SPLIT_ROWS, GEMV_SPLIT_BATCH, true>(
+        static_cast<const T*>(p.x), static_cast<const T*>(p.w), p.bias, p.bias_kind,
+        static_cast<const T*>(p.x2), static_cast<const T*>(p.w2), p.bias2, p.bias2_kind, p.k2,
+        static_cast<const T*>(p.addend), p.act, static_cast<T*>(p.out), p.m, p.n, p.k, block);
+}
+
+#define GEMV_SPLIT_PAIR_KERNEL(suffix, T)                                                       \
+    extern "C" __global__ void gemv_split_pair_##suffix(GemvProblem a, GemvProblem b) {         \
+        if (blockIdx.x < a.blocks) {                                                            \
+            gemv_split_problem<T>(a, blockIdx.x);                                               \
+        } else {                                                                                \
+            gemv_split_problem<T>(b, blockIdx.x - a.blocks);                                    \
+        }                                                                                       \
+    }
+PAGODA_FOR_EACH_FLOAT(GEMV_SPLIT_PAIR_KERNEL)
+#undef GEMV_SPLIT_PAIR_KERNEL

@@ -131,6 +131,26 @@ pub fn linear_pair(
     )
 }
 
+/// One product of [`linear_side_by_side`]: `epilogue(x · wᵀ + bias)`.
+pub use crate::cuda::gemm::LinearJob;
+
+/// Two independent products, each `epilogue(x · wᵀ + bias)` as [`linear_with_epilogue`]
+/// computes it. On a GPU, when both are decode-sized (at most
+/// [`cuda::gemm::EPILOGUE_MAX_ROWS`] rows), they run in one kernel launch, so the GPU ramps up
+/// and drains once for both; otherwise one after the other.
+pub fn linear_side_by_side(a: LinearJob<'_>, b: LinearJob<'_>) -> Result<(Tensor, Tensor)> {
+    let rows = |x: &Tensor| x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    let decode = |x: &Tensor| (1..=cuda::gemm::EPILOGUE_MAX_ROWS).contains(&rows(x));
+    if matches!(a.x.device(), Device::Cuda(_)) && decode(a.x) && decode(b.x) {
+        let _timer = OpTimer::start("linear", a.x.device());
+        return cuda::gemm::linear_side_by_side(a, b);
+    }
+    Ok((
+        linear_with_epilogue(a.x, a.w, a.bias, a.epilogue)?,
+        linear_with_epilogue(b.x, b.w, b.bias, b.epilogue)?,
+    ))
+}
+
 /// Rows `ids` (U32) of `table` `[rows, hidden]`: token embeddings, or any row gather.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let _timer = OpTimer::start("embedding", table.device());

@@ -387,3 +387,77 @@ fn paired_products_match_two_products_and_a_sum() {
     assert!(cuda::gemm::linear_pair((&x, &w, None), (&x, &w7, None), None).is_err());
     assert!(cuda::gemm::linear_pair((&x, &w, None), (&x3, &w, None), None).is_err());
 }
+
+#[test]
+fn side_by_side_products_match_each_alone() {
+    let Some(device) = common::gpu_or_skip("side_by_side_products_match_each_alone") else {
+        return;
+    };
+    let mut rng = TestRng::new("side_by_side_products_match_each_alone");
+    for dtype in FLOAT_DTYPES {
+        for m in [1, 5] {
+            // (k, n) of each product: one gated, one with GELU, odd sizes on either side.
+            for ((ka, na), (kb, nb)) in [((64, 67), (64, 130)), ((67, 7), (256, 515))] {
+                let (xa, xa_host) = common::random_tensor(&mut rng, &[m, ka], dtype, 1.0, &device);
+                let (wa, wa_host) =
+                    common::random_tensor(&mut rng, &[2 * na, ka], dtype, 0.1, &device);
+                let (ba, ba_host) =
+                    common::random_tensor(&mut rng, &[2 * na], DType::F32, 1.0, &device);
+                let (xb, xb_host) = common::random_tensor(&mut rng, &[m, kb], dtype, 1.0, &device);
+                let (wb, wb_host) = common::random_tensor(&mut rng, &[nb, kb], dtype, 0.1, &device);
+                let (ab, ab_host) = common::random_tensor(&mut rng, &[m, nb], dtype, 1.0, &device);
+                let what = format!("{dtype} m {m} a ({ka}, {na}) b ({kb}, {nb})");
+                common::poison_pool(&device, m * (na + nb) * 4);
+                let a = cuda::gemm::LinearJob {
+                    x: &xa,
+                    w: &wa,
+                    bias: Some(&ba),
+                    epilogue: Epilogue {
+                        activation: OutputActivation::SiluGate,
+                        addend: None,
+                    },
+                };
+                let b = cuda::gemm::LinearJob {
+                    x: &xb,
+                    w: &wb,
+                    bias: None,
+                    epilogue: Epilogue {
+                        activation: OutputActivation::Gelu,
+                        addend: Some(&ab),
+                    },
+                };
+                let (out_a, out_b) =
+                    cuda::gemm::linear_side_by_side(a, b).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!((out_a.dims(), out_b.dims()), (&[m, na][..], &[m, nb][..]));
+                let expected_a = cpu_epilogue(
+                    (&xa_host, m, ka),
+                    (&wa_host, 2 * na),
+                    Some(&ba_host),
+                    OutputActivation::SiluGate,
+                    None,
+                );
+                let expected_b = cpu_epilogue(
+                    (&xb_host, m, kb),
+                    (&wb_host, nb),
+                    None,
+                    OutputActivation::Gelu,
+                    Some(&ab_host),
+                );
+                common::assert_close(&what, &common::download(&out_a), &expected_a, dtype);
+                common::assert_close(&what, &common::download(&out_b), &expected_b, dtype);
+            }
+        }
+    }
+    // Products in two dtypes cannot share a launch.
+    let (x16, _) = common::random_tensor(&mut rng, &[1, 16], DType::F16, 1.0, &device);
+    let (w16, _) = common::random_tensor(&mut rng, &[4, 16], DType::F16, 1.0, &device);
+    let (x32, _) = common::random_tensor(&mut rng, &[1, 16], DType::F32, 1.0, &device);
+    let (w32, _) = common::random_tensor(&mut rng, &[4, 16], DType::F32, 1.0, &device);
+    let job = |x, w| cuda::gemm::LinearJob {
+        x,
+        w,
+        bias: None,
+        epilogue: Epilogue::default(),
+    };
+    assert!(cuda::gemm::linear_side_by_side(job(&x16, &w16), job(&x32, &w32)).is_err());
+}

@@ -6,7 +6,9 @@ use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, GptNeoxConfig};
-use crate::layers::{Embedding, FusedLinear, Linear, Norm, PagedSelfAttention, three};
+use crate::layers::{
+    Embedding, FusedLinear, Linear, Norm, PagedSelfAttention, fused_and_linear, three,
+};
 use crate::weights::WeightLoader;
 use crate::{Model, ModelInfo, Result, StepInputs};
 
@@ -200,19 +202,31 @@ impl Model for GptNeox {
                     .add_forward(pending.take(), &mut residual)?;
                 (x, None)
             };
-            let [q, k, v] = three(layer.qkv_proj.forward(&x)?)?;
-            let attn = self.attention.forward(i, q, k, v, ctx, kv)?;
             pending = Some(match mlp_input {
-                // x + dense(attn(ln1(x))) + mlp(ln2(x)): the attention's output projection and
-                // the MLP's down projection sum into the same outputs, one pass over both.
+                // x + dense(attn(ln1(x))) + mlp(ln2(x)): the QKV and MLP up projections are
+                // independent (one launch for a single row), and the attention's output
+                // projection and the MLP's down projection sum into the same outputs (one pass
+                // over both).
                 Some(mlp_input) => {
-                    let h = self.mlp_hidden(layer, &mlp_input)?;
+                    let activation = Epilogue {
+                        activation: self.mlp_activation()?,
+                        addend: None,
+                    };
+                    let (qkv, h) = fused_and_linear(
+                        (&layer.qkv_proj, &x),
+                        (&layer.dense_h_to_4h, &mlp_input),
+                        activation,
+                    )?;
+                    let [q, k, v] = three(qkv)?;
+                    let attn = self.attention.forward(i, q, k, v, ctx, kv)?;
                     layer
                         .dense
                         .forward_pair(&attn, &layer.dense_4h_to_h, &h, None)?
                 }
                 // h = x + dense(attn(ln1(x))); h + mlp(ln2(h))
                 None => {
+                    let [q, k, v] = three(layer.qkv_proj.forward(&x)?)?;
+                    let attn = self.attention.forward(i, q, k, v, ctx, kv)?;
                     let attn = layer.dense.forward(&attn)?;
                     let h = layer
                         .post_attention_layernorm

@@ -3,7 +3,9 @@
 
 use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cpu::rope::RopeTable;
-use pagoda_kernels::ops::{self, Epilogue, LayerKv, NormWeights, OutputActivation, Rope};
+use pagoda_kernels::ops::{
+    self, Epilogue, LayerKv, LinearJob, NormWeights, OutputActivation, Rope,
+};
 use pagoda_kv::KvCache;
 use pagoda_tensor::{DType, Device, Tensor};
 
@@ -121,6 +123,17 @@ impl FusedLinear {
         }
     }
 
+    /// One output row of the whole matrix as one (contiguous) view per part.
+    fn split_row(&self, out: Tensor) -> Result<Vec<Tensor>> {
+        let mut parts = Vec::with_capacity(self.widths.len());
+        let mut start = 0;
+        for &width in &self.widths {
+            parts.push(out.narrow(1, start, width)?);
+            start += width;
+        }
+        Ok(parts)
+    }
+
     /// `x` `[rows, in]` through every part: one `[rows, out_i]` tensor per part.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let rows = x.dims()[0];
@@ -128,10 +141,7 @@ impl FusedLinear {
         let mut start = 0;
         if rows == 1 {
             let out = ops::linear(x, &self.weight, self.bias.as_ref())?;
-            for &width in &self.widths {
-                parts.push(out.narrow(1, start, width)?);
-                start += width;
-            }
+            return self.split_row(out);
         } else {
             for &width in &self.widths {
                 let weight = self.weight.narrow(0, start, width)?;
@@ -170,6 +180,33 @@ impl FusedLinear {
 }
 
 /// The three parts of a fused Q/K/V projection.
+/// `fused(x)` (every part) and `epilogue(other(x2))`, two independent products: for a single
+/// row, side by side in one launch where the device can ([`ops::linear_side_by_side`]).
+pub(crate) fn fused_and_linear(
+    (fused, x): (&FusedLinear, &Tensor),
+    (other, x2): (&Linear, &Tensor),
+    epilogue: Epilogue<'_>,
+) -> Result<(Vec<Tensor>, Tensor)> {
+    if x.dims().first() != Some(&1) {
+        return Ok((fused.forward(x)?, other.forward_with(x2, epilogue)?));
+    }
+    let (out, out2) = ops::linear_side_by_side(
+        LinearJob {
+            x,
+            w: &fused.weight,
+            bias: fused.bias.as_ref(),
+            epilogue: Epilogue::default(),
+        },
+        LinearJob {
+            x: x2,
+            w: &other.weight,
+            bias: other.bias.as_ref(),
+            epilogue,
+        },
+    )?;
+    Ok((fused.split_row(out)?, out2))
+}
+
 pub(crate) fn three(parts: Vec<Tensor>) -> Result<[Tensor; 3]> {
     <[Tensor; 3]>::try_from(parts)
         .map_err(|parts| Error::Batch(format!("expected Q, K and V, got {} parts", parts.len())))

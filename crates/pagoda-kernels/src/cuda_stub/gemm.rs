@@ -37,3 +37,18 @@ pub fn linear_pair(
 ) -> Result<Tensor> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }
+
+/// One decode-sized product of [`linear_side_by_side`] (see the `cuda` build).
+#[derive(Clone, Copy, Debug)]
+pub struct LinearJob<'a> {
+    pub x: &'a Tensor,
+    pub w: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub epilogue: Epilogue<'a>,
+}
+
+/// Two independent decode-sized products in one launch; always fails without the `cuda`
+/// feature.
+pub fn linear_side_by_side(_a: LinearJob<'_>, _b: LinearJob<'_>) -> Result<(Tensor, Tensor)> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
