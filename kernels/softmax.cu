@@ -155,25 +155,7 @@ __device__ __forceinline__ void unpack_word(const uint4& word, float (&out)[Pack
 // so twice as many blocks share a multiprocessor and one block's loads overlap another's
 // reductions and stores. The price is converting and exponentiating each value twice (for the
 // sum and for the output), which is arithmetic the memory-bound kernel has to spare.
-// A block's segment [start, end) of row r, as WORDS words per thread.
-template <typename T, int WORDS>
-__device__ __forceinline__ void load_segment(const T* __restrict__ x, const T* __restrict__ y,
-                                             unsigned long long r, long long cols, long long start,
-                                             long long end, uint4 (&words)[WORDS]) {
-    constexpr int V = Pack<T>::N;
-    const bool aligned = both_aligned16(x + r * cols, y + r * cols);
-#pragma unroll
-    for (int j = 0; j < WORDS; ++j) {
-        const long long base = start + (static_cast<long long>(j) * blockDim.x + threadIdx.x) * V;
-        words[j] = load_word_or_pad<T>(x + r * cols, base, end, aligned);
-    }
-}
-
-// AHEAD: the block (cluster) takes several rows in turn and loads the next one's segment before
-// reducing and storing this one's, so that its loads overlap its own stores instead of waiting
-// for another block's; the price is twice the registers. Without AHEAD, a grid of one cluster per
-// row leaves that overlap to the blocks sharing a multiprocessor.
-template <typename T, int E, int CLUSTER, bool AHEAD>
+template <typename T, int E, int CLUSTER>
 __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T* __restrict__ y,
                                                      unsigned long long rows, long long cols,
                                                      long long segment) {
@@ -190,22 +172,16 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
 #endif
     const long long start = segment * rank;
     const long long end = min(cols, start + segment);
-    const unsigned long long step = gridDim.x / CLUSTER;
-    unsigned long long r = blockIdx.x / CLUSTER;
-    uint4 words[WORDS];
-    if (AHEAD && r < rows) {
-        load_segment<T, WORDS>(x, y, r, cols, start, end, words);
-    }
-    for (; r < rows; r += step) {
+    for (unsigned long long r = blockIdx.x / CLUSTER; r < rows; r += gridDim.x / CLUSTER) {
+        const T* x_row = x + r * cols;
         T* y_row = y + r * cols;
-        const bool aligned = both_aligned16(x + r * cols, y_row);
-        uint4 next[AHEAD ? WORDS : 1];
-        if constexpr (AHEAD) {
-            if (r + step < rows) {
-                load_segment<T, WORDS>(x, y, r + step, cols, start, end, next);
-            }
-        } else {
-            load_segment<T, WORDS>(x, y, r, cols, start, end, words);
+        const bool aligned = both_aligned16(x_row, y_row);
+
+        uint4 words[WORDS];
+#pragma unroll
+        for (int j = 0; j < WORDS; ++j) {
+            const long long base = start + (static_cast<long long>(j) * blockDim.x + threadIdx.x) * V;
+            words[j] = load_word_or_pad<T>(x_row, base, end, aligned);
         }
 
         float max = NEG_INF;
@@ -268,12 +244,6 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
             }
             const long long base = start + (static_cast<long long>(j) * blockDim.x + threadIdx.x) * V;
             store_or_clip<T, V>(y_row, base, end, aligned, v);
-        }
-        if constexpr (AHEAD) {
-#pragma unroll
-            for (int j = 0; j < WORDS; ++j) {
-                words[j] = next[j];
-            }
         }
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -354,18 +324,12 @@ __device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __res
 
 // Arguments of every kernel: x and y [rows, cols] (contiguous, distinct), rows, cols, and for the
 // register forms the columns each block of a row holds (`segment`, a multiple of 16 / sizeof(T)).
-// The register forms are named softmax_c{blocks per row}_e{values per thread}, and softmax_a..
-// where a block loads its next row ahead (AHEAD).
+// The register forms are named softmax_c{blocks per row}_e{values per thread}.
 #define PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, E, ATTRIBUTES)                                              \
     extern "C" __global__ void ATTRIBUTES __launch_bounds__(MAX_THREADS)                                     \
         softmax_c##CLUSTER##_e##E##_##SUFFIX(const T* __restrict__ x, T* __restrict__ y,                    \
                                              unsigned long long rows, long long cols, long long segment) { \
-        softmax_in_registers<T, E, CLUSTER, false>(x, y, rows, cols, segment);                              \
-    }                                                                                                        \
-    extern "C" __global__ void ATTRIBUTES __launch_bounds__(MAX_THREADS)                                     \
-        softmax_a##CLUSTER##_e##E##_##SUFFIX(const T* __restrict__ x, T* __restrict__ y,                    \
-                                             unsigned long long rows, long long cols, long long segment) { \
-        softmax_in_registers<T, E, CLUSTER, true>(x, y, rows, cols, segment);                               \
+        softmax_in_registers<T, E, CLUSTER>(x, y, rows, cols, segment);                                     \
     }
 
 #define PAGODA_SOFTMAX_NO_CLUSTER

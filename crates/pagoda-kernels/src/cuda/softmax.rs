@@ -35,14 +35,6 @@ pub enum SoftmaxForm {
     /// `blocks` thread blocks per row (a cluster when more than one), each holding its segment of
     /// the row in registers, `per_thread` values per thread.
     Held { blocks: usize, per_thread: usize },
-    /// As [`SoftmaxForm::Held`], but each block (or cluster) takes `rows_per_group` rows in turn
-    /// and loads the next row's segment before reducing and storing this one's, so that its own
-    /// loads and stores overlap, at twice the registers.
-    HeldAhead {
-        blocks: usize,
-        per_thread: usize,
-        rows_per_group: usize,
-    },
     /// One block of `threads` per row, streaming it twice.
     Online { threads: u32 },
 }
@@ -52,9 +44,6 @@ impl SoftmaxForm {
     fn kernel(self) -> String {
         match self {
             SoftmaxForm::Held { blocks, per_thread } => format!("softmax_c{blocks}_e{per_thread}"),
-            SoftmaxForm::HeldAhead {
-                blocks, per_thread, ..
-            } => format!("softmax_a{blocks}_e{per_thread}"),
             SoftmaxForm::Online { .. } => "softmax_online".into(),
         }
     }
@@ -66,16 +55,6 @@ impl SoftmaxForm {
             SoftmaxForm::Online { threads } => (threads.is_multiple_of(32)
                 && (32..=1024).contains(&threads))
             .then_some((cols, threads)),
-            SoftmaxForm::HeldAhead {
-                blocks,
-                per_thread,
-                rows_per_group,
-            } => {
-                if rows_per_group == 0 {
-                    return None;
-                }
-                SoftmaxForm::Held { blocks, per_thread }.geometry(cols, element_size)
-            }
             SoftmaxForm::Held { blocks, per_thread } => {
                 let vector = 16 / element_size;
                 if !BLOCKS_PER_ROW.contains(&blocks)
@@ -99,16 +78,8 @@ impl SoftmaxForm {
 
     fn blocks(self) -> usize {
         match self {
-            SoftmaxForm::Held { blocks, .. } | SoftmaxForm::HeldAhead { blocks, .. } => blocks,
+            SoftmaxForm::Held { blocks, .. } => blocks,
             SoftmaxForm::Online { .. } => 1,
-        }
-    }
-
-    /// Rows each block (or cluster) of the grid takes in turn.
-    fn rows_per_group(self) -> usize {
-        match self {
-            SoftmaxForm::HeldAhead { rows_per_group, .. } => rows_per_group,
-            SoftmaxForm::Held { .. } | SoftmaxForm::Online { .. } => 1,
         }
     }
 }
@@ -155,9 +126,8 @@ pub fn choose_form(cols: usize, dtype: DType, clusters: bool) -> SoftmaxForm {
     SoftmaxForm::Online { threads: 512 }
 }
 
-/// Every form that can take rows of `cols` elements of `dtype`: the held ones that fit (with 32
-/// or 64 values per thread also loading ahead, over 2, 4 or 8 rows per group) and the online
-/// form at 256, 512 and 1024 threads. Cluster forms are listed only when `clusters`.
+/// Every form that can take rows of `cols` elements of `dtype`: the held ones that fit and the
+/// online form at 256, 512 and 1024 threads. Cluster forms are listed only when `clusters`.
 pub fn candidate_forms(cols: usize, dtype: DType, clusters: bool) -> Vec<SoftmaxForm> {
     let mut forms = Vec::new();
     for blocks in BLOCKS_PER_ROW {
@@ -168,13 +138,6 @@ pub fn candidate_forms(cols: usize, dtype: DType, clusters: bool) -> Vec<Softmax
             let form = SoftmaxForm::Held { blocks, per_thread };
             if form.geometry(cols, dtype.size_in_bytes()).is_some() {
                 forms.push(form);
-                if per_thread >= 32 {
-                    forms.extend([2, 4, 8].map(|rows_per_group| SoftmaxForm::HeldAhead {
-                        blocks,
-                        per_thread,
-                        rows_per_group,
-                    }));
-                }
             }
         }
     }
@@ -248,12 +211,9 @@ pub fn softmax_rows_with(x: &Tensor, form: SoftmaxForm) -> Result<Tensor> {
     let name = format!("{}_{suffix}", form.kernel());
     let kernel = function(&device, KernelModule::Softmax, &name)?;
 
-    // A grid-stride loop covers rows beyond the grid (and, loading ahead, the rows of a group);
-    // the grid is a whole number of clusters.
+    // A grid-stride loop covers rows beyond the grid limit; the grid is a whole number of clusters.
     let blocks = form.blocks();
-    let clusters = rows
-        .div_ceil(form.rows_per_group())
-        .min(i32::MAX as usize / blocks);
+    let clusters = rows.min(i32::MAX as usize / blocks);
     let config = LaunchConfig {
         grid_dim: ((clusters * blocks) as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -269,7 +229,7 @@ pub fn softmax_rows_with(x: &Tensor, form: SoftmaxForm) -> Result<Tensor> {
         .arg(out.slice_mut())
         .arg(&rows)
         .arg(&cols);
-    if !matches!(form, SoftmaxForm::Online { .. }) {
+    if let SoftmaxForm::Held { .. } = form {
         launch.arg(&segment);
     }
     // SAFETY: (x, y, rows, cols[, segment]) is the signature of every kernel of softmax.cu
@@ -351,11 +311,7 @@ mod tests {
                         let (segment, threads) =
                             form.geometry(cols, dtype.size_in_bytes()).unwrap();
                         assert!(threads.is_multiple_of(32) && threads <= 1024, "{form:?}");
-                        if let SoftmaxForm::Held { blocks, per_thread }
-                        | SoftmaxForm::HeldAhead {
-                            blocks, per_thread, ..
-                        } = form
-                        {
+                        if let SoftmaxForm::Held { blocks, per_thread } = form {
                             assert!(clusters || blocks == 1, "{form:?}");
                             assert!(segment * blocks >= cols, "{cols}: {form:?}");
                             assert!(threads as usize * per_thread >= segment, "{cols}: {form:?}");
