@@ -193,36 +193,14 @@ __device__ __forceinline__ float bias_of(const void* __restrict__ bias, int bias
     return 0.0f;
 }
 
+// acc[r][i] += the dot product of weight row w_rows[r] with row i of x (m x k, row stride k), the
+// whole block striding over k.
 template <typename T, int ROWS, int BATCH, bool STREAM>
-__device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                                                  const void* __restrict__ bias, int bias_kind,
-                                                  const T* __restrict__ addend, int act,
-                                                  T* __restrict__ out, unsigned m, unsigned n,
-                                                  unsigned k) {
-    static_assert(ROWS == 2, "the gated epilogue pairs a gate row with its up row");
-    __shared__ float partial[GEMV_MAX_WARPS][ROWS * GEMV_MAX_M];
+__device__ __forceinline__ void accumulate_split(const T* __restrict__ x, const T* __restrict__ w,
+                                                 const T* (&w_rows)[ROWS], unsigned m, unsigned k,
+                                                 float (&acc)[ROWS][GEMV_MAX_M]) {
     const unsigned tid = threadIdx.x;
     const unsigned threads = blockDim.x;
-    const unsigned lane = tid & 31;
-    const unsigned warp = tid >> 5;
-    const bool gated = act == ACT_SILU_GATE;
-    // Gated: this block's output column j and its weight rows j (gate) and n + j (up).
-    // Otherwise ROWS consecutive output columns; rows past n (the last block of an n that ROWS
-    // does not divide) re-read row n - 1 and are not written.
-    const unsigned row0 = gated ? blockIdx.x : blockIdx.x * ROWS;
-    unsigned rows[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) rows[r] = gated ? row0 + r * n : min(row0 + r, n - 1);
-    const T* w_rows[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) w_rows[r] = w + static_cast<size_t>(rows[r]) * k;
-
-    float acc[ROWS][GEMV_MAX_M];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-        for (int i = 0; i < GEMV_MAX_M; ++i) acc[r][i] = 0.0f;
-
     constexpr int P = Pack<T>::N;
     const bool vectorized = (k % P == 0) && is_aligned16(x) && is_aligned16(w);
     if (vectorized) {
@@ -261,6 +239,48 @@ __device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const
             }
         }
     }
+}
+
+template <typename T, int ROWS, int BATCH, bool STREAM>
+__device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                  const void* __restrict__ bias, int bias_kind,
+                                                  const T* __restrict__ x2, const T* __restrict__ w2,
+                                                  const void* __restrict__ bias2, int bias2_kind,
+                                                  unsigned k2, const T* __restrict__ addend, int act,
+                                                  T* __restrict__ out, unsigned m, unsigned n,
+                                                  unsigned k, unsigned block) {
+    static_assert(ROWS == 2, "the gated epilogue pairs a gate row with its up row");
+    __shared__ float partial[GEMV_MAX_WARPS][ROWS * GEMV_MAX_M];
+    const unsigned tid = threadIdx.x;
+    const unsigned threads = blockDim.x;
+    const unsigned lane = tid & 31;
+    const unsigned warp = tid >> 5;
+    const bool gated = act == ACT_SILU_GATE;
+    // Gated: this block's output column j and its weight rows j (gate) and n + j (up).
+    // Otherwise ROWS consecutive output columns; rows past n (the last block of an n that ROWS
+    // does not divide) re-read row n - 1 and are not written.
+    const unsigned row0 = gated ? block : block * ROWS;
+    unsigned rows[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) rows[r] = gated ? row0 + r * n : min(row0 + r, n - 1);
+    const T* w_rows[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) w_rows[r] = w + static_cast<size_t>(rows[r]) * k;
+
+    float acc[ROWS][GEMV_MAX_M];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int i = 0; i < GEMV_MAX_M; ++i) acc[r][i] = 0.0f;
+
+    accumulate_split<T, ROWS, BATCH, STREAM>(x, w, w_rows, m, k, acc);
+    if (k2 > 0) {
+        // The second product's weight rows are the same output columns of w2.
+        const T* w2_rows[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) w2_rows[r] = w2 + static_cast<size_t>(rows[r]) * k2;
+        accumulate_split<T, ROWS, BATCH, STREAM>(x2, w2, w2_rows, m, k2, acc);
+    }
 
     // `i < m` is the same in every lane, so whole warps take part in each shuffle.
 #pragma unroll
@@ -279,6 +299,7 @@ __device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const
         const unsigned j = row0 + r;
         if (j < n) {
             float sum = bias_of<T>(bias, bias_kind, rows[r]);
+            if (k2 > 0) sum += bias_of<T>(bias2, bias2_kind, rows[r]);
             for (unsigned v = 0; v < threads / 32; ++v) sum += partial[v][r * GEMV_MAX_M + i];
             if (gated) {
                 float up = bias_of<T>(bias, bias_kind, rows[1]);
@@ -306,15 +327,67 @@ __device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const
 PAGODA_FOR_EACH_FLOAT(GEMV_KERNEL)
 #undef GEMV_KERNEL
 
-// addend: null, or m x n values added to the outputs last. With ACT_SILU_GATE, w holds 2n rows.
+// x2, w2, bias2, k2: a second product (and its bias) summed into the first (x2 is m x k2, w2
+// n x k2), or k2 = 0.
+// addend: null, or m x n values added to the outputs last. With ACT_SILU_GATE, w holds 2n rows
+// (and k2 is 0).
 #define GEMV_SPLIT_KERNEL(suffix, T)                                                            \
     extern "C" __global__ void gemv_split_##suffix(                                             \
         const T* __restrict__ x, const T* __restrict__ w, const void* __restrict__ bias,        \
-        int bias_kind, const T* __restrict__ addend, int act, T* __restrict__ out, unsigned m,  \
-        unsigned n, unsigned k) {                                                               \
-        gemv_split_kernel<T, GEMV_SPLIT_ROWS, GEMV_SPLIT_BATCH, true>(x, w, bias, bias_kind,    \
-                                                                      addend, act, out, m, n,   \
-                                                                      k);                       \
+        int bias_kind, const T* __restrict__ x2, const T* __restrict__ w2,                      \
+        const void* __restrict__ bias2, int bias2_kind, unsigned k2,                            \
+        const T* __restrict__ addend, int act, T* __restrict__ out, unsigned m, unsigned n,     \
+        unsigned k) {                                                                           \
+        gemv_split_kernel<T, GEMV_SPLIT_ROWS, GEMV_SPLIT_BATCH, true>(                          \
+            x, w, bias, bias_kind, x2, w2, bias2, bias2_kind, k2, addend, act, out, m, n, k,    \
+            blockIdx.x);                                                                        \
     }
 PAGODA_FOR_EACH_FLOAT(GEMV_SPLIT_KERNEL)
 #undef GEMV_SPLIT_KERNEL
+
+// ---------------------------------------------------------------------------------------------
+// Two independent split-form products in one launch: the first `a.blocks` blocks compute `a`,
+// the rest `b`. Two products that do not depend on each other (GPT-NeoX's QKV projection and
+// MLP up projection, whose inputs come out of one norm kernel) then share one ramp-up and one
+// drain of the GPU instead of paying each.
+// ---------------------------------------------------------------------------------------------
+
+// The arguments of gemv_split, as one struct (GemvProblem in gemv.rs, field for field).
+struct GemvProblem {
+    const void* x;
+    const void* w;
+    const void* bias;
+    const void* x2;
+    const void* w2;
+    const void* bias2;
+    const void* addend;
+    void* out;
+    int bias_kind;
+    int bias2_kind;
+    int act;
+    unsigned k2;
+    unsigned m;
+    unsigned n;
+    unsigned k;
+    // Blocks of the grid this problem takes.
+    unsigned blocks;
+};
+
+template <typename T>
+__device__ __forceinline__ void gemv_split_problem(const GemvProblem& p, unsigned block) {
+    gemv_split_kernel<T, GEMV_SPLIT_ROWS, GEMV_SPLIT_BATCH, true>(
+        static_cast<const T*>(p.x), static_cast<const T*>(p.w), p.bias, p.bias_kind,
+        static_cast<const T*>(p.x2), static_cast<const T*>(p.w2), p.bias2, p.bias2_kind, p.k2,
+        static_cast<const T*>(p.addend), p.act, static_cast<T*>(p.out), p.m, p.n, p.k, block);
+}
+
+#define GEMV_SPLIT_PAIR_KERNEL(suffix, T)                                                       \
+    extern "C" __global__ void gemv_split_pair_##suffix(GemvProblem a, GemvProblem b) {         \
+        if (blockIdx.x < a.blocks) {                                                            \
+            gemv_split_problem<T>(a, blockIdx.x);                                               \
+        } else {                                                                                \
+            gemv_split_problem<T>(b, blockIdx.x - a.blocks);                                    \
+        }                                                                                       \
+    }
+PAGODA_FOR_EACH_FLOAT(GEMV_SPLIT_PAIR_KERNEL)
+#undef GEMV_SPLIT_PAIR_KERNEL

@@ -69,9 +69,14 @@ __device__ __forceinline__ void write_normalised(float (&v)[V], const W* __restr
 // must be a multiple of V. Thread t owns chunks t, t + blockDim.x, ...; the first
 // CACHED_CHUNKS of them stay in registers, the rest are re-read by later passes (each thread
 // re-reads only what it wrote itself, so the residual needs no barrier).
-template <int V, bool ADD, bool CENTER, typename T, typename W>
+//
+// With DUAL, the row is also normalised with a second weight and bias into out2: the two norms a
+// parallel-residual block (GPT-NeoX) takes of the same residual, from one pass.
+template <int V, bool ADD, bool CENTER, bool DUAL = false, typename T, typename W>
 __device__ void norm_row(const T* __restrict__ x, T* __restrict__ residual, const W* __restrict__ weight,
-                         const W* __restrict__ bias, T* __restrict__ out, unsigned hidden, float eps) {
+                         const W* __restrict__ bias, T* __restrict__ out, unsigned hidden, float eps,
+                         const W* __restrict__ weight2 = nullptr, const W* __restrict__ bias2 = nullptr,
+                         T* __restrict__ out2 = nullptr) {
     const unsigned chunks = hidden / V;
     const unsigned uncached = threadIdx.x + CACHED_CHUNKS * blockDim.x;
     const float inv_hidden = 1.0f / static_cast<float>(hidden);
@@ -116,12 +121,26 @@ __device__ void norm_row(const T* __restrict__ x, T* __restrict__ residual, cons
 #pragma unroll
     for (int j = 0; j < CACHED_CHUNKS; ++j) {
         const unsigned c = threadIdx.x + j * blockDim.x;
-        if (c < chunks) write_normalised<V, CENTER>(cache[j], weight, bias, out, c * V, mean, inv_std);
+        if (c < chunks) {
+            float copy[V];
+            if constexpr (DUAL) {
+#pragma unroll
+                for (int k = 0; k < V; ++k) copy[k] = cache[j][k];
+            }
+            write_normalised<V, CENTER>(cache[j], weight, bias, out, c * V, mean, inv_std);
+            if constexpr (DUAL) write_normalised<V, CENTER>(copy, weight2, bias2, out2, c * V, mean, inv_std);
+        }
     }
     for (unsigned c = uncached; c < chunks; c += blockDim.x) {
         float v[V];
         load_vec<V>(src + c * V, v);
+        float copy[V];
+        if constexpr (DUAL) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) copy[k] = v[k];
+        }
         write_normalised<V, CENTER>(v, weight, bias, out, c * V, mean, inv_std);
+        if constexpr (DUAL) write_normalised<V, CENTER>(copy, weight2, bias2, out2, c * V, mean, inv_std);
     }
 }
 
@@ -143,6 +162,26 @@ __device__ void norm(const T* x, T* residual, const W* weight, const W* bias, T*
     }
 }
 
+// residual += x, then out = layer_norm(residual, weight, bias) and out2 = layer_norm(residual,
+// weight2, bias2) with the same eps, in one pass.
+template <typename T, typename W>
+__device__ void add_layer_norm_dual(const T* x, T* residual, const W* weight, const W* bias, T* out,
+                                    const W* weight2, const W* bias2, T* out2, unsigned hidden, float eps) {
+    const unsigned long long offset = static_cast<unsigned long long>(blockIdx.x) * hidden;
+    x += offset;
+    residual += offset;
+    out += offset;
+    out2 += offset;
+    const bool vectorised = hidden % VEC_WIDTH == 0 && is_aligned16(x) && is_aligned16(residual) &&
+                            is_aligned16(out) && is_aligned16(out2) && is_aligned16(weight) &&
+                            is_aligned16(bias) && is_aligned16(weight2) && is_aligned16(bias2);
+    if (vectorised) {
+        norm_row<VEC_WIDTH, true, true, true>(x, residual, weight, bias, out, hidden, eps, weight2, bias2, out2);
+    } else {
+        norm_row<1, true, true, true>(x, residual, weight, bias, out, hidden, eps, weight2, bias2, out2);
+    }
+}
+
 #define NORM_KERNELS(XS, T, WS, W)                                                                    \
     extern "C" __global__ void rms_norm_##XS##_##WS(const T* x, const W* weight, T* out,              \
                                                     unsigned hidden, float eps) {                      \
@@ -160,6 +199,11 @@ __device__ void norm(const T* x, T* residual, const W* weight, const W* bias, T*
                                                           const W* bias, T* out, unsigned hidden,      \
                                                           float eps) {                                 \
         norm<true, true, T, W>(x, residual, weight, bias, out, hidden, eps);                           \
+    }                                                                                                  \
+    extern "C" __global__ void add_layer_norm_dual_##XS##_##WS(                                       \
+        const T* x, T* residual, const W* weight, const W* bias, T* out, const W* weight2,            \
+        const W* bias2, T* out2, unsigned hidden, float eps) {                                         \
+        add_layer_norm_dual<T, W>(x, residual, weight, bias, out, weight2, bias2, out2, hidden, eps);  \
     }
 
 NORM_KERNELS(f32, float, f32, float)

@@ -1,11 +1,11 @@
 // Row-wise softmax: y[r, :] = exp(x[r, :] - max) / sum(exp(x[r, :] - max)), f32 math for every dtype.
 //
 // Three forms, chosen by the launcher (crates/pagoda-kernels/src/cuda/softmax.rs) from the row length:
-// - softmax_row_e{8,16,32}: one thread block per row, the row held in registers (E f32 values per
-//   thread): one read and one write of the row, one exp per element.
-// - softmax_cluster{2,4} (sm_90+): a thread block cluster per row, each block holding a segment in
-//   registers; the blocks exchange their max and sum through distributed shared memory, so rows too
-//   long for one block still cost one read and one write.
+// - softmax_c1_e{8,16,32,64}: one thread block per row, the row held in registers (E values per
+//   thread, as loaded): one read and one write of the row.
+// - softmax_c{2,4,8}_e{8,16,32,64} (sm_90+): a thread block cluster per row, each block holding a
+//   segment in registers; the blocks exchange their max and sum through distributed shared memory,
+//   so rows too long for one block still cost one read and one write.
 // - softmax_online: longer rows. A running (max, sum) per thread, merged across the block, then a
 //   second pass that re-reads the row (back to front, so the most recently read part is still in
 //   L2) and writes it.
@@ -119,17 +119,49 @@ __device__ __forceinline__ float load_from_cluster_block(const float* local, uns
 }
 #endif
 
+// One 16-byte word of a row, loaded as is, or element by element (padding with -inf past `end`)
+// where the word is not fully inside the row or the row is not 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ uint4 load_word_or_pad(const T* __restrict__ row, long long base, long long end,
+                                                  bool aligned) {
+    constexpr int V = Pack<T>::N;
+    if (aligned && base + V <= end) {
+        return *reinterpret_cast<const uint4*>(row + base);
+    }
+    uint4 word;
+    T* elements = reinterpret_cast<T*>(&word);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+        elements[e] = base + e < end ? row[base + e] : from_float<T>(NEG_INF);
+    }
+    return word;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack_word(const uint4& word, float (&out)[Pack<T>::N]) {
+    const T* elements = reinterpret_cast<const T*>(&word);
+#pragma unroll
+    for (int e = 0; e < Pack<T>::N; ++e) {
+        out[e] = to_float(elements[e]);
+    }
+}
+
 // Softmax of rows held in registers: CLUSTER blocks per row, each holding `segment` columns (a
 // multiple of the 16-byte vector width, so every segment starts aligned when the row does) as
-// E values per thread. Vector slot j of thread t is vector j * blockDim.x + t of the segment, so
-// each load instruction of a warp covers 512 contiguous bytes.
+// E values per thread. Word j of thread t is word j * blockDim.x + t of the segment, so each load
+// instruction of a warp covers 512 contiguous bytes.
+//
+// The values stay in registers as loaded, not as f32: a 16-bit row then takes half the registers,
+// so twice as many blocks share a multiprocessor and one block's loads overlap another's
+// reductions and stores. The price is converting and exponentiating each value twice (for the
+// sum and for the output), which is arithmetic the memory-bound kernel has to spare.
 template <typename T, int E, int CLUSTER>
 __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T* __restrict__ y,
                                                      unsigned long long rows, long long cols,
                                                      long long segment) {
     constexpr int V = Pack<T>::N;
-    static_assert(E % V == 0, "elements per thread must be whole 16-byte vectors");
-    constexpr int SLOTS = E / V;
+    static_assert(E % V == 0, "elements per thread must be whole 16-byte words");
+    constexpr int WORDS = E / V;
     unsigned rank = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     __shared__ float cluster_max;
@@ -145,19 +177,21 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
         T* y_row = y + r * cols;
         const bool aligned = both_aligned16(x_row, y_row);
 
-        float v[SLOTS][V];
+        uint4 words[WORDS];
 #pragma unroll
-        for (int j = 0; j < SLOTS; ++j) {
+        for (int j = 0; j < WORDS; ++j) {
             const long long base = start + (static_cast<long long>(j) * blockDim.x + threadIdx.x) * V;
-            load_or_pad<T, V>(x_row, base, end, aligned, v[j]);
+            words[j] = load_word_or_pad<T>(x_row, base, end, aligned);
         }
 
         float max = NEG_INF;
 #pragma unroll
-        for (int j = 0; j < SLOTS; ++j) {
+        for (int j = 0; j < WORDS; ++j) {
+            float v[V];
+            unpack_word<T>(words[j], v);
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                max = fmaxf(max, v[j][e]);
+                max = fmaxf(max, v[e]);
             }
         }
         max = block_max(max);
@@ -176,11 +210,12 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
 
         float sum = 0.0f;
 #pragma unroll
-        for (int j = 0; j < SLOTS; ++j) {
+        for (int j = 0; j < WORDS; ++j) {
+            float v[V];
+            unpack_word<T>(words[j], v);
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                v[j][e] = expf(v[j][e] - max);
-                sum += v[j][e];
+                sum += expf(v[e] - max);
             }
         }
         sum = block_sum(sum);
@@ -200,13 +235,15 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
 
         const float inv_sum = 1.0f / sum;
 #pragma unroll
-        for (int j = 0; j < SLOTS; ++j) {
+        for (int j = 0; j < WORDS; ++j) {
+            float v[V];
+            unpack_word<T>(words[j], v);
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                v[j][e] *= inv_sum;
+                v[e] = expf(v[e] - max) * inv_sum;
             }
             const long long base = start + (static_cast<long long>(j) * blockDim.x + threadIdx.x) * V;
-            store_or_clip<T, V>(y_row, base, end, aligned, v[j]);
+            store_or_clip<T, V>(y_row, base, end, aligned, v);
         }
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -287,34 +324,33 @@ __device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __res
 
 // Arguments of every kernel: x and y [rows, cols] (contiguous, distinct), rows, cols, and for the
 // register forms the columns each block of a row holds (`segment`, a multiple of 16 / sizeof(T)).
+// The register forms are named softmax_c{blocks per row}_e{values per thread}.
+#define PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, E, ATTRIBUTES)                                              \
+    extern "C" __global__ void ATTRIBUTES __launch_bounds__(MAX_THREADS)                                     \
+        softmax_c##CLUSTER##_e##E##_##SUFFIX(const T* __restrict__ x, T* __restrict__ y,                    \
+                                             unsigned long long rows, long long cols, long long segment) { \
+        softmax_in_registers<T, E, CLUSTER>(x, y, rows, cols, segment);                                     \
+    }
+
+#define PAGODA_SOFTMAX_NO_CLUSTER
+#define PAGODA_SOFTMAX_CLUSTER(CLUSTER) __cluster_dims__(CLUSTER, 1, 1)
+
 #define PAGODA_SOFTMAX_KERNELS(T, SUFFIX)                                                                     \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
-        softmax_row_e8_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,          \
-                                long long cols, long long segment) {                                          \
-        softmax_in_registers<T, 8, 1>(x, y, rows, cols, segment);                                             \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
-        softmax_row_e16_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,         \
-                                 long long cols, long long segment) {                                         \
-        softmax_in_registers<T, 16, 1>(x, y, rows, cols, segment);                                            \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
-        softmax_row_e32_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,         \
-                                 long long cols, long long segment) {                                         \
-        softmax_in_registers<T, 32, 1>(x, y, rows, cols, segment);                                            \
-    }                                                                                                         \
+    PAGODA_SOFTMAX_HELD(T, SUFFIX, 1, 8, PAGODA_SOFTMAX_NO_CLUSTER)                                           \
+    PAGODA_SOFTMAX_HELD(T, SUFFIX, 1, 16, PAGODA_SOFTMAX_NO_CLUSTER)                                          \
+    PAGODA_SOFTMAX_HELD(T, SUFFIX, 1, 32, PAGODA_SOFTMAX_NO_CLUSTER)                                          \
+    PAGODA_SOFTMAX_HELD(T, SUFFIX, 1, 64, PAGODA_SOFTMAX_NO_CLUSTER)                                          \
     extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                                 \
         softmax_online_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, unsigned long long rows,          \
                                 long long cols) {                                                             \
         softmax_online<T>(x, y, rows, cols);                                                                  \
     }
 
-#define PAGODA_SOFTMAX_CLUSTER_KERNEL(T, SUFFIX, CLUSTER)                                                     \
-    extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(MAX_THREADS)                 \
-        softmax_cluster##CLUSTER##_##SUFFIX(const T* __restrict__ x, T* __restrict__ y,                       \
-                                            unsigned long long rows, long long cols, long long segment) {     \
-        softmax_in_registers<T, 32, CLUSTER>(x, y, rows, cols, segment);                                      \
-    }
+#define PAGODA_SOFTMAX_CLUSTER_KERNELS(T, SUFFIX, CLUSTER)                                                    \
+    PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 8, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                               \
+    PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 16, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                              \
+    PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 32, PAGODA_SOFTMAX_CLUSTER(CLUSTER))                              \
+    PAGODA_SOFTMAX_HELD(T, SUFFIX, CLUSTER, 64, PAGODA_SOFTMAX_CLUSTER(CLUSTER))
 
 PAGODA_SOFTMAX_KERNELS(float, f32)
 PAGODA_SOFTMAX_KERNELS(half_t, f16)
@@ -322,10 +358,13 @@ PAGODA_SOFTMAX_KERNELS(bf16_t, bf16)
 
 // Clusters exist from sm_90 on; the launcher asks for these kernels only there.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-PAGODA_SOFTMAX_CLUSTER_KERNEL(float, f32, 2)
-PAGODA_SOFTMAX_CLUSTER_KERNEL(float, f32, 4)
-PAGODA_SOFTMAX_CLUSTER_KERNEL(half_t, f16, 2)
-PAGODA_SOFTMAX_CLUSTER_KERNEL(half_t, f16, 4)
-PAGODA_SOFTMAX_CLUSTER_KERNEL(bf16_t, bf16, 2)
-PAGODA_SOFTMAX_CLUSTER_KERNEL(bf16_t, bf16, 4)
+PAGODA_SOFTMAX_CLUSTER_KERNELS(float, f32, 2)
+PAGODA_SOFTMAX_CLUSTER_KERNELS(float, f32, 4)
+PAGODA_SOFTMAX_CLUSTER_KERNELS(float, f32, 8)
+PAGODA_SOFTMAX_CLUSTER_KERNELS(half_t, f16, 2)
+PAGODA_SOFTMAX_CLUSTER_KERNELS(half_t, f16, 4)
+PAGODA_SOFTMAX_CLUSTER_KERNELS(half_t, f16, 8)
+PAGODA_SOFTMAX_CLUSTER_KERNELS(bf16_t, bf16, 2)
+PAGODA_SOFTMAX_CLUSTER_KERNELS(bf16_t, bf16, 4)
+PAGODA_SOFTMAX_CLUSTER_KERNELS(bf16_t, bf16, 8)
 #endif

@@ -173,12 +173,21 @@ fn launch_form(device: &CudaDevice, form: &Form, x: &Tensor, w: &Tensor, y: &mut
         .arg(device_slice(w))
         .arg(device_slice(x))
         .arg(&no_bias);
+    // No second product (k2 = 0: x2, w2 and bias2 are unread, x and w stand in for them).
+    let no_second_k = 0u32;
     if !form.per_warp {
-        launch.arg(&no_addend).arg(&identity);
+        launch
+            .arg(device_slice(x))
+            .arg(device_slice(w))
+            .arg(device_slice(x))
+            .arg(&no_bias)
+            .arg(&no_second_k)
+            .arg(&no_addend)
+            .arg(&identity);
     }
     launch.arg(y.slice_mut()).arg(&m).arg(&n).arg(&k);
     // SAFETY: (x, w, bias, bias_kind, out, m, n, k) is gemv's signature and gemv_split's has
-    // (addend, act) after bias_kind; x holds m x k, w n x k and y m x n f16 values, the bias is
+    // (x2, w2, bias2, bias2_kind, k2, addend, act) after bias_kind; x holds m x k, w n x k and y m x n f16 values, the bias is
     // unread with bias_kind 0, the addend null, and the grid covers the n columns at the form's
     // rows per block (or per warp) with at most 256 threads.
     unsafe { launch.launch(config) }.unwrap_or_else(|e| panic!("launching {name}: {e}"));

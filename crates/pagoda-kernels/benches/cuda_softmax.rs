@@ -5,10 +5,10 @@
 //! Throughput is those bytes (read + write) per second. Each criterion sample times many calls
 //! between two device synchronisations. After criterion's report a summary prints, per shape, the
 //! median time per call, GB/s (10^9 bytes) and the fraction of the copy bandwidth measured in the
-//! same run; then every form of the kernel that can take the shape (one block per row with 8, 16
-//! or 32 values per thread, clusters of 2 or 4 blocks, the online form) is launched directly
-//! with its own geometry, checked against `softmax_rows`' output and timed, to show which form
-//! suits which row length.
+//! same run; then every form of the kernel that can take the shape (`candidate_forms`: one block
+//! or a cluster of 2, 4 or 8 blocks per row holding 8 to 64 values per thread, and the online
+//! form) runs through `softmax_rows_with`, checked against `softmax_rows`' output and timed, to
+//! show which form suits which row length.
 
 mod common;
 
@@ -18,11 +18,10 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use half::f16;
 use pagoda_kernels::cuda;
-use pagoda_kernels::cuda::registry::{KernelModule, function};
-use pagoda_tensor::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use pagoda_tensor::{CudaDevice, CudaStorage, DType, Device, Tensor};
+use pagoda_tensor::cudarc::driver::CudaSlice;
+use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
 
-use common::{device_slice, median_seconds, time_gpu};
+use common::{median_seconds, time_gpu};
 
 const SHAPES: [(usize, usize); 3] = [(131_072, 4096), (4096, 32_000), (256, 128_256)];
 /// Bytes of the copy that measures the ceiling: large enough that L2 (50 MB) plays no part.
@@ -130,107 +129,17 @@ fn summary(device: &CudaDevice, copies: &mut CopyBuffers) -> f64 {
     copy_rate
 }
 
-/// One way to run a shape: a kernel of softmax.cu with its launch geometry.
-#[derive(Debug)]
-struct Form {
-    kernel: &'static str,
-    /// Blocks per row.
-    cluster: usize,
-    /// Values each thread holds in registers; 0 for the online form, which streams the row.
-    per_thread: usize,
-    threads: u32,
-}
-
-impl Form {
-    /// Columns each block of a row holds: a whole number of 16-byte vectors of f16.
-    fn segment(&self, cols: usize) -> usize {
-        if self.cluster == 1 {
-            cols
-        } else {
-            cols.div_ceil(self.cluster).next_multiple_of(8)
-        }
-    }
-}
-
-/// Every form of the kernel that can hold an f16 row of `cols`, each with the fewest whole warps
-/// that cover its segment; the online form at three block sizes.
-fn forms(cols: usize) -> Vec<Form> {
-    let mut forms = Vec::new();
-    let held = [
-        ("softmax_row_e8", 1, 8),
-        ("softmax_row_e16", 1, 16),
-        ("softmax_row_e32", 1, 32),
-        ("softmax_cluster2", 2, 32),
-        ("softmax_cluster4", 4, 32),
-    ];
-    for (kernel, cluster, per_thread) in held {
-        let mut form = Form {
-            kernel,
-            cluster,
-            per_thread,
-            threads: 0,
-        };
-        let vectors = form.segment(cols).div_ceil(8);
-        let threads = vectors.div_ceil(per_thread / 8).next_multiple_of(32);
-        if threads <= 1024 {
-            form.threads = threads as u32;
-            forms.push(form);
-        }
-    }
-    for threads in [256, 512, 1024] {
-        forms.push(Form {
-            kernel: "softmax_online",
-            cluster: 1,
-            per_thread: 0,
-            threads,
-        });
-    }
-    forms
-}
-
-fn launch_form(
-    device: &CudaDevice,
-    form: &Form,
-    x: &Tensor,
-    y: &mut CudaStorage,
-    rows: usize,
-    cols: usize,
-) {
-    let name = format!("{}_f16", form.kernel);
-    let kernel = function(device, KernelModule::Softmax, &name).expect("loading a softmax kernel");
-    let clusters = rows.min(i32::MAX as usize / form.cluster);
-    let config = LaunchConfig {
-        grid_dim: ((clusters * form.cluster) as u32, 1, 1),
-        block_dim: (form.threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (rows, cols_arg, segment) = (rows as u64, cols as i64, form.segment(cols) as i64);
-    let stream = device.stream();
-    let mut launch = stream.launch_builder(&kernel);
-    launch
-        .arg(device_slice(x))
-        .arg(y.slice_mut())
-        .arg(&rows)
-        .arg(&cols_arg);
-    if form.per_thread > 0 {
-        launch.arg(&segment);
-    }
-    // SAFETY: as in `cuda::softmax`: (x, y, rows, cols[, segment]) is the kernels' signature, x
-    // and y hold rows x cols f16 values, the block is whole warps covering the segment, and the
-    // grid is a whole number of clusters.
-    unsafe { launch.launch(config) }.unwrap_or_else(|e| panic!("launching {name}: {e}"));
-}
-
 /// Times every form on every shape and checks each one's output against `softmax_rows`'.
 fn sweep(device: &CudaDevice, copy_rate: f64) {
     const RUNS: usize = 11;
     /// Rows compared per shape: enough to cover every block of a wave, cheap to download.
     const CHECKED_ELEMENTS: usize = 1 << 22;
-    println!("\nevery form, launched directly into a preallocated output (no allocation per call)");
+    println!("\nevery form that can hold the shape, through softmax_rows_with");
     println!(
-        "{:>12} {:>18} {:>7} {:>8} {:>10} {:>10} {:>8} {:>10}",
-        "rows x cols", "kernel", "blocks", "threads", "ms", "GB/s", "of copy", "check"
+        "{:>12} {:>34} {:>10} {:>10} {:>8} {:>10}",
+        "rows x cols", "form", "ms", "GB/s", "of copy", "check"
     );
+    let clusters = cuda::softmax::clusters_available(device).expect("compute capability");
     for (rows, cols) in SHAPES {
         let x = logits(rows, cols, device);
         let checked_rows = (CHECKED_ELEMENTS / cols).clamp(1, rows);
@@ -238,19 +147,17 @@ fn sweep(device: &CudaDevice, copy_rate: f64) {
             .and_then(|y| Ok(y.narrow(0, 0, checked_rows)?.to_vec_f32()?))
             .expect("the reference softmax");
         let reference_max = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        for form in forms(cols) {
-            let mut y =
-                CudaStorage::zeros(device, DType::F16, rows * cols).expect("allocating an output");
-            let seconds = median_seconds(device, RUNS, 10, || {
-                launch_form(device, &form, &x, &mut y, rows, cols)
-            });
-            let bytes = y
-                .to_host_bytes(0..checked_rows * cols)
+        for form in cuda::softmax::candidate_forms(cols, DType::F16, clusters) {
+            let run = || cuda::softmax::softmax_rows_with(&x, form).expect("softmax");
+            let seconds = median_seconds(device, RUNS, 10, || drop(run()));
+            let output = run()
+                .narrow(0, 0, checked_rows)
+                .and_then(|y| y.to_vec_f32())
                 .expect("downloading an output");
-            let worst = bytes
-                .chunks_exact(2)
+            let worst = output
+                .iter()
                 .zip(&reference)
-                .map(|(b, r)| (f16::from_le_bytes([b[0], b[1]]).to_f32() - r).abs())
+                .map(|(y, r)| (y - r).abs())
                 .fold(
                     0.0f32,
                     |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
@@ -262,11 +169,9 @@ fn sweep(device: &CudaDevice, copy_rate: f64) {
             };
             let rate = (2 * rows * cols * 2) as f64 / seconds / 1e9;
             println!(
-                "{:>12} {:>18} {:>7} {:>8} {:>10.3} {:>10.0} {:>7.1}% {:>10}",
+                "{:>12} {:>34} {:>10.3} {:>10.0} {:>7.1}% {:>10}",
                 format!("{rows}x{cols}"),
-                form.kernel,
-                form.cluster,
-                form.threads,
+                format!("{form:?}"),
                 seconds * 1e3,
                 rate,
                 100.0 * rate / copy_rate,

@@ -99,6 +99,58 @@ pub fn linear_with_epilogue(
     }
 }
 
+/// `x · wᵀ + bias + x2 · w2ᵀ + bias2 + addend`: two products into the same outputs (`w` `[n, k]`,
+/// `w2` `[n, k2]`, `x` `[.., k]` and `x2` `[.., k2]` with the same leading dimensions). On a
+/// GPU, decode-sized products (at most [`cuda::gemm::EPILOGUE_MAX_ROWS`] rows) run as one
+/// kernel that reads both weights in one pass; otherwise as two products, the second adding
+/// the first.
+pub fn linear_pair(
+    (x, w, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    (x2, w2, bias2): (&Tensor, &Tensor, Option<&Tensor>),
+    addend: Option<&Tensor>,
+) -> Result<Tensor> {
+    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::EPILOGUE_MAX_ROWS).contains(&rows)
+    {
+        let _timer = OpTimer::start("linear", x.device());
+        return cuda::gemm::linear_pair((x, w, bias), (x2, w2, bias2), addend);
+    }
+    let first = linear(x, w, bias)?;
+    let first = match addend {
+        Some(addend) => add(&first, addend)?,
+        None => first,
+    };
+    linear_with_epilogue(
+        x2,
+        w2,
+        bias2,
+        Epilogue {
+            activation: OutputActivation::Identity,
+            addend: Some(&first),
+        },
+    )
+}
+
+/// One product of [`linear_side_by_side`]: `epilogue(x · wᵀ + bias)`.
+pub use crate::cuda::gemm::LinearJob;
+
+/// Two independent products, each `epilogue(x · wᵀ + bias)` as [`linear_with_epilogue`]
+/// computes it. On a GPU, when both are decode-sized (at most
+/// [`cuda::gemm::EPILOGUE_MAX_ROWS`] rows), they run in one kernel launch, so the GPU ramps up
+/// and drains once for both; otherwise one after the other.
+pub fn linear_side_by_side(a: LinearJob<'_>, b: LinearJob<'_>) -> Result<(Tensor, Tensor)> {
+    let rows = |x: &Tensor| x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    let decode = |x: &Tensor| (1..=cuda::gemm::EPILOGUE_MAX_ROWS).contains(&rows(x));
+    if matches!(a.x.device(), Device::Cuda(_)) && decode(a.x) && decode(b.x) {
+        let _timer = OpTimer::start("linear", a.x.device());
+        return cuda::gemm::linear_side_by_side(a, b);
+    }
+    Ok((
+        linear_with_epilogue(a.x, a.w, a.bias, a.epilogue)?,
+        linear_with_epilogue(b.x, b.w, b.bias, b.epilogue)?,
+    ))
+}
+
 /// Rows `ids` (U32) of `table` `[rows, hidden]`: token embeddings, or any row gather.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let _timer = OpTimer::start("embedding", table.device());
@@ -163,6 +215,31 @@ pub fn add_norm(x: &Tensor, residual: &mut Tensor, p: &NormWeights<'_>) -> Resul
             None => cuda::norm::add_rms_norm(x, residual, p.weight, p.eps),
         },
     }
+}
+
+/// `residual += x`, then two norms of the new residual (LayerNorms, or RMSNorms, with the same
+/// eps): a parallel-residual block's attention and MLP inputs. One pass on the GPU for
+/// LayerNorm; otherwise [`add_norm`] and [`norm`].
+pub fn add_norm_dual(
+    x: &Tensor,
+    residual: &mut Tensor,
+    first: &NormWeights<'_>,
+    second: &NormWeights<'_>,
+) -> Result<(Tensor, Tensor)> {
+    if let (Device::Cuda(_), Some(bias), Some(bias2)) = (x.device(), first.bias, second.bias)
+        && first.eps == second.eps
+    {
+        let _timer = OpTimer::start("add_norm", x.device());
+        return cuda::norm::add_layer_norm_dual(
+            x,
+            residual,
+            (first.weight, bias),
+            (second.weight, bias2),
+            first.eps,
+        );
+    }
+    let out = add_norm(x, residual, first)?;
+    Ok((out, norm(residual, second)?))
 }
 
 fn cpu_norm(x: &[f32], hidden: usize, p: &NormWeights<'_>, out: &mut [f32]) -> Result<()> {

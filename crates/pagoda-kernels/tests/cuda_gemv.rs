@@ -319,3 +319,145 @@ fn epilogue_misuse_is_an_error() {
     };
     assert!(cuda::gemm::linear_with_epilogue(&x, &odd, None, with_addend).is_err());
 }
+
+#[test]
+fn paired_products_match_two_products_and_a_sum() {
+    let Some(device) = common::gpu_or_skip("paired_products_match_two_products_and_a_sum") else {
+        return;
+    };
+    let mut rng = TestRng::new("paired_products_match_two_products_and_a_sum");
+    for dtype in FLOAT_DTYPES {
+        for m in [1, 3, 8] {
+            // (k, k2, n): unequal widths, odd ones (the scalar loop on one side only), and the
+            // GPT-NeoX shape (k2 = 4k) at small width.
+            for (k, k2, n) in [
+                (64, 256, 67),
+                (67, 256, 7),
+                (256, 67, 130),
+                (1000, 4000, 515),
+            ] {
+                let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
+                let (w, w_host) = common::random_tensor(&mut rng, &[n, k], dtype, 0.1, &device);
+                let (b, b_host) = common::random_tensor(&mut rng, &[n], DType::F32, 1.0, &device);
+                let (x2, x2_host) = common::random_tensor(&mut rng, &[m, k2], dtype, 1.0, &device);
+                let (w2, w2_host) = common::random_tensor(&mut rng, &[n, k2], dtype, 0.1, &device);
+                let (b2, b2_host) = common::random_tensor(&mut rng, &[n], dtype, 1.0, &device);
+                let (a, a_host) = common::random_tensor(&mut rng, &[m, n], dtype, 1.0, &device);
+                for (with_biases, with_addend) in [(false, false), (true, false), (true, true)] {
+                    let what = format!(
+                        "{dtype} m {m} k {k} k2 {k2} n {n} biases {with_biases} addend {with_addend}"
+                    );
+                    common::poison_pool(&device, m * n * dtype.size_in_bytes());
+                    let out = cuda::gemm::linear_pair(
+                        (&x, &w, with_biases.then_some(&b)),
+                        (&x2, &w2, with_biases.then_some(&b2)),
+                        with_addend.then_some(&a),
+                    )
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert_eq!(out.dims(), &[m, n][..], "{what}");
+                    let first = cpu_linear(
+                        &x_host,
+                        m,
+                        k,
+                        &w_host,
+                        n,
+                        with_biases.then_some(&b_host[..]),
+                    );
+                    let second = cpu_linear(
+                        &x2_host,
+                        m,
+                        k2,
+                        &w2_host,
+                        n,
+                        with_biases.then_some(&b2_host[..]),
+                    );
+                    let expected: Vec<f32> = (0..m * n)
+                        .map(|i| first[i] + second[i] + if with_addend { a_host[i] } else { 0.0 })
+                        .collect();
+                    common::assert_close(&what, &common::download(&out), &expected, dtype);
+                }
+            }
+        }
+    }
+    // Products whose outputs or rows differ are refused.
+    let (x, _) = common::random_tensor(&mut rng, &[2, 16], DType::F16, 1.0, &device);
+    let (w, _) = common::random_tensor(&mut rng, &[6, 16], DType::F16, 1.0, &device);
+    let (w7, _) = common::random_tensor(&mut rng, &[7, 16], DType::F16, 1.0, &device);
+    let (x3, _) = common::random_tensor(&mut rng, &[3, 16], DType::F16, 1.0, &device);
+    assert!(cuda::gemm::linear_pair((&x, &w, None), (&x, &w7, None), None).is_err());
+    assert!(cuda::gemm::linear_pair((&x, &w, None), (&x3, &w, None), None).is_err());
+}
+
+#[test]
+fn side_by_side_products_match_each_alone() {
+    let Some(device) = common::gpu_or_skip("side_by_side_products_match_each_alone") else {
+        return;
+    };
+    let mut rng = TestRng::new("side_by_side_products_match_each_alone");
+    for dtype in FLOAT_DTYPES {
+        for m in [1, 5] {
+            // (k, n) of each product: one gated, one with GELU, odd sizes on either side.
+            for ((ka, na), (kb, nb)) in [((64, 67), (64, 130)), ((67, 7), (256, 515))] {
+                let (xa, xa_host) = common::random_tensor(&mut rng, &[m, ka], dtype, 1.0, &device);
+                let (wa, wa_host) =
+                    common::random_tensor(&mut rng, &[2 * na, ka], dtype, 0.1, &device);
+                let (ba, ba_host) =
+                    common::random_tensor(&mut rng, &[2 * na], DType::F32, 1.0, &device);
+                let (xb, xb_host) = common::random_tensor(&mut rng, &[m, kb], dtype, 1.0, &device);
+                let (wb, wb_host) = common::random_tensor(&mut rng, &[nb, kb], dtype, 0.1, &device);
+                let (ab, ab_host) = common::random_tensor(&mut rng, &[m, nb], dtype, 1.0, &device);
+                let what = format!("{dtype} m {m} a ({ka}, {na}) b ({kb}, {nb})");
+                common::poison_pool(&device, m * (na + nb) * 4);
+                let a = cuda::gemm::LinearJob {
+                    x: &xa,
+                    w: &wa,
+                    bias: Some(&ba),
+                    epilogue: Epilogue {
+                        activation: OutputActivation::SiluGate,
+                        addend: None,
+                    },
+                };
+                let b = cuda::gemm::LinearJob {
+                    x: &xb,
+                    w: &wb,
+                    bias: None,
+                    epilogue: Epilogue {
+                        activation: OutputActivation::Gelu,
+                        addend: Some(&ab),
+                    },
+                };
+                let (out_a, out_b) =
+                    cuda::gemm::linear_side_by_side(a, b).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!((out_a.dims(), out_b.dims()), (&[m, na][..], &[m, nb][..]));
+                let expected_a = cpu_epilogue(
+                    (&xa_host, m, ka),
+                    (&wa_host, 2 * na),
+                    Some(&ba_host),
+                    OutputActivation::SiluGate,
+                    None,
+                );
+                let expected_b = cpu_epilogue(
+                    (&xb_host, m, kb),
+                    (&wb_host, nb),
+                    None,
+                    OutputActivation::Gelu,
+                    Some(&ab_host),
+                );
+                common::assert_close(&what, &common::download(&out_a), &expected_a, dtype);
+                common::assert_close(&what, &common::download(&out_b), &expected_b, dtype);
+            }
+        }
+    }
+    // Products in two dtypes cannot share a launch.
+    let (x16, _) = common::random_tensor(&mut rng, &[1, 16], DType::F16, 1.0, &device);
+    let (w16, _) = common::random_tensor(&mut rng, &[4, 16], DType::F16, 1.0, &device);
+    let (x32, _) = common::random_tensor(&mut rng, &[1, 16], DType::F32, 1.0, &device);
+    let (w32, _) = common::random_tensor(&mut rng, &[4, 16], DType::F32, 1.0, &device);
+    let job = |x, w| cuda::gemm::LinearJob {
+        x,
+        w,
+        bias: None,
+        epilogue: Epilogue::default(),
+    };
+    assert!(cuda::gemm::linear_side_by_side(job(&x16, &w16), job(&x32, &w32)).is_err());
+}

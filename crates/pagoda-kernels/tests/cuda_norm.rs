@@ -240,3 +240,54 @@ fn host_tensors_are_refused_without_a_gpu() {
         "{err:?}"
     );
 }
+
+#[test]
+fn dual_layer_norm_matches_two_cpu_layer_norms() {
+    let Some(device) = common::gpu_or_skip("dual_layer_norm_matches_two_cpu_layer_norms") else {
+        return;
+    };
+    let mut rng = TestRng::new("dual_layer_norm_matches_two_cpu_layer_norms");
+    for dtype in FLOAT_DTYPES {
+        for w_dtype in weight_dtypes(dtype) {
+            for (rows, hidden) in CASES {
+                let what = |part: &str| {
+                    format!(
+                        "add_layer_norm_dual {part} {dtype} weight {w_dtype} [{rows}, {hidden}]"
+                    )
+                };
+                let inp = inputs(&mut rng, &device, dtype, w_dtype, rows, hidden);
+                let (weight2, weight2_host) =
+                    common::random_tensor(&mut rng, &[hidden], w_dtype, 2.0, &device);
+                let (bias2, bias2_host) =
+                    common::random_tensor(&mut rng, &[hidden], w_dtype, 1.0, &device);
+                let mut residual =
+                    common::upload(&inp.residual_host, &[rows, hidden], dtype, &device);
+                common::poison_pool(&device, 2 * rows * hidden * dtype.size_in_bytes());
+                let (first, second) = cuda::norm::add_layer_norm_dual(
+                    &inp.x,
+                    &mut residual,
+                    (&inp.weight, &inp.bias),
+                    (&weight2, &bias2),
+                    EPS,
+                )
+                .unwrap_or_else(|e| panic!("{}: {e}", what("")));
+                let new_residual = cpu_add(&inp.x_host, &inp.residual_host, dtype);
+                common::assert_close(
+                    &what("residual"),
+                    &common::download(&residual),
+                    &new_residual,
+                    dtype,
+                );
+                let expected = cpu_layer(&new_residual, hidden, &inp.weight_host, &inp.bias_host);
+                common::assert_close(&what("first"), &common::download(&first), &expected, dtype);
+                let expected = cpu_layer(&new_residual, hidden, &weight2_host, &bias2_host);
+                common::assert_close(
+                    &what("second"),
+                    &common::download(&second),
+                    &expected,
+                    dtype,
+                );
+            }
+        }
+    }
+}

@@ -1,5 +1,5 @@
 //! The CUDA row softmax against the CPU oracle, on every path of the kernel: rows held by one
-//! block, by a cluster of 2 or 4 blocks (Hopper), and the online form for longer rows.
+//! block, by a cluster of 2, 4 or 8 blocks (Hopper), and the online form for longer rows.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -65,6 +65,42 @@ fn matches_the_cpu_on_every_path() {
             );
         }
     }
+}
+
+#[test]
+fn every_form_matches_the_cpu() {
+    let Some(device) = gpu_or_skip("every_form_matches_the_cpu") else {
+        return;
+    };
+    let mut rng = TestRng::new("every_form_matches_the_cpu");
+    let clusters = cuda::softmax::clusters_available(&device).unwrap();
+    // Row lengths that leave every form a ragged last word, thread and block.
+    for cols in [1, 13, 4099, 33_333] {
+        for dtype in FLOAT_DTYPES {
+            let rows = 3;
+            let (x, values) = random_tensor(&mut rng, &[rows, cols], dtype, 8.0, &device);
+            let mut expected = values.clone();
+            cpu::softmax::softmax_rows(&mut expected, cols).unwrap();
+            for form in cuda::softmax::candidate_forms(cols, dtype, clusters) {
+                poison_pool(&device, rows * cols * 4);
+                let y = cuda::softmax::softmax_rows_with(&x, form)
+                    .unwrap_or_else(|e| panic!("{form:?} {cols} {dtype}: {e}"));
+                assert_close(
+                    &format!("{form:?} {rows} x {cols} {dtype}"),
+                    &download(&y),
+                    &expected,
+                    dtype,
+                );
+            }
+        }
+    }
+    // A form that cannot hold the row is an error, not a partial result.
+    let (x, _) = random_tensor(&mut rng, &[1, 9000], DType::F16, 8.0, &device);
+    let one_block = cuda::softmax::SoftmaxForm::Held {
+        blocks: 1,
+        per_thread: 8,
+    };
+    assert!(cuda::softmax::softmax_rows_with(&x, one_block).is_err());
 }
 
 #[test]

@@ -6,7 +6,9 @@ use pagoda_kv::KvCache;
 use pagoda_tensor::Tensor;
 
 use crate::config::{Activation, GptNeoxConfig};
-use crate::layers::{Embedding, FusedLinear, Linear, Norm, PagedSelfAttention, three};
+use crate::layers::{
+    Embedding, FusedLinear, Linear, Norm, PagedSelfAttention, fused_and_linear, three,
+};
 use crate::quantization::{LayerRole, RawWeight};
 use crate::weights::WeightLoader;
 use crate::{Model, ModelInfo, Result, StepInputs};
@@ -118,31 +120,25 @@ impl GptNeox {
         &self.config
     }
 
-    /// The MLP of `x`, plus `addend` when given (the attention output of a parallel-residual
-    /// block): the activation runs fused into the first product, the addition into the second.
-    fn mlp(&self, layer: &Layer, x: &Tensor, addend: Option<&Tensor>) -> Result<Tensor> {
-        let activation = match self.config.hidden_act {
-            Activation::GeluExact => OutputActivation::Gelu,
-            Activation::GeluTanh => OutputActivation::GeluTanh,
-            Activation::Silu => {
-                return Err(crate::Error::Config {
-                    path: "config.json".into(),
-                    message: "GPT-NeoX with silu is not supported".into(),
-                });
-            }
-        };
-        let h = layer.dense_h_to_4h.forward_with(
+    /// The MLP's activation, which runs fused into its first product.
+    fn mlp_activation(&self) -> Result<OutputActivation> {
+        match self.config.hidden_act {
+            Activation::GeluExact => Ok(OutputActivation::Gelu),
+            Activation::GeluTanh => Ok(OutputActivation::GeluTanh),
+            Activation::Silu => Err(crate::Error::Config {
+                path: "config.json".into(),
+                message: "GPT-NeoX with silu is not supported".into(),
+            }),
+        }
+    }
+
+    /// The MLP's hidden activations of `x`.
+    fn mlp_hidden(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        layer.dense_h_to_4h.forward_with(
             x,
             Epilogue {
-                activation,
+                activation: self.mlp_activation()?,
                 addend: None,
-            },
-        )?;
-        layer.dense_4h_to_h.forward_with(
-            &h,
-            Epilogue {
-                activation: OutputActivation::Identity,
-                addend,
             },
         )
     }
@@ -214,23 +210,54 @@ impl Model for GptNeox {
         // runs fused with the next norm.
         let mut pending: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let x = layer
-                .input_layernorm
-                .add_forward(pending.take(), &mut residual)?;
-            let [q, k, v] = three(layer.qkv_proj.forward(&x)?)?;
-            let attn = self.attention.forward(i, q, k, v, ctx, kv)?;
-            let attn = layer.dense.forward(&attn)?;
-            if self.config.use_parallel_residual {
-                // x + attn(ln1(x)) + mlp(ln2(x))
-                let x = layer.post_attention_layernorm.forward(&residual)?;
-                pending = Some(self.mlp(layer, &x, Some(&attn))?);
+            // A parallel-residual block normalises the same residual twice (attention and MLP
+            // inputs): both norms come out of one pass.
+            let (x, mlp_input) = if self.config.use_parallel_residual {
+                let (x, mlp_input) = layer.input_layernorm.add_forward_dual(
+                    &layer.post_attention_layernorm,
+                    pending.take(),
+                    &mut residual,
+                )?;
+                (x, Some(mlp_input))
             } else {
-                // h = x + attn(ln1(x)); h + mlp(ln2(h))
-                let h = layer
-                    .post_attention_layernorm
-                    .add_forward(Some(attn), &mut residual)?;
-                pending = Some(self.mlp(layer, &h, None)?);
-            }
+                let x = layer
+                    .input_layernorm
+                    .add_forward(pending.take(), &mut residual)?;
+                (x, None)
+            };
+            pending = Some(match mlp_input {
+                // x + dense(attn(ln1(x))) + mlp(ln2(x)): the QKV and MLP up projections are
+                // independent (one launch for a single row), and the attention's output
+                // projection and the MLP's down projection sum into the same outputs (one pass
+                // over both).
+                Some(mlp_input) => {
+                    let activation = Epilogue {
+                        activation: self.mlp_activation()?,
+                        addend: None,
+                    };
+                    let (qkv, h) = fused_and_linear(
+                        (&layer.qkv_proj, &x),
+                        (&layer.dense_h_to_4h, &mlp_input),
+                        activation,
+                    )?;
+                    let [q, k, v] = three(qkv)?;
+                    let attn = self.attention.forward(i, q, k, v, ctx, kv)?;
+                    layer
+                        .dense
+                        .forward_pair(&attn, &layer.dense_4h_to_h, &h, None)?
+                }
+                // h = x + dense(attn(ln1(x))); h + mlp(ln2(h))
+                None => {
+                    let [q, k, v] = three(layer.qkv_proj.forward(&x)?)?;
+                    let attn = self.attention.forward(i, q, k, v, ctx, kv)?;
+                    let attn = layer.dense.forward(&attn)?;
+                    let h = layer
+                        .post_attention_layernorm
+                        .add_forward(Some(attn), &mut residual)?;
+                    let h = self.mlp_hidden(layer, &h)?;
+                    layer.dense_4h_to_h.forward(&h)?
+                }
+            });
         }
         let hidden = self.final_layer_norm.add_forward(pending, &mut residual)?;
         let rows = ops::embedding(&hidden, &ctx.logits_rows)?;

@@ -3,7 +3,9 @@
 
 use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cpu::rope::RopeTable;
-use pagoda_kernels::ops::{self, Epilogue, LayerKv, NormWeights, OutputActivation, Rope};
+use pagoda_kernels::ops::{
+    self, Epilogue, LayerKv, LinearJob, NormWeights, OutputActivation, Rope,
+};
 use pagoda_kv::KvCache;
 use pagoda_tensor::{Device, Tensor};
 
@@ -49,6 +51,36 @@ impl Linear {
     pub(crate) fn forward_with(&self, x: &Tensor, epilogue: Epilogue<'_>) -> Result<Tensor> {
         self.weight
             .linear_with_epilogue(x, self.bias.as_ref(), epilogue)
+    }
+
+    /// `self(x) + other(x2) + addend`, the two layers having the same outputs: one pass over
+    /// both weights where the device can ([`ops::linear_pair`], dense weights only).
+    pub(crate) fn forward_pair(
+        &self,
+        x: &Tensor,
+        other: &Linear,
+        x2: &Tensor,
+        addend: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if let (LinearWeight::Dense(w), LinearWeight::Dense(w2)) = (&self.weight, &other.weight) {
+            return Ok(ops::linear_pair(
+                (x, w, self.bias.as_ref()),
+                (x2, w2, other.bias.as_ref()),
+                addend,
+            )?);
+        }
+        let first = self.forward(x)?;
+        let first = match addend {
+            Some(addend) => ops::add(&first, addend)?,
+            None => first,
+        };
+        other.forward_with(
+            x2,
+            Epilogue {
+                activation: OutputActivation::Identity,
+                addend: Some(&first),
+            },
+        )
     }
 }
 
@@ -110,6 +142,17 @@ impl FusedLinear {
         }
     }
 
+    /// One output row of the whole matrix as one (contiguous) view per part.
+    fn split_row(&self, out: Tensor) -> Result<Vec<Tensor>> {
+        let mut parts = Vec::with_capacity(self.widths.len());
+        let mut start = 0;
+        for &width in &self.widths {
+            parts.push(out.narrow(1, start, width)?);
+            start += width;
+        }
+        Ok(parts)
+    }
+
     /// `x` `[rows, in]` through every part: one `[rows, out_i]` tensor per part.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let rows = x.dims()[0];
@@ -117,10 +160,7 @@ impl FusedLinear {
         let mut start = 0;
         if rows == 1 {
             let out = self.weight.linear(x, self.bias.as_ref())?;
-            for &width in &self.widths {
-                parts.push(out.narrow(1, start, width)?);
-                start += width;
-            }
+            return self.split_row(out);
         } else {
             for &width in &self.widths {
                 let weight = self.weight.narrow_rows(start, width)?;
@@ -155,6 +195,36 @@ impl FusedLinear {
 }
 
 /// The three parts of a fused Q/K/V projection.
+/// `fused(x)` (every part) and `epilogue(other(x2))`, two independent products: for a single
+/// row, side by side in one launch where the device can ([`ops::linear_side_by_side`]).
+pub(crate) fn fused_and_linear(
+    (fused, x): (&FusedLinear, &Tensor),
+    (other, x2): (&Linear, &Tensor),
+    epilogue: Epilogue<'_>,
+) -> Result<(Vec<Tensor>, Tensor)> {
+    let (LinearWeight::Dense(w), LinearWeight::Dense(w2)) = (&fused.weight, &other.weight) else {
+        return Ok((fused.forward(x)?, other.forward_with(x2, epilogue)?));
+    };
+    if x.dims().first() != Some(&1) {
+        return Ok((fused.forward(x)?, other.forward_with(x2, epilogue)?));
+    }
+    let (out, out2) = ops::linear_side_by_side(
+        LinearJob {
+            x,
+            w,
+            bias: fused.bias.as_ref(),
+            epilogue: Epilogue::default(),
+        },
+        LinearJob {
+            x: x2,
+            w: w2,
+            bias: other.bias.as_ref(),
+            epilogue,
+        },
+    )?;
+    Ok((fused.split_row(out)?, out2))
+}
+
 pub(crate) fn three(parts: Vec<Tensor>) -> Result<[Tensor; 3]> {
     <[Tensor; 3]>::try_from(parts)
         .map_err(|parts| Error::Batch(format!("expected Q, K and V, got {} parts", parts.len())))
@@ -248,6 +318,25 @@ impl Norm {
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::norm(x, &self.weights())?)
+    }
+
+    /// [`Self::add_forward`], and the new residual normalised by `second` as well (one pass
+    /// where the device can): a parallel-residual block's attention and MLP inputs.
+    pub(crate) fn add_forward_dual(
+        &self,
+        second: &Norm,
+        pending: Option<Tensor>,
+        residual: &mut Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        match pending {
+            Some(x) => Ok(ops::add_norm_dual(
+                &x,
+                residual,
+                &self.weights(),
+                &second.weights(),
+            )?),
+            None => Ok((self.forward(residual)?, second.forward(residual)?)),
+        }
     }
 
     /// Adds the sublayer output `pending` (if any) into `residual`, then normalises it: a

@@ -115,12 +115,15 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         return gemv::gemv(
             OP,
             &device,
-            x,
-            w,
-            bias,
-            Epilogue::default(),
-            (m, n, k),
-            &dims,
+            gemv::Product {
+                x,
+                w,
+                second: None,
+                bias,
+                epilogue: Epilogue::default(),
+                sizes: (m, n, k),
+                dims: &dims,
+            },
         );
     }
 
@@ -201,17 +204,62 @@ pub fn linear_with_epilogue(
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
     const OP: &str = "linear_with_epilogue";
+    let job = LinearJob {
+        x,
+        w,
+        bias,
+        epilogue,
+    };
+    let (device, sizes, dims) = check_job(OP, &job)?;
+    gemv::gemv(OP, &device, job.product(sizes, &dims))
+}
+
+/// One decode-sized product of [`linear_side_by_side`]: `epilogue(x · wᵀ + bias)`, as
+/// [`linear_with_epilogue`] takes it.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearJob<'a> {
+    pub x: &'a Tensor,
+    pub w: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub epilogue: Epilogue<'a>,
+}
+
+impl<'a> LinearJob<'a> {
+    fn product(&self, sizes: (usize, usize, usize), dims: &'a [usize]) -> gemv::Product<'a> {
+        gemv::Product {
+            x: self.x,
+            w: self.w,
+            second: None,
+            bias: self.bias,
+            epilogue: self.epilogue,
+            sizes,
+            dims,
+        }
+    }
+}
+
+/// A job's device, (m, n, k) and output shape.
+type JobShape = (CudaDevice, (usize, usize, usize), Vec<usize>);
+
+/// The device, (m, n, k) and output shape of a job, after checking its operands.
+fn check_job(op: &'static str, job: &LinearJob<'_>) -> Result<JobShape> {
+    let LinearJob {
+        x,
+        w,
+        bias,
+        epilogue,
+    } = *job;
     let mut tensors = vec![("x", x), ("w", w)];
     tensors.extend(bias.map(|b| ("bias", b)));
     tensors.extend(epilogue.addend.map(|a| ("addend", a)));
-    let device = common_device(OP, &tensors)?;
-    expect_dtype(OP, "x", x, &FLOAT_DTYPES)?;
-    expect_same_dtype(OP, "w", w, "x", x.dtype())?;
-    let [rows, k] = dims_of(OP, "w", w)?;
+    let device = common_device(op, &tensors)?;
+    expect_dtype(op, "x", x, &FLOAT_DTYPES)?;
+    expect_same_dtype(op, "w", w, "x", x.dtype())?;
+    let [rows, k] = dims_of(op, "w", w)?;
     let n = if epilogue.activation == OutputActivation::SiluGate {
         if rows % 2 != 0 {
             return Err(Error::shape(
-                OP,
+                op,
                 format!("a gated product needs gate and up rows in equal number, w has {rows}"),
             ));
         }
@@ -220,12 +268,95 @@ pub fn linear_with_epilogue(
         rows
     };
     let Some((&x_k, outer)) = x.dims().split_last() else {
-        return Err(Error::shape(OP, "x must have at least one dimension"));
+        return Err(Error::shape(op, "x must have at least one dimension"));
     };
     if x_k != k {
         return Err(Error::shape(
-            OP,
+            op,
             format!("x has {x_k} columns but w has shape [{rows}, {k}]"),
+        ));
+    }
+    let m: usize = outer.iter().product();
+    if !(1..=EPILOGUE_MAX_ROWS).contains(&m) || n == 0 {
+        return Err(Error::shape(
+            op,
+            format!("takes 1..={EPILOGUE_MAX_ROWS} rows and outputs, got {m} rows, {n} outputs"),
+        ));
+    }
+    let mut dims = outer.to_vec();
+    dims.push(n);
+    Ok((device, (m, n, k), dims))
+}
+
+/// Two independent decode-sized products, each as [`linear_with_epilogue`] computes it, in one
+/// kernel launch: the GPU ramps up and drains once for both (GPT-NeoX's QKV projection and MLP
+/// up projection, whose inputs one norm kernel produces). Both on one device, in one dtype.
+pub fn linear_side_by_side(a: LinearJob<'_>, b: LinearJob<'_>) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "linear_side_by_side";
+    let (device, a_sizes, a_dims) = check_job(OP, &a)?;
+    let (b_device, b_sizes, b_dims) = check_job(OP, &b)?;
+    if b_device.ordinal() != device.ordinal() {
+        return Err(Error::device(
+            OP,
+            format!(
+                "the products are on cuda:{} and cuda:{}",
+                device.ordinal(),
+                b_device.ordinal()
+            ),
+        ));
+    }
+    gemv::gemv_pair(
+        OP,
+        &device,
+        a.product(a_sizes, &a_dims),
+        b.product(b_sizes, &b_dims),
+    )
+}
+
+/// `x [.., k] · w [n, k]ᵀ + bias + x2 [.., k2] · w2 [n, k2]ᵀ + bias2 + addend` for at most
+/// [`EPILOGUE_MAX_ROWS`] rows, in one kernel: two products into the same outputs (GPT-NeoX's
+/// attention output projection and MLP down projection, which a parallel-residual block sums)
+/// cost one pass over both weights and one launch. `x` and `x2` have the same leading
+/// dimensions; an addend has the output's shape and dtype.
+pub fn linear_pair(
+    (x, w, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    (x2, w2, bias2): (&Tensor, &Tensor, Option<&Tensor>),
+    addend: Option<&Tensor>,
+) -> Result<Tensor> {
+    const OP: &str = "linear_pair";
+    let mut tensors = vec![("x", x), ("w", w), ("x2", x2), ("w2", w2)];
+    tensors.extend(bias.map(|b| ("bias", b)));
+    tensors.extend(bias2.map(|b| ("bias2", b)));
+    tensors.extend(addend.map(|a| ("addend", a)));
+    let device = common_device(OP, &tensors)?;
+    expect_dtype(OP, "x", x, &FLOAT_DTYPES)?;
+    for (name, t) in [("w", w), ("x2", x2), ("w2", w2)] {
+        expect_same_dtype(OP, name, t, "x", x.dtype())?;
+    }
+    let [n, k] = dims_of(OP, "w", w)?;
+    let [n2, k2] = dims_of(OP, "w2", w2)?;
+    if n2 != n {
+        return Err(Error::shape(
+            OP,
+            format!("w has {n} rows but w2 {n2}: both products must have the same outputs"),
+        ));
+    }
+    let (Some((&x_k, outer)), Some((&x2_k, outer2))) =
+        (x.dims().split_last(), x2.dims().split_last())
+    else {
+        return Err(Error::shape(
+            OP,
+            "x and x2 must have at least one dimension",
+        ));
+    };
+    if x_k != k || x2_k != k2 || outer != outer2 {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "x {:?} and x2 {:?} do not match w [{n}, {k}] and w2 [{n}, {k2}]",
+                x.dims(),
+                x2.dims()
+            ),
         ));
     }
     let m: usize = outer.iter().product();
@@ -237,7 +368,29 @@ pub fn linear_with_epilogue(
     }
     let mut dims = outer.to_vec();
     dims.push(n);
-    gemv::gemv(OP, &device, x, w, bias, epilogue, (m, n, k), &dims)
+    let second = gemv::SecondProduct {
+        x: x2,
+        w: w2,
+        bias: bias2,
+        k: k2,
+    };
+    let epilogue = Epilogue {
+        activation: crate::ops::OutputActivation::Identity,
+        addend,
+    };
+    gemv::gemv(
+        OP,
+        &device,
+        gemv::Product {
+            x,
+            w,
+            second: Some(second),
+            bias,
+            epilogue,
+            sizes: (m, n, k),
+            dims: &dims,
+        },
+    )
 }
 
 /// `out[i] = a[i] · b[i]` for every batch entry: `a` is `[batch, m, k]`, `b` `[batch, k, n]`,

@@ -55,6 +55,67 @@ pub fn add_layer_norm(
     norm.launch("add_layer_norm", x, Some(residual), weight, Some(bias))
 }
 
+/// [`add_layer_norm`] with a second weight and bias: `residual += x`, then the LayerNorm of the
+/// new residual under each `(weight, bias)` pair (same `eps`), in one kernel - the two norms a
+/// parallel-residual block takes of one residual stream.
+pub fn add_layer_norm_dual(
+    x: &Tensor,
+    residual: &mut Tensor,
+    (weight, bias): (&Tensor, &Tensor),
+    (weight2, bias2): (&Tensor, &Tensor),
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "add_layer_norm_dual";
+    let norm = Norm::check(OP, x, Some(residual), weight, Some(bias), eps)?;
+    Norm::check(OP, x, None, weight2, Some(bias2), eps)?;
+    expect_same_dtype(OP, "weight2", weight2, "weight", weight.dtype())?;
+    let dims = x.dims().to_vec();
+    let mut out = alloc_output(OP, &norm.device, x.dtype(), &dims)?;
+    let mut out2 = alloc_output(OP, &norm.device, x.dtype(), &dims)?;
+    if norm.rows > 0 {
+        let (Some(x_suffix), Some(w_suffix)) =
+            (dtype_suffix(x.dtype()), dtype_suffix(weight.dtype()))
+        else {
+            return Err(Error::dtype(OP, "x and weight must be float tensors"));
+        };
+        let name = format!("{OP}_{x_suffix}_{w_suffix}");
+        let kernel = function(&norm.device, KernelModule::Norm, &name)?;
+        let x_view = device_view(OP, "x", x)?;
+        let mut residual_view = device_view_mut(OP, "residual", residual)?;
+        let params = [
+            device_view(OP, "weight", weight)?,
+            device_view(OP, "bias", bias)?,
+            device_view(OP, "weight2", weight2)?,
+            device_view(OP, "bias2", bias2)?,
+        ];
+        let hidden = norm.hidden as u32;
+        let config = LaunchConfig {
+            grid_dim: (norm.rows as u32, 1, 1),
+            block_dim: (threads_per_row(norm.hidden), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = norm.device.stream();
+        let mut launch = stream.launch_builder(&kernel);
+        launch
+            .arg(&x_view)
+            .arg(&mut residual_view)
+            .arg(&params[0])
+            .arg(&params[1])
+            .arg(out.slice_mut())
+            .arg(&params[2])
+            .arg(&params[3])
+            .arg(out2.slice_mut())
+            .arg(&hidden)
+            .arg(&norm.eps);
+        // SAFETY: the argument list matches add_layer_norm_dual's signature in norm.cu (x,
+        // residual, weight, bias, out, weight2, bias2, out2, hidden, eps); x, residual and both
+        // outputs hold rows x hidden elements of x's dtype, the weights and biases hidden
+        // elements of the weight dtype the kernel name says, as checked above; one block per row.
+        unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
+    }
+    Ok((into_tensor(out, &dims)?, into_tensor(out2, &dims)?))
+}
+
 /// The checked geometry of one norm call.
 struct Norm {
     device: CudaDevice,

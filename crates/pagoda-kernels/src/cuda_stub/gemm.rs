@@ -28,3 +28,27 @@ pub fn linear_with_epilogue(
 ) -> Result<Tensor> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }
+
+/// Two decode-sized products into the same outputs; always fails without the `cuda` feature.
+pub fn linear_pair(
+    _first: (&Tensor, &Tensor, Option<&Tensor>),
+    _second: (&Tensor, &Tensor, Option<&Tensor>),
+    _addend: Option<&Tensor>,
+) -> Result<Tensor> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
+
+/// One decode-sized product of [`linear_side_by_side`] (see the `cuda` build).
+#[derive(Clone, Copy, Debug)]
+pub struct LinearJob<'a> {
+    pub x: &'a Tensor,
+    pub w: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub epilogue: Epilogue<'a>,
+}
+
+/// Two independent decode-sized products in one launch; always fails without the `cuda`
+/// feature.
+pub fn linear_side_by_side(_a: LinearJob<'_>, _b: LinearJob<'_>) -> Result<(Tensor, Tensor)> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}

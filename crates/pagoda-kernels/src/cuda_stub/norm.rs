@@ -35,3 +35,14 @@ pub fn add_layer_norm(
 ) -> Result<Tensor> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }
+
+/// A residual add with two LayerNorms on the GPU; always fails without the `cuda` feature.
+pub fn add_layer_norm_dual(
+    _x: &Tensor,
+    _residual: &mut Tensor,
+    _first: (&Tensor, &Tensor),
+    _second: (&Tensor, &Tensor),
+    _eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
