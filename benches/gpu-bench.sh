@@ -9,7 +9,9 @@
 #     and cuDNN backends (benches/peers/attention_prefill.py);
 #   - W1 decode, batch 1, prompt 128, 256 new tokens, fp16: pagoda (`pagoda bench decode`, with
 #     its own copy-bandwidth floor; decode steps replayed as CUDA graphs, and with --eager host
-#     launches) and HF transformers eager and static cache + torch.compile.
+#     launches) and HF transformers eager and static cache + torch.compile;
+#   - W2, 64 requests x (128 prompt, 256 new tokens), and batch sizes 1 to 256: `pagoda bench
+#     throughput` against its decode floor, and HF continuous batching (generate_batch).
 # The models are Pythia-2.8B and Llama-3.2-3B from their real configs with random weights, made
 # by scripts/gpu_parity_reference.py if MODELS does not hold them yet.
 set -uo pipefail
@@ -53,6 +55,17 @@ for m in pythia-2.8b llama-3.2-3b; do
   run 300 python3 "$bundle/peers/hf_decode.py" --model "$m" --modes fp16_eager,fp16_static_compile \
     --reps 2 --warmup 1
 done
+# W2: 64 requests x (128 prompt, 256 new tokens) through the engine, and throughput as the batch
+# grows; HF continuous batching (generate_batch) on the same workload.
+for m in pythia-2.8b llama-3.2-3b; do
+  run 240 "$bundle/bin/pagoda" bench throughput --model "$models/$m" --device cuda --dtype f16 \
+    --batch-sizes 1,8,32,64,128,256 --prompt-len 128 --new-tokens 256
+done
+if [ -z "${PAGODA_SKIP_HF_W2:-}" ]; then
+  for m in pythia-2.8b llama-3.2-3b; do
+    run 300 python3 "$bundle/peers/hf_decode.py" --model "$m" --modes fp16_cb
+  done
+fi
 
 # On the device machine, the whole log comes back through $OUT.
 if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/gpu-bench.log"; fi
@@ -68,6 +81,13 @@ for line in open(sys.argv[1]):
         launches = "graphs" if r.get("cuda_graphs") else "eager"
         print("pagoda %-6s %-8s TTFT %7.2f ms  TPOT %6.3f ms  %7.1f tok/s  floor %.3f ms  %.1f%% of floor"
               % (launches, r["architecture"], r["ttft_ms"], r["tpot_ms"], r["tok_s"], r["floor_tpot_ms"], 100 * r["fraction_of_floor"]))
+    elif r.get("bench") == "throughput":
+        print("pagoda W2 %-8s %4d requests  %8.1f tok/s  TPOT %6.2f ms  TTFT %7.1f ms  %.1f%% of decode floor  preemptions %d"
+              % (r["architecture"], r["requests"], r["output_tok_s"], r["tpot_ms"] or 0, r["ttft_median_ms"] or 0,
+                 100 * (r["fraction_of_decode_floor"] or 0), r["preemptions_total"]))
+    elif r.get("mode") == "fp16_cb":
+        print("HF W2 generate_batch %-13s %s requests  %s tok/s  TPOT %s ms  errors %s"
+              % (r["model"], r.get("requests"), r.get("tok_s"), r.get("tpot_ms_median"), r.get("errors", r.get("error"))))
     elif "decode_tok_s" in r:
         print("HF %-20s %-13s TTFT %7.2f ms  TPOT %6.3f ms  %7.1f tok/s"
               % (r["mode"], r["model"], r["ttft_ms"], r["tpot_ms"], r["decode_tok_s"]))
