@@ -94,14 +94,7 @@ impl DecodeBench<'_> {
         }
         let ttft = median(&mut ttft);
         let tpot = median(&mut tpot);
-        let bandwidth = match self.device {
-            Device::Cuda(ordinal) => Some(pagoda_kernels::cuda::memory::copy_bandwidth(
-                &CudaDevice::get(ordinal)?,
-                PROBE_BYTES,
-                10,
-            )?),
-            Device::Cpu => None,
-        };
+        let bandwidth = copy_bandwidth(self.device)?;
         let floor = bandwidth.map(|b| info.weight_bytes as f64 / b);
         Ok(serde_json::json!({
             "bench": "decode",
@@ -197,6 +190,19 @@ fn greedy(logits: &pagoda_tensor::Tensor) -> Result<u32, BoxError> {
     ids.first()
         .copied()
         .ok_or_else(|| "argmax returned no token".into())
+}
+
+/// The device's copy bandwidth in bytes per second (read + write), the rate every floor is
+/// measured against; none on the CPU.
+pub(crate) fn copy_bandwidth(device: Device) -> Result<Option<f64>, BoxError> {
+    Ok(match device {
+        Device::Cuda(ordinal) => Some(pagoda_kernels::cuda::memory::copy_bandwidth(
+            &CudaDevice::get(ordinal)?,
+            PROBE_BYTES,
+            10,
+        )?),
+        Device::Cpu => None,
+    })
 }
 
 fn median(values: &mut [f64]) -> f64 {

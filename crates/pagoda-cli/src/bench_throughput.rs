@@ -11,13 +11,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use pagoda_engine::{DType, Device, Engine, Prompt, SamplingParams};
-use pagoda_tensor::CudaDevice;
 use rand::{RngExt, SeedableRng};
 
 type BoxError = Box<dyn std::error::Error>;
-
-/// Bytes copied per bandwidth probe: far beyond the L2 cache, so the copy runs from DRAM.
-const PROBE_BYTES: usize = 1 << 30;
 
 pub struct ThroughputBench<'a> {
     pub model: &'a Path,
@@ -59,14 +55,7 @@ impl ThroughputBench<'_> {
         let mut engine = builder.build()?;
         let load_seconds = load_start.elapsed().as_secs_f64();
         let info = engine.model().info().clone();
-        let bandwidth = match self.device {
-            Device::Cuda(ordinal) => Some(pagoda_kernels::cuda::memory::copy_bandwidth(
-                &CudaDevice::get(ordinal)?,
-                PROBE_BYTES,
-                10,
-            )?),
-            Device::Cpu => None,
-        };
+        let bandwidth = crate::bench::copy_bandwidth(self.device)?;
         // K and V of one token in every layer.
         let kv_bytes_per_token =
             2 * info.num_layers * info.num_kv_heads * info.head_dim * info.dtype.size_in_bytes();
