@@ -17,8 +17,8 @@
 //!
 //! With `PAGODA_NF4_PROFILE=1` the bench instead launches every shape and m three times and
 //! nothing else, announcing each as a JSON line (`{"profile": i, ...}`), for a profiler to time
-//! the kernels alone: `ncu --csv --metrics gpu__time_duration.sum -k regex:nf4_linear`, then
-//! `benches/peers/nf4_matmul.py --ncu`.
+//! the kernels alone (`ncu --clock-control none --csv --metrics gpu__time_duration.sum
+//! -k regex:nf4_linear`, then `benches/peers/nf4_matmul.py --ncu`).
 
 mod common;
 

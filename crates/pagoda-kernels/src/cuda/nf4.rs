@@ -34,6 +34,9 @@ const LINEAR_THREADS: u32 = 256;
 /// Blocks of the product per SM (`NF4_BLOCKS_PER_SM`): the most its registers (128 a thread,
 /// its launch bound) and shared memory leave room for. Each block loops over tiles of rows.
 const BLOCKS_PER_SM: usize = 2;
+/// Threads per block, and values per thread, of the decoder.
+const DEQUANT_THREADS: u32 = 256;
+const DEQUANT_PER_THREAD: usize = 8;
 
 /// `bias_kind` and `act` values of the product (as in gemv.cu).
 const BIAS_NONE: i32 = 0;
