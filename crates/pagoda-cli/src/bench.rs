@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use pagoda_kernels::ops;
 use pagoda_kv::{BlockTable, KvCache, KvCacheConfig};
-use pagoda_models::{Batch, LoadOptions, Model, StepGraph, load_model};
+use pagoda_models::{Batch, LoadOptions, Model, Quantization, StepGraph, load_model};
 use pagoda_tensor::{CudaDevice, DType, Device};
 use rand::{RngExt, SeedableRng};
 
@@ -19,6 +19,7 @@ pub struct DecodeBench<'a> {
     pub model: &'a Path,
     pub device: Device,
     pub dtype: Option<DType>,
+    pub quantize: Option<Quantization>,
     pub prompt_len: usize,
     pub new_tokens: usize,
     pub warmup: usize,
@@ -42,7 +43,7 @@ impl DecodeBench<'_> {
             &LoadOptions {
                 device: self.device,
                 dtype: self.dtype,
-                ..LoadOptions::default()
+                quantize: self.quantize,
             },
         )?);
         let load_seconds = load_start.elapsed().as_secs_f64();
@@ -103,6 +104,7 @@ impl DecodeBench<'_> {
             "architecture": format!("{:?}", info.architecture),
             "device": format!("{:?}", self.device),
             "dtype": info.dtype.name(),
+            "quantize": self.quantize.as_ref().map(|q| format!("{q:?}")),
             "weight_bytes": info.weight_bytes,
             "prompt_len": self.prompt_len,
             "new_tokens": self.new_tokens,

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use pagoda_engine::{DType, Device, Engine, Prompt, SamplingParams};
+use pagoda_models::Quantization;
 use rand::{RngExt, SeedableRng};
 
 type BoxError = Box<dyn std::error::Error>;
@@ -19,6 +20,7 @@ pub struct ThroughputBench<'a> {
     pub model: &'a Path,
     pub device: Device,
     pub dtype: Option<DType>,
+    pub quantize: Option<Quantization>,
     /// Requests submitted at once, for each run.
     pub batch_sizes: Vec<usize>,
     pub prompt_len: usize,
@@ -51,6 +53,9 @@ impl ThroughputBench<'_> {
             .cuda_graphs(self.cuda_graphs);
         if let Some(dtype) = self.dtype {
             builder = builder.dtype(dtype);
+        }
+        if let Some(quantize) = self.quantize {
+            builder = builder.quantize(quantize);
         }
         let mut engine = builder.build()?;
         let load_seconds = load_start.elapsed().as_secs_f64();
@@ -122,6 +127,7 @@ impl ThroughputBench<'_> {
                 "architecture": format!("{:?}", info.architecture),
                 "device": format!("{:?}", self.device),
                 "dtype": info.dtype.name(),
+                "quantize": self.quantize.as_ref().map(|q| format!("{q:?}")),
                 "cuda_graphs": self.cuda_graphs,
                 "load_s": load_seconds,
                 "requests": batch,

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pagoda_engine::{ChatMessage, DType, Device, Engine, Prompt, SamplingParams};
+use pagoda_models::{Nf4Options, Quantization};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +62,9 @@ struct DecodeArgs {
     device: DeviceArg,
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
+    /// Quantize the weights as they load.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
     #[arg(long, default_value_t = 256)]
@@ -87,6 +91,9 @@ struct ThroughputArgs {
     device: DeviceArg,
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
+    /// Quantize the weights as they load.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
     /// Requests submitted at once; several (comma-separated) give one run each, the table of
     /// throughput and TPOT as the batch grows.
     #[arg(long, value_delimiter = ',', default_value = "64")]
@@ -108,6 +115,22 @@ struct ThroughputArgs {
 enum DeviceArg {
     Cpu,
     Cuda,
+}
+
+/// Weights quantized as they load.
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantizeArg {
+    /// 4-bit NormalFloat in blocks of 64 with double-quantized scales (bitsandbytes' format);
+    /// attention and MLP projections, the lm head stays 16-bit.
+    Nf4,
+}
+
+impl QuantizeArg {
+    fn quantization(self) -> Quantization {
+        match self {
+            QuantizeArg::Nf4 => Quantization::Nf4(Nf4Options::default()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -152,6 +175,9 @@ struct GenerateArgs {
     /// on a GPU.
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
+    /// Quantize the weights as they load.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
     /// The text to continue.
     prompt: String,
 }
@@ -199,6 +225,7 @@ fn bench_decode(args: DecodeArgs) -> Result<(), Box<dyn std::error::Error>> {
         model: &args.model,
         device: args.device.device(),
         dtype: args.dtype.map(DTypeArg::dtype),
+        quantize: args.quantize.map(QuantizeArg::quantization),
         prompt_len: args.prompt_len,
         new_tokens: args.new_tokens,
         warmup: args.warmup,
@@ -216,6 +243,7 @@ fn bench_throughput(args: ThroughputArgs) -> Result<(), Box<dyn std::error::Erro
         model: &args.model,
         device: args.device.device(),
         dtype: args.dtype.map(DTypeArg::dtype),
+        quantize: args.quantize.map(QuantizeArg::quantization),
         batch_sizes: args.batch_sizes,
         prompt_len: args.prompt_len,
         new_tokens: args.new_tokens,
@@ -246,6 +274,9 @@ fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
     let mut builder = Engine::builder().model(&args.model).device(device);
     if let Some(dtype) = args.dtype {
         builder = builder.dtype(dtype.dtype());
+    }
+    if let Some(quantize) = args.quantize {
+        builder = builder.quantize(quantize.quantization());
     }
     let mut engine = builder.build()?;
     eprintln!(

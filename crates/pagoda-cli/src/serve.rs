@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pagoda_engine::Engine;
 use pagoda_server::ServerConfig;
 
-use crate::{DTypeArg, DeviceArg};
+use crate::{DTypeArg, DeviceArg, QuantizeArg};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -25,6 +25,9 @@ pub struct EngineArgs {
     /// on a GPU.
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
+    /// Quantize the weights as they load.
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
     /// The longest prompt plus reply, in tokens, to reserve KV memory for; default: the
     /// model's context, at most 8192.
     #[arg(long)]
@@ -63,6 +66,9 @@ impl EngineArgs {
             .device(self.device.device());
         if let Some(dtype) = self.dtype {
             builder = builder.dtype(dtype.dtype());
+        }
+        if let Some(quantize) = self.quantize {
+            builder = builder.quantize(quantize.quantization());
         }
         if let Some(tokens) = self.max_context_tokens {
             builder = builder.max_context_tokens(tokens);
