@@ -10,13 +10,19 @@
 #   - W1 decode, batch 1, prompt 128, 256 new tokens, fp16: pagoda (`pagoda bench decode`, with
 #     its own copy-bandwidth floor; decode steps replayed as CUDA graphs, and with --eager host
 #     launches) and HF transformers eager and static cache + torch.compile;
+#   - W1 in NF4: `pagoda bench decode --quantize nf4`, and HF + bitsandbytes when the bundle
+#     carries bitsandbytes unpacked in bnb-site/;
 #   - W2, 64 requests x (128 prompt, 256 new tokens), and batch sizes 1 to 256: `pagoda bench
 #     throughput` against its decode floor, and HF continuous batching (generate_batch).
+# PARTS (third argument, default all) picks sections, comma-separated: kernels, w1, nf4, w2; a
+# whole run takes longer than one device call may, so it can be split.
 # The models are Pythia-2.8B and Llama-3.2-3B from their real configs with random weights, made
 # by scripts/gpu_parity_reference.py if MODELS does not hold them yet.
 set -uo pipefail
 bundle=${1:-gpu-bundle}
 models=${2:-/tmp/parity}
+parts=${3:-kernels,w1,nf4,w2}
+want() { [[ ",$parts," == *",$1,"* ]]; }
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export PAGODA_KERNEL_CACHE=${PAGODA_KERNEL_CACHE:-/tmp/pagoda-kernels}
 log=$(mktemp)
@@ -33,12 +39,12 @@ for m in pythia-2.8b llama-3.2-3b; do
   fi
 done
 
-run 120 python3 "$bundle/peers/kernels_and_generate.py" hw softmax
+want kernels && run 120 python3 "$bundle/peers/kernels_and_generate.py" hw softmax
 for b in "$bundle"/bin/bench-cuda_softmax; do
-  [ -x "$b" ] && run 180 "$b" --bench --warm-up-time 1 --measurement-time 2
+  want kernels && [ -x "$b" ] && run 180 "$b" --bench --warm-up-time 1 --measurement-time 2
 done
 flash_log=$(mktemp)
-if [ -x "$bundle/bin/bench-cuda_flash_attention" ]; then
+if want kernels && [ -x "$bundle/bin/bench-cuda_flash_attention" ]; then
   echo "+ bench-cuda_flash_attention" >&2
   timeout 240 "$bundle/bin/bench-cuda_flash_attention" --bench --warm-up-time 1 --measurement-time 2 \
     > "$flash_log" 2>&1 || echo "(failed or timed out: bench-cuda_flash_attention)"
@@ -47,21 +53,31 @@ if [ -x "$bundle/bin/bench-cuda_flash_attention" ]; then
 fi
 for m in pythia-2.8b llama-3.2-3b; do
   for launches in "" --eager; do
-    run 180 "$bundle/bin/pagoda" bench decode --model "$models/$m" --device cuda --dtype f16 \
+    want w1 && run 180 "$bundle/bin/pagoda" bench decode --model "$models/$m" --device cuda --dtype f16 \
       --prompt-len 128 --new-tokens 256 --warmup 1 --reps 3 $launches
   done
 done
 for m in pythia-2.8b llama-3.2-3b; do
-  run 300 python3 "$bundle/peers/hf_decode.py" --model "$m" --modes fp16_eager,fp16_static_compile \
+  want w1 && run 300 python3 "$bundle/peers/hf_decode.py" --model "$m" --modes fp16_eager,fp16_static_compile \
     --reps 2 --warmup 1
 done
+for m in pythia-2.8b llama-3.2-3b; do
+  want nf4 && run 180 "$bundle/bin/pagoda" bench decode --model "$models/$m" --device cuda --dtype f16 \
+    --quantize nf4 --prompt-len 128 --new-tokens 256 --warmup 1 --reps 3
+done
+if want nf4 && [ -d "$bundle/bnb-site" ]; then
+  for m in pythia-2.8b llama-3.2-3b; do
+    PYTHONPATH="$bundle/bnb-site:${PYTHONPATH:-}" run 300 python3 "$bundle/peers/hf_decode.py" \
+      --model "$m" --modes nf4_sdpa --reps 1 --warmup 1
+  done
+fi
 # W2: 64 requests x (128 prompt, 256 new tokens) through the engine, and throughput as the batch
 # grows; HF continuous batching (generate_batch) on the same workload.
 for m in pythia-2.8b llama-3.2-3b; do
-  run 240 "$bundle/bin/pagoda" bench throughput --model "$models/$m" --device cuda --dtype f16 \
+  want w2 && run 240 "$bundle/bin/pagoda" bench throughput --model "$models/$m" --device cuda --dtype f16 \
     --batch-sizes 1,8,32,64,128,256 --prompt-len 128 --new-tokens 256
 done
-if [ -z "${PAGODA_SKIP_HF_W2:-}" ]; then
+if want w2; then
   for m in pythia-2.8b llama-3.2-3b; do
     run 300 python3 "$bundle/peers/hf_decode.py" --model "$m" --modes fp16_cb
   done
@@ -79,6 +95,8 @@ for line in open(sys.argv[1]):
         continue
     if r.get("bench") == "decode":
         launches = "graphs" if r.get("cuda_graphs") else "eager"
+        if r.get("quantize"):
+            launches = "nf4"
         print("pagoda %-6s %-8s TTFT %7.2f ms  TPOT %6.3f ms  %7.1f tok/s  floor %.3f ms  %.1f%% of floor"
               % (launches, r["architecture"], r["ttft_ms"], r["tpot_ms"], r["tok_s"], r["floor_tpot_ms"], 100 * r["fraction_of_floor"]))
     elif r.get("bench") == "throughput":
