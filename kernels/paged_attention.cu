@@ -13,8 +13,13 @@
 //   16-byte chunks cover a head: 16 for 128 f16 dimensions), each segment streaming its own tokens
 //   with one 16-byte load per lane per row; the four warps of a block take interleaved steps of
 //   LOADS tokens per segment, and every lane issues all of a step's K and V loads before it uses
-//   any of them. Block-table entries for the next step are fetched while the current one is
+//   any of them, then asks L2 to fetch the next step's rows, so two steps are in flight while one
+//   is computed. Block-table entries for the next step are fetched while the current one is
 //   computed, so the dependent lookup never stalls a step.
+// - The hot loop has no branches: tokens past the split's end load its first row again and are
+//   masked out of the softmax, chunks past the head load its last chunk (under a zero query),
+//   block lookups divide by multiplication, and the lanes of a segment sum their partial dot
+//   products in one loop over the exchanges, all of a step's scores at once.
 // - Each segment keeps its own running softmax statistics (max and sum in the log2 domain, f32),
 //   so nothing is synchronised while streaming: segments merge through shuffles at the end of the
 //   split, warps through shared memory, splits in paged_attention_combine (the flash-decoding
@@ -109,25 +114,24 @@ __device__ __forceinline__ unsigned bits_of(float x) { return __float_as_uint(x)
 __device__ __forceinline__ unsigned bits_of(half_t x) { return x.bits; }
 __device__ __forceinline__ unsigned bits_of(bf16_t x) { return x.bits; }
 
-// Elements [first, first + VEC) of `row` as one 16-byte chunk (zeros past head_dim): one vector
-// load when the rows are 16-byte aligned and head_dim fills whole chunks, element loads otherwise.
-template <typename T>
-__device__ __forceinline__ uint4 load_chunk(const T* row, unsigned first, unsigned head_dim, bool vectorized) {
-    constexpr int VEC = HeadChunks<T>::VEC;
-    constexpr int PER_WORD = 4 / sizeof(T);
-    uint4 raw = {0u, 0u, 0u, 0u};
-    if (first >= head_dim) return raw;
-    if (vectorized) return load_stream(row + first);
-    unsigned words[4] = {0u, 0u, 0u, 0u};
+// The VEC elements at `chunk` as one 16-byte chunk: one vector load when the rows are 16-byte
+// aligned and head_dim fills whole chunks (VECTORIZED), else element loads of the first `limit`
+// (the head's elements left from here, at least 1) and zeros after them.
+template <typename T, bool VECTORIZED>
+__device__ __forceinline__ uint4 load_chunk(const T* chunk, unsigned limit) {
+    if constexpr (VECTORIZED) {
+        return load_stream(chunk);
+    } else {
+        constexpr int VEC = HeadChunks<T>::VEC;
+        constexpr int PER_WORD = 4 / sizeof(T);
+        unsigned words[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-        if (first + i < head_dim) words[i / PER_WORD] |= bits_of(row[first + i]) << (32 / PER_WORD * (i % PER_WORD));
+        for (int i = 0; i < VEC; ++i) {
+            if (static_cast<unsigned>(i) < limit) words[i / PER_WORD] |= bits_of(chunk[i]) << (32 / PER_WORD * (i % PER_WORD));
+        }
+        const uint4 raw = {words[0], words[1], words[2], words[3]};
+        return raw;
     }
-    raw.x = words[0];
-    raw.y = words[1];
-    raw.z = words[2];
-    raw.w = words[3];
-    return raw;
 }
 
 // Element i (a compile-time constant once unrolled) of a chunk, as float.
@@ -161,37 +165,77 @@ __device__ __forceinline__ void unpack(const uint4 (&raw)[HeadChunks<T>::PER_LAN
     }
 }
 
-// Sums v over the lanes of a segment (lanes xor-apart by less than `lanes`); every lane of the
-// segment receives the sum. `lanes` is the same power of two for the whole warp.
-__device__ __forceinline__ float segment_sum(float v, unsigned lanes) {
+// Sums each of `values` over the lanes of a segment (lanes xor-apart by less than `lanes`, the same
+// power of two for the whole warp); every lane of the segment receives the sums. One loop over the
+// exchanges a segment needs, each exchanging every value: no shuffle sits under a branch of its
+// own, which would cost a divergence check and two jumps per shuffle.
+template <int N>
+__device__ __forceinline__ void segment_sums(float (&values)[N], unsigned lanes) {
+    for (unsigned offset = 1; offset < lanes; offset <<= 1) {
 #pragma unroll
-    for (unsigned offset = 16; offset > 0; offset >>= 1) {
-        if (offset < lanes) v += __shfl_xor_sync(0xffffffffu, v, offset);
+        for (int i = 0; i < N; ++i) values[i] += __shfl_xor_sync(0xffffffffu, values[i], offset);
     }
-    return v;
 }
 
 // Max / sum of v over the segments of a warp (lanes xor-apart by `lanes` or more).
 __device__ __forceinline__ float across_segments_max(float v, unsigned lanes) {
-#pragma unroll
-    for (unsigned offset = 16; offset > 0; offset >>= 1) {
-        if (offset >= lanes) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    }
+    for (unsigned offset = lanes; offset < 32; offset <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
 }
 
 __device__ __forceinline__ float across_segments_sum(float v, unsigned lanes) {
-#pragma unroll
-    for (unsigned offset = 16; offset > 0; offset >>= 1) {
-        if (offset >= lanes) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    }
+    for (unsigned offset = lanes; offset < 32; offset <<= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }
 
-// exp2(x - max) for a running max that may still be -inf (nothing seen yet): 0 then.
-__device__ __forceinline__ float rescale(float x, float max) { return max == NEG_INF ? 0.0f : exp2f(x - max); }
+// Asks L2 to fetch the line holding `p` from memory now, so that the load a step later finds it
+// there: the next step's rows are in flight while this step computes, without holding registers.
+// (Past the split's end the next step's rows are its first row again, a harmless repeat.)
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
-template <typename T, int GROUP>
+// 2^x by the hardware's approximation (relative error near 2^-22, far below what the f32 softmax
+// statistics need), without exp2f's extra steps for results below 2^-126, which flush to 0 here.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// exp2(x - max) for a running max that may still be -inf (nothing seen yet): 0 then.
+__device__ __forceinline__ float rescale(float x, float max) { return max == NEG_INF ? 0.0f : fast_exp2(x - max); }
+
+// n / d for a divisor fixed for the launch, by a multiply-high, an add and a shift: q = (umulhi(n,
+// mul) + n) >> shift with shift = ceil(log2 d) and mul = floor(2^32 (2^shift - d) / d) + 1 (Granlund
+// and Montgomery, "Division by invariant integers using multiplication", 1994), exact for every
+// 32-bit n. The constants cost one 64-bit division per thread, the quotients a few instructions.
+struct Divisor {
+    unsigned divisor;
+    unsigned mul;
+    unsigned shift;
+
+    __device__ explicit Divisor(unsigned d) : divisor(d), shift(32 - __clz(d - 1)) {
+        mul = static_cast<unsigned>(((1ull << 32) * ((1ull << shift) - d)) / d + 1);
+    }
+
+    __device__ __forceinline__ unsigned quotient(unsigned n) const {
+        return static_cast<unsigned>((static_cast<unsigned long long>(__umulhi(n, mul)) + n) >> shift);
+    }
+};
+
+// Where a block's warps hand their statistics and values to each other at the end of a split: one
+// per group width, shared by both load paths of a kernel.
+template <int GROUP> struct MergeSpace {
+    float values[WARPS][GROUP][MAX_HEAD_DIM];
+    float max[WARPS][GROUP];
+    float sum[WARPS][GROUP];
+};
+
+template <int GROUP> __device__ __forceinline__ MergeSpace<GROUP>& merge_space() {
+    __shared__ MergeSpace<GROUP> space;
+    return space;
+}
+
+template <typename T, int GROUP, bool VECTORIZED>
 __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages,
                                 T* __restrict__ out, float* __restrict__ scratch,
                                 const unsigned* __restrict__ query_start, const unsigned* __restrict__ context_len,
@@ -205,9 +249,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     // queries and accumulators take the registers.
     constexpr int LOADS = GROUP <= 4 ? 4 : 2;
 
-    __shared__ float merge_values[WARPS][GROUP][MAX_HEAD_DIM];
-    __shared__ float merge_max[WARPS][GROUP];
-    __shared__ float merge_sum[WARPS][GROUP];
+    MergeSpace<GROUP>& merge = merge_space<GROUP>();
 
     const unsigned lane = threadIdx.x & 31;
     const unsigned warp = threadIdx.x >> 5;
@@ -226,12 +268,30 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     const unsigned segments = 32 / lanes;
     const unsigned segment = lane / lanes;
     const unsigned part = lane % lanes;
-    const bool vectorized = head_dim % VEC == 0 && is_aligned16(k_pages) && is_aligned16(v_pages);
-    const unsigned long long token_stride = static_cast<unsigned long long>(num_kv_heads) * head_dim;
-    const T* k_head = k_pages + static_cast<unsigned long long>(kv_head) * head_dim;
-    const T* v_head = v_pages + static_cast<unsigned long long>(kv_head) * head_dim;
-    // Blocks of a power-of-two size (the usual 16) are found with a shift rather than a division.
-    const int block_shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
+    // This lane's chunks of a row: part, part + lanes, ... A chunk past the head reads the row's
+    // last chunk instead - its query is 0 and its values are never written out - so every load is
+    // in bounds and none needs a predicate.
+    unsigned chunk_first[PER_LANE];
+    bool chunk_active[PER_LANE];
+#pragma unroll
+    for (int c = 0; c < PER_LANE; ++c) {
+        const unsigned chunk = part + c * lanes;
+        chunk_active[c] = chunk < chunks;
+        chunk_first[c] = min(chunk, chunks - 1) * VEC;
+    }
+    // Bytes from one slot's row to the next; slots (block * block_size + offset) fit in 32 bits
+    // (the launcher checks), so a row's byte offset is one 32 x 32 -> 64-bit multiply.
+    const unsigned row_bytes = num_kv_heads * head_dim * static_cast<unsigned>(sizeof(T));
+    // This lane's chunks of the KV head's row in slot 0: a token's are a row offset further.
+    const char* k_lane[PER_LANE];
+    const char* v_lane[PER_LANE];
+#pragma unroll
+    for (int c = 0; c < PER_LANE; ++c) {
+        const unsigned long long first = static_cast<unsigned long long>(kv_head) * head_dim + chunk_first[c];
+        k_lane[c] = reinterpret_cast<const char*>(k_pages + first);
+        v_lane[c] = reinterpret_cast<const char*>(v_pages + first);
+    }
+    const Divisor block_divisor(block_size);
     const unsigned step_tokens = LOADS * segments;
     const unsigned stride = WARPS * step_tokens;
     const float log2_scale = scale * LOG2E;
@@ -268,9 +328,9 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
             for (int c = 0; c < PER_LANE; ++c) {
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) {
-                    const unsigned d = (part + c * lanes) * VEC + i;
-                    query[g][c * VEC + i] =
-                        g < heads_here && d < head_dim ? log2_scale * to_float(q_row[g * head_dim + d]) : 0.0f;
+                    const unsigned d = chunk_first[c] + i;
+                    const bool used = g < heads_here && chunk_active[c] && d < head_dim;
+                    query[g][c * VEC + i] = used ? log2_scale * to_float(q_row[g * head_dim + d]) : 0.0f;
                     acc[g][c * VEC + i] = 0.0f;
                 }
             }
@@ -278,86 +338,107 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
             run_sum[g] = 0.0f;
         }
 
-        // Element offsets of the rows of this lane's tokens of the step starting at `start`.
+        // Byte offset of a context token's row (that of slot 0 for a block id outside the pages,
+        // which makes the result NaN).
         bool broken = false;
+        auto row_offset = [&](unsigned token) {
+            const unsigned index = block_divisor.quotient(token);
+            const unsigned block = table[index];
+            broken |= block >= num_blocks;
+            const unsigned slot = block < num_blocks ? block * block_size + (token - index * block_size) : 0u;
+            return static_cast<unsigned long long>(slot) * row_bytes;
+        };
+        // This lane's rows of the step starting at `start`. Tokens past the split's end read the
+        // split's first row, already in flight or in cache, and are masked out of the softmax: no
+        // load needs a predicate and no lookup a branch.
         unsigned long long offset[LOADS];
         auto locate = [&](unsigned start) {
 #pragma unroll
             for (int u = 0; u < LOADS; ++u) {
                 const unsigned token = start + u * segments + segment;
-                unsigned long long at = 0;
-                if (token < end) {
-                    const unsigned index = block_shift >= 0 ? token >> block_shift : token / block_size;
-                    const unsigned block = table[index];
-                    if (block < num_blocks) {
-                        at = (static_cast<unsigned long long>(block) * block_size + (token - index * block_size)) *
-                             token_stride;
-                    } else {
-                        broken = true;
-                    }
-                }
-                offset[u] = at;
+                offset[u] = row_offset(token < end ? token : begin);
             }
         };
 
-        // The loop bounds depend on the warp only, so every lane reaches the shuffles.
-        unsigned first = begin + warp * step_tokens;
-        locate(first);
-        for (; first < end; first += stride) {
-            uint4 keys[LOADS][PER_LANE];
-            uint4 values[LOADS][PER_LANE];
-#pragma unroll
-            for (int u = 0; u < LOADS; ++u) {
-                const bool valid = first + u * segments + segment < end;
-#pragma unroll
-                for (int c = 0; c < PER_LANE; ++c) {
-                    const unsigned chunk_first = (part + c * lanes) * VEC;
-                    const uint4 zero = {0u, 0u, 0u, 0u};
-                    keys[u][c] = valid ? load_chunk(k_head + offset[u], chunk_first, head_dim, vectorized) : zero;
-                    values[u][c] = valid ? load_chunk(v_head + offset[u], chunk_first, head_dim, vectorized) : zero;
-                }
-            }
-            locate(first + stride);
-
-            float score[LOADS][GROUP];
-#pragma unroll
-            for (int u = 0; u < LOADS; ++u) {
-                const bool valid = first + u * segments + segment < end;
-                float key[ELEMS];
-                unpack<T>(keys[u], key);
-#pragma unroll
-                for (int g = 0; g < GROUP; ++g) {
-                    float dot = 0.0f;
-#pragma unroll
-                    for (int e = 0; e < ELEMS; ++e) dot += query[g][e] * key[e];
-                    dot = segment_sum(dot, lanes);
-                    score[u][g] = valid ? dot : NEG_INF;
-                }
-            }
-#pragma unroll
-            for (int g = 0; g < GROUP; ++g) {
-                float new_max = run_max[g];
-#pragma unroll
-                for (int u = 0; u < LOADS; ++u) new_max = fmaxf(new_max, score[u][g]);
-                const float correction = rescale(run_max[g], new_max);
-                run_sum[g] *= correction;
-#pragma unroll
-                for (int e = 0; e < ELEMS; ++e) acc[g][e] *= correction;
+        // Stream this warp's steps of the split. The loop bounds depend on the warp only, so every
+        // lane reaches the shuffles.
+        {
+            unsigned first = begin + warp * step_tokens;
+            locate(first);
+            for (; first < end; first += stride) {
+                uint4 keys[LOADS][PER_LANE];
+                uint4 values[LOADS][PER_LANE];
 #pragma unroll
                 for (int u = 0; u < LOADS; ++u) {
-                    score[u][g] = rescale(score[u][g], new_max);
-                    run_sum[g] += score[u][g];
-                }
-                run_max[g] = new_max;
-            }
 #pragma unroll
-            for (int u = 0; u < LOADS; ++u) {
-                float value[ELEMS];
-                unpack<T>(values[u], value);
+                    for (int c = 0; c < PER_LANE; ++c) {
+                        const unsigned limit = head_dim - chunk_first[c];
+                        keys[u][c] = load_chunk<T, VECTORIZED>(reinterpret_cast<const T*>(k_lane[c] + offset[u]), limit);
+                        values[u][c] = load_chunk<T, VECTORIZED>(reinterpret_cast<const T*>(v_lane[c] + offset[u]), limit);
+                    }
+                }
+                // Tokens of this lane's segment left in the split, from this step on.
+                const int remaining = static_cast<int>(end - first) - static_cast<int>(segment);
+                locate(first + stride);
+                if constexpr (VECTORIZED) {
+#pragma unroll
+                    for (int u = 0; u < LOADS; ++u) {
+#pragma unroll
+                        for (int c = 0; c < PER_LANE; ++c) {
+                            prefetch_l2(k_lane[c] + offset[u]);
+                            prefetch_l2(v_lane[c] + offset[u]);
+                        }
+                    }
+                }
+
+                float score[LOADS * GROUP];
+#pragma unroll
+                for (int u = 0; u < LOADS; ++u) {
+                    float key[ELEMS];
+                    unpack<T>(keys[u], key);
+#pragma unroll
+                    for (int g = 0; g < GROUP; ++g) {
+                        float dot = 0.0f;
+#pragma unroll
+                        for (int e = 0; e < ELEMS; ++e) dot += query[g][e] * key[e];
+                        score[u * GROUP + g] = dot;
+                    }
+                }
+                segment_sums(score, lanes);
+#pragma unroll
+                for (int u = 0; u < LOADS; ++u) {
+                    const bool valid = static_cast<int>(u * segments) < remaining;
+#pragma unroll
+                    for (int g = 0; g < GROUP; ++g) score[u * GROUP + g] = valid ? score[u * GROUP + g] : NEG_INF;
+                }
 #pragma unroll
                 for (int g = 0; g < GROUP; ++g) {
+                    float new_max = run_max[g];
 #pragma unroll
-                    for (int e = 0; e < ELEMS; ++e) acc[g][e] += score[u][g] * value[e];
+                    for (int u = 0; u < LOADS; ++u) new_max = fmaxf(new_max, score[u * GROUP + g]);
+                    // A segment that has seen no token yet keeps a max of -inf; exponents relative
+                    // to 0 then give the 0 weights its (masked) scores and empty history deserve.
+                    const float base = new_max == NEG_INF ? 0.0f : new_max;
+                    const float correction = fast_exp2(run_max[g] - base);
+                    run_sum[g] *= correction;
+#pragma unroll
+                    for (int e = 0; e < ELEMS; ++e) acc[g][e] *= correction;
+#pragma unroll
+                    for (int u = 0; u < LOADS; ++u) {
+                        score[u * GROUP + g] = fast_exp2(score[u * GROUP + g] - base);
+                        run_sum[g] += score[u * GROUP + g];
+                    }
+                    run_max[g] = new_max;
+                }
+#pragma unroll
+                for (int u = 0; u < LOADS; ++u) {
+                    float value[ELEMS];
+                    unpack<T>(values[u], value);
+#pragma unroll
+                    for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+                        for (int e = 0; e < ELEMS; ++e) acc[g][e] += score[u * GROUP + g] * value[e];
+                    }
                 }
             }
         }
@@ -375,14 +456,14 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
                 for (int c = 0; c < PER_LANE; ++c) {
 #pragma unroll
                     for (int i = 0; i < VEC; ++i) {
-                        const unsigned d = (part + c * lanes) * VEC + i;
-                        if (d < head_dim) merge_values[warp][g][d] = acc[g][c * VEC + i];
+                        const unsigned d = chunk_first[c] + i;
+                        if (chunk_active[c] && d < head_dim) merge.values[warp][g][d] = acc[g][c * VEC + i];
                     }
                 }
             }
             if (lane == 0) {
-                merge_max[warp][g] = warp_max;
-                merge_sum[warp][g] = warp_sum;
+                merge.max[warp][g] = warp_max;
+                merge.sum[warp][g] = warp_sum;
             }
         }
         const bool is_broken = __syncthreads_or(broken) != 0;
@@ -392,14 +473,14 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
             const unsigned d = i - g * head_dim;
             float max = NEG_INF;
 #pragma unroll
-            for (int w = 0; w < WARPS; ++w) max = fmaxf(max, merge_max[w][g]);
+            for (int w = 0; w < WARPS; ++w) max = fmaxf(max, merge.max[w][g]);
             float sum = 0.0f;
             float value = 0.0f;
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) {
-                const float weight = rescale(merge_max[w][g], max);
-                sum += merge_sum[w][g] * weight;
-                value += merge_values[w][g][d] * weight;
+                const float weight = rescale(merge.max[w][g], max);
+                sum += merge.sum[w][g] * weight;
+                value += merge.values[w][g][d] * weight;
             }
             const unsigned head = first_head + g;
             if (num_splits == 1) {
@@ -472,16 +553,28 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
 // num_splits <= MAX_SPLITS), WARPS warps per block; head_dim <= 256; each sequence cuts its
 // context into num_splits splits of split_length() tokens. `_g<GROUP>` serves up to GROUP query
 // heads per KV head in one block.
+// Blocks each SM must be able to hold, which caps the registers a thread may use: four (16 warps,
+// 128 registers) for 16-bit groups of up to 3 heads, three for groups of 4, whose queries and
+// accumulators would spill at 128; no cap for f32 and groups of 8, which hold twice the values.
+#define MIN_BLOCKS(T, GROUP) (sizeof(T) == 4 ? 1 : (GROUP) <= 3 ? 4 : (GROUP) == 4 ? 3 : 1)
+
 #define PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, GROUP)                                                              \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_attention_g##GROUP##_##SUFFIX(                   \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS(T, GROUP)) paged_attention_g##GROUP##_##SUFFIX( \
         const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages, T* __restrict__ out,  \
         float* __restrict__ scratch, const unsigned* __restrict__ query_start,                                       \
         const unsigned* __restrict__ context_len, const unsigned* __restrict__ block_tables, unsigned num_seqs,      \
         unsigned max_blocks, unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned head_dim,      \
         unsigned block_size, unsigned num_blocks, float scale) {                                                     \
-        paged_attention<T, GROUP>(q, k_pages, v_pages, out, scratch, query_start, context_len, block_tables,         \
-                                  num_seqs, max_blocks, num_tokens, num_heads, num_kv_heads, head_dim, block_size,   \
-                                  num_blocks, scale);                                                                \
+        /* 16-byte loads (and L2 prefetches) when the rows allow them, element loads otherwise. */                  \
+        if (head_dim % (16 / sizeof(T)) == 0 && is_aligned16(k_pages) && is_aligned16(v_pages)) {                   \
+            paged_attention<T, GROUP, true>(q, k_pages, v_pages, out, scratch, query_start, context_len,             \
+                                            block_tables, num_seqs, max_blocks, num_tokens, num_heads, num_kv_heads, \
+                                            head_dim, block_size, num_blocks, scale);                                \
+        } else {                                                                                                     \
+            paged_attention<T, GROUP, false>(q, k_pages, v_pages, out, scratch, query_start, context_len,            \
+                                             block_tables, num_seqs, max_blocks, num_tokens, num_heads,              \
+                                             num_kv_heads, head_dim, block_size, num_blocks, scale);                 \
+        }                                                                                                            \
     }
 
 #define PAGODA_PAGED_ATTENTION_KERNELS(SUFFIX, T)                                                                     \
