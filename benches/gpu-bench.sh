@@ -51,6 +51,19 @@ if want kernels && [ -x "$bundle/bin/bench-cuda_flash_attention" ]; then
   grep -E '^\{' "$flash_log" | tee -a "$log"
   timeout 240 python3 benches/peers/attention_prefill.py --compare "$flash_log" 2>&1 | tee -a "$log" | tail -6
 fi
+# Paged decode attention beside SDPA; NF4 products beside cuBLAS f16 and bitsandbytes.
+for pair in "cuda_paged_attention attention_decode.py" "cuda_nf4 nf4_matmul.py"; do
+  read -r bench peer <<<"$pair"
+  if want kernels && [ -x "$bundle/bin/bench-$bench" ]; then
+    bench_log=$(mktemp)
+    echo "+ bench-$bench" >&2
+    timeout 240 "$bundle/bin/bench-$bench" --bench --warm-up-time 1 --measurement-time 2 \
+      > "$bench_log" 2>&1 || echo "(failed or timed out: bench-$bench)"
+    grep -E '^\{' "$bench_log" | tee -a "$log"
+    PYTHONPATH="$bundle/bnb-site:${PYTHONPATH:-}" timeout 240 python3 "benches/peers/$peer" \
+      --compare "$bench_log" 2>&1 | tee -a "$log" | tail -12
+  fi
+done
 for m in pythia-2.8b llama-3.2-3b; do
   for launches in "" --eager; do
     want w1 && run 180 "$bundle/bin/pagoda" bench decode --model "$models/$m" --device cuda --dtype f16 \

@@ -17,6 +17,7 @@
 #   build-root           the repository root at build time, which env!("CARGO_MANIFEST_DIR") in
 #                        the tests points into
 #   gpu_parity_reference.py, peers/*.py, run.sh
+#   bnb-site/            bitsandbytes unpacked, when PAGODA_BNB_SITE names it
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -104,6 +105,13 @@ if compgen -G "$peers/*.py" >/dev/null; then
     cp "$peers"/*.py "$out/peers/"
 else
     echo "gpu-bundle: no peer scripts in $peers (set PAGODA_PEERS_DIR)" >&2
+fi
+
+# bitsandbytes, for the NF4 bit-exactness tests and peers: PAGODA_BNB_SITE names a folder holding
+# the unpacked package (its Python files and the one CUDA library the GPU machine needs; the whole
+# wheel is too large to travel).
+if [[ -n ${PAGODA_BNB_SITE:-} ]]; then
+    cp -r "$PAGODA_BNB_SITE" "$out/bnb-site"
 fi
 
 sort -t $'\t' -k1,1 -k4,4 -k2,2 -o "$manifest" "$manifest"
