@@ -7,7 +7,8 @@
 // __fadd_rn keep the compiler from contracting them into an FMA), then rounds once to the output
 // type: the same bits as bitsandbytes' dequantize_4bit.
 //
-// The product (`nf4_linear_*`) is for decode and short prefill chunks, m <= 64 rows of x (f16 or
+// The product is `nf4_gemv_*` for one row of x (at the end of the file) and `nf4_linear_*`
+// for decode batches and short prefill chunks, m <= 64 rows of x (f16 or
 // bf16), k a multiple of 64, blocks of at least 64 values. It runs on tensor cores (mma.sync
 // m16n8k16, f32 accumulators) with the weights as the A operand, tiles of 16 weight rows, and
 // x as B, 8 rows of x per n-tile:
@@ -445,3 +446,215 @@ NF4_LINEAR_TILES(f16, half_t)
 NF4_LINEAR_TILES(bf16, bf16_t)
 #undef NF4_LINEAR_TILES
 #undef NF4_LINEAR_KERNEL
+
+// ---------------------------------------------------------------------------------------------
+// The decode product: one row of x
+// ---------------------------------------------------------------------------------------------
+//
+// At a handful of rows of x the product is a pass over the packed weights, so this form is built
+// like gemv.cu's split form rather than on tensor cores: a block owns ROWS weight rows (ROWS / 2
+// outputs and their up rows when gated) and its warps stride over k, every lane requesting all
+// of its ROWS x BATCH words before it uses any.
+// - A lane's unit is one 4-byte word of packed codes (8 weights), and consecutive lanes take
+//   consecutive words: each weight load is a coalesced 128-byte line, and the 8 values of x the
+//   word meets are one 16-byte vector whose warp-wide load is 512 contiguous bytes (x is read
+//   through L1; it is small and every block reads it). A 16-byte word per lane would leave x's
+//   vectors 64 bytes apart, four times the L1 wavefronts, and L1 and shared memory share the
+//   bandwidth the code lookups need.
+// - Decoding: two shift-and-mask operations turn a word into the byte offsets (code * 4) of its
+//   8 codes in a 16-entry f32 table in shared memory (16 entries in 16 banks: any lookup pattern
+//   of a warp is one wavefront); per weight one byte permute (PRMT) extracts the offset, one
+//   shared load fetches the code value, one FMA per row of x accumulates CODE[q] * x unscaled.
+// - A warp step covers 32 x BATCH words of each row, 32 / ROWS chunks of 64 values: lane l
+//   fetches (and for nested scales decodes) the scale of chunk l % (32 / ROWS) of row
+//   l / (32 / ROWS) once, and each word's 8-value partial sums are scaled by the scale shuffled
+//   from that lane: one shuffle and one FMA per row of x per 8 weights.
+// - Partial sums meet in shared memory; the epilogue (bias, GELU, SwiGLU, addend) is the one
+//   of the tensor-core form.
+// Precision: code values and products are f32 (the tensor-core form rounds the code values to
+// the activation type), scales are applied in f32, x is as stored.
+
+// Warps per block at most: a row of k values is 32 x BATCH x warps words per step, and longer
+// rows loop. 4 warps cover k = 4096 in one step at ROWS = 2. The template takes M rows of x,
+// but only M = 1 is instantiated: at 4 rows (ROWS = 4) it measured 5-30% slower than the
+// tensor-core form on an H100 (docs/kernels.md), which therefore keeps m >= 2.
+constexpr int NF4_GEMV_MAX_WARPS = 4;
+// Words each lane requests before its first multiply (ROWS x BATCH): with one lane per 32 shuffle
+// sources this also makes a warp step exactly 32 chunks of 64 values over its rows.
+constexpr int NF4_GEMV_LOADS = 8;
+
+namespace {
+
+// 4 packed bytes, read once and kept out of L1 (x should stay there).
+__device__ __forceinline__ unsigned load_stream4(const unsigned char* p) {
+    unsigned v;
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+// The code value at byte offset `offset` (code * 4) of the shared table.
+__device__ __forceinline__ float code_at(const float* code, unsigned offset) {
+    return *reinterpret_cast<const float*>(reinterpret_cast<const unsigned char*>(code) + offset);
+}
+
+}  // namespace
+
+template <typename T, int M, int ROWS>
+__device__ __forceinline__ void gemv_kernel(const T* __restrict__ x, const unsigned char* __restrict__ packed,
+                                            Scales s, unsigned block_shift, unsigned row_begin,
+                                            const void* __restrict__ bias, int bias_kind,
+                                            const T* __restrict__ addend, int act, T* __restrict__ out,
+                                            unsigned n, unsigned k) {
+    static_assert(NF4_GEMV_LOADS % ROWS == 0 && ROWS % 2 == 0, "rows pair gates with ups");
+    constexpr int BATCH = NF4_GEMV_LOADS / ROWS;
+    // 64-value chunks per row and warp step, and 4-byte words per row and warp step.
+    constexpr int CHUNKS = 32 / ROWS;
+    constexpr int STEP_WORDS = 32 * BATCH;
+    __shared__ float code[16];
+    __shared__ float code2[256];
+    __shared__ float partial[NF4_GEMV_MAX_WARPS][ROWS][M];
+
+    const unsigned tid = threadIdx.x;
+    const unsigned lane = tid & 31;
+    const unsigned warp = tid >> 5;
+    const unsigned warps = blockDim.x >> 5;
+    const bool gated = act == ACT_SILU_GATE;
+    const unsigned outputs = gated ? ROWS / 2 : ROWS;
+    const unsigned j0 = blockIdx.x * outputs;
+    // Element index of each weight row's start; rows past n (the last block of an n that the
+    // block's outputs do not divide) re-read row n - 1 and are not written.
+    unsigned long long start[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        unsigned row;
+        if (gated) row = min(j0 + r % (ROWS / 2), n - 1) + (r >= ROWS / 2 ? n : 0);
+        else row = min(j0 + r, n - 1);
+        start[r] = static_cast<unsigned long long>(row_begin + row) * k;
+    }
+    if (tid < 16) code[tid] = NF4_CODE[tid];
+    if (s.nested)
+        for (unsigned i = tid; i < 256; i += blockDim.x) code2[i] = __ldg(s.code2 + i);
+    __syncthreads();
+
+    // The row and chunk whose scale this lane fetches each step.
+    const unsigned scale_chunk = lane % CHUNKS;
+    unsigned long long scale_row_start = start[0];
+#pragma unroll
+    for (int r = 1; r < ROWS; ++r)
+        if (lane / CHUNKS == r) scale_row_start = start[r];
+
+    float acc[ROWS][M];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int i = 0; i < M; ++i) acc[r][i] = 0.0f;
+
+    const unsigned words = k / 8;
+    for (unsigned base = warp * STEP_WORDS; base < words; base += warps * STEP_WORDS) {
+        // Everything the step reads from DRAM is requested first: the words (past the row's end:
+        // zero, and their x is zero too) and the lane's scale.
+        unsigned w[BATCH][ROWS];
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+            const unsigned word = base + 32 * u + lane;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+                w[u][r] = word < words ? load_stream4(packed + start[r] / 2 + 4ull * word) : 0u;
+        }
+        const unsigned chunk_word = base + 8 * scale_chunk;
+        const unsigned long long block = (scale_row_start + 8ull * chunk_word) >> block_shift;
+        const unsigned raw = chunk_word < words ? load_scale(s, block) : 0u;
+        const float scale = chunk_word < words ? decode_scale(s, raw, block, code2) : 0.0f;
+
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+            // The same in every lane of the warp, so every lane takes part in the shuffles.
+            if (base + 32 * u >= words) break;
+            const unsigned word = base + 32 * u + lane;
+            float xv[M][8];
+#pragma unroll
+            for (int i = 0; i < M; ++i) {
+                if (word < words) {
+                    load_pack(x + static_cast<size_t>(i) * k + 8 * word, xv[i]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) xv[i][e] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const float row_scale = __shfl_sync(0xffffffffu, scale, r * CHUNKS + 4 * u + lane / 8);
+                // Byte b of the word holds values 2b (high nibble) and 2b + 1 (low nibble); these
+                // put each nibble times 4 in bits 2..5 of its byte.
+                const unsigned hi = (w[u][r] >> 2) & 0x3c3c3c3cu;
+                const unsigned lo = (w[u][r] << 2) & 0x3c3c3c3cu;
+                float part[M];
+#pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    const float c_hi = code_at(code, __byte_perm(hi, 0u, 0x4440u + b));
+                    const float c_lo = code_at(code, __byte_perm(lo, 0u, 0x4440u + b));
+#pragma unroll
+                    for (int i = 0; i < M; ++i) {
+                        part[i] = b == 0 ? c_hi * xv[i][0] : fmaf(c_hi, xv[i][2 * b], part[i]);
+                        part[i] = fmaf(c_lo, xv[i][2 * b + 1], part[i]);
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < M; ++i) acc[r][i] = fmaf(row_scale, part[i], acc[r][i]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+            const float sum = warp_sum(acc[r][i]);
+            if (lane == 0) partial[warp][r][i] = sum;
+        }
+    __syncthreads();
+    if (tid < outputs * M) {
+        const unsigned o = tid / M;
+        const unsigned i = tid % M;
+        const unsigned j = j0 + o;
+        if (j < n) {
+            auto bias_at = [&](unsigned at) {
+                if (bias_kind == BIAS_F32) return static_cast<const float*>(bias)[at];
+                if (bias_kind == BIAS_SAME) return to_float(static_cast<const T*>(bias)[at]);
+                return 0.0f;
+            };
+            float sum = bias_at(j);
+            for (unsigned v = 0; v < warps; ++v) sum += partial[v][o][i];
+            if (gated) {
+                float up = bias_at(n + j);
+                for (unsigned v = 0; v < warps; ++v) up += partial[v][ROWS / 2 + o][i];
+                sum = SiluMul()(sum, up);
+            } else if (act == ACT_GELU) {
+                sum = GeluExact()(sum);
+            } else if (act == ACT_GELU_TANH) {
+                sum = GeluTanh()(sum);
+            }
+            const size_t at = static_cast<size_t>(i) * n + j;
+            if (addend != nullptr) sum += to_float(addend[at]);
+            out[at] = from_float<T>(sum);
+        }
+    }
+}
+
+// out [M, n] = epilogue(x [M, k] · w[row_begin .. row_begin + n]ᵀ + bias), arguments as in
+// nf4_linear_* without m, for k a multiple of 64 and blocks of at least 64 values. A block
+// computes 2 outputs (gated: 1) with 32..128 threads (a multiple of 32).
+#define NF4_GEMV_KERNEL(suffix, T, M)                                                               \
+    extern "C" __global__ void __launch_bounds__(NF4_GEMV_MAX_WARPS * 32) nf4_gemv_##suffix##_m##M( \
+        const T* __restrict__ x, const unsigned char* __restrict__ packed, const void* absmax,      \
+        const float* code2, const float* absmax2, const float* offset2, int nested,                \
+        unsigned nested_shift, unsigned block_shift, unsigned row_begin,                           \
+        const void* __restrict__ bias, int bias_kind, const T* __restrict__ addend, int act,       \
+        T* __restrict__ out, unsigned n, unsigned k) {                                             \
+        gemv_kernel<T, M, 2>(                                                                        \
+            x, packed, Scales{absmax, code2, absmax2, offset2, nested, nested_shift}, block_shift, \
+            row_begin, bias, bias_kind, addend, act, out, n, k);                                   \
+    }
+NF4_GEMV_KERNEL(f16, half_t, 1)
+NF4_GEMV_KERNEL(bf16, bf16_t, 1)
+#undef NF4_GEMV_KERNEL

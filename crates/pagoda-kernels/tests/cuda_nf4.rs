@@ -1,6 +1,7 @@
 //! `kernels/nf4.cu` against `cpu::nf4`: decoding bit for bit (every dtype, block size, nested
-//! or not, ranges starting mid-byte), the packed-weight product and its epilogues on every tile
-//! width and past it (where the weights are decoded first), and - when
+//! or not, ranges starting mid-byte), the packed-weight product and its epilogues - the decode
+//! GEMV at one row, the tensor-core kernel on every tile width - and past it (where the weights
+//! are decoded first), and - when
 //! `PAGODA_NF4_BNB_DIR` names the output of `benches/peers/nf4_matmul.py --dump` - bit for bit
 //! against bitsandbytes' own `quantize_4bit` / `dequantize_4bit`.
 #![cfg(feature = "cuda")]
@@ -221,6 +222,151 @@ fn fused_product_matches_the_cpu_oracle() {
                             dtype,
                         );
                         common::assert_close(&what, &common::download(&out), &expected, dtype);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// (k, n, block size) for the decode GEMV: one chunk (one lane of eight busy), odd n, a step
+/// of four warps cut short, a Llama-width row (three warps), more than one step per warp with
+/// blocks spanning rows, and many blocks of a short row.
+const GEMV_SHAPES: [(usize, usize, usize); 6] = [
+    (64, 1, 64),
+    (64, 5, 64),
+    (192, 67, 128),
+    (3072, 37, 64),
+    (8448, 9, 4096),
+    (128, 4501, 64),
+];
+
+/// Decode-sized products (1..=4 rows of x: the GEMV at one, the tensor-core kernel above) against
+/// the CPU oracle: plain and nested scales, f16 and
+/// bf16, no bias and both bias kinds, a row range inside a larger tensor, poisoned outputs.
+#[test]
+fn decode_gemv_matches_the_cpu_oracle() {
+    let Some(device) = common::gpu_or_skip("decode_gemv_matches_the_cpu_oracle") else {
+        return;
+    };
+    let mut rng = TestRng::new("decode_gemv_matches_the_cpu_oracle");
+    for (k, n, block_size) in GEMV_SHAPES {
+        for nested in [false, true] {
+            let blocks =
+                nf4::quantize(&weights(&mut rng, (n + 3) * k), block_size, nested).unwrap();
+            let on_gpu = CudaNf4::new(&blocks, &device).unwrap();
+            let rows = 1..1 + n;
+            for dtype in HALF_DTYPES {
+                for m in 1..=4 {
+                    let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
+                    let bias_host = rng.uniform(n, 1.0);
+                    let unbiased = oracle(&x_host, m, k, &blocks, rows.clone(), None);
+                    for bias_dtype in [None, Some(DType::F32), Some(dtype)] {
+                        let bias = bias_dtype.map(|d| common::upload(&bias_host, &[n], d, &device));
+                        let what = format!(
+                            "gemv {dtype} m {m} k {k} n {n} blocks {block_size} nested {nested} \
+                             bias {bias_dtype:?}"
+                        );
+                        common::poison_pool(&device, m * n * 2);
+                        let out = cuda::nf4::linear(
+                            &x,
+                            &on_gpu,
+                            k,
+                            rows.clone(),
+                            bias.as_ref(),
+                            Epilogue::default(),
+                        )
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                        assert_eq!((out.dims(), out.dtype()), (&[m, n][..], dtype), "{what}");
+                        let bias_rounded = bias_dtype.map(|d| common::rounded(&bias_host, d));
+                        let expected = oracle(
+                            &x_host,
+                            m,
+                            k,
+                            &blocks,
+                            rows.clone(),
+                            bias_rounded.as_deref(),
+                        );
+                        assert_close_at_scale(
+                            &what,
+                            &common::download(&out),
+                            &expected,
+                            &unbiased,
+                            dtype,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every epilogue of decode-sized products, with and without an addend, against the CPU composition:
+/// odd n, gated and not, 1..=4 rows of x.
+#[test]
+fn decode_gemv_epilogues_match_the_cpu_composition() {
+    let Some(device) = common::gpu_or_skip("decode_gemv_epilogues_match_the_cpu_composition")
+    else {
+        return;
+    };
+    let mut rng = TestRng::new("decode_gemv_epilogues_match_the_cpu_composition");
+    let activations = [
+        OutputActivation::Identity,
+        OutputActivation::Gelu,
+        OutputActivation::GeluTanh,
+        OutputActivation::SiluGate,
+    ];
+    for (k, n) in [(64, 3), (3072, 67)] {
+        for activation in activations {
+            let rows = if activation == OutputActivation::SiluGate {
+                2 * n
+            } else {
+                n
+            };
+            let blocks = nf4::quantize(&weights(&mut rng, rows * k), 64, true).unwrap();
+            let on_cpu =
+                Nf4Weight::new(blocks.clone(), rows, k, &pagoda_tensor::Device::Cpu).unwrap();
+            let on_gpu = Nf4Weight::new(blocks, rows, k, &common::cuda(&device)).unwrap();
+            let bias_host = rng.uniform(rows, 1.0);
+            let bias_cpu = Tensor::from_slice(&bias_host, [rows]).unwrap();
+            let bias_gpu = common::upload(&bias_host, &[rows], DType::F32, &device);
+            for dtype in HALF_DTYPES {
+                for m in 1..=4 {
+                    let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
+                    let x_cpu = Tensor::from_vec(x_host, [m, k]).unwrap();
+                    for with_addend in [false, true] {
+                        let (addend, addend_host) =
+                            common::random_tensor(&mut rng, &[m, n], dtype, 1.0, &device);
+                        let addend_cpu = Tensor::from_vec(addend_host, [m, n]).unwrap();
+                        let what = format!(
+                            "gemv {activation:?} k {k} n {n} {dtype} m {m} addend {with_addend}"
+                        );
+                        let epilogue = |addend| Epilogue {
+                            activation,
+                            addend: with_addend.then_some(addend),
+                        };
+                        common::poison_pool(&device, m * n * 2);
+                        let out = ops::nf4_linear_with_epilogue(
+                            &x,
+                            &on_gpu,
+                            Some(&bias_gpu),
+                            epilogue(&addend),
+                        )
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                        let expected = ops::nf4_linear_with_epilogue(
+                            &x_cpu,
+                            &on_cpu,
+                            Some(&bias_cpu),
+                            epilogue(&addend_cpu),
+                        )
+                        .unwrap();
+                        assert_eq!(out.dims(), expected.dims(), "{what}");
+                        common::assert_close(
+                            &what,
+                            &common::download(&out),
+                            &expected.to_vec_f32().unwrap(),
+                            dtype,
+                        );
                     }
                 }
             }

@@ -1,7 +1,8 @@
 //! Launcher of `kernels/nf4.cu`: NF4 tensors ([`crate::cpu::nf4`]) on the device, decoded to
 //! a dense tensor ([`dequantize`], bit for bit what bitsandbytes' `dequantize_4bit` gives), or
 //! multiplied without leaving their packed form ([`linear`], for up to [`FUSED_MAX_ROWS`] rows of
-//! f16/bf16 activations, with [`crate::ops::Epilogue`] fused in).
+//! f16/bf16 activations, with [`crate::ops::Epilogue`] fused in: a GEMV for up to
+//! one row, tensor cores above).
 
 use std::ops::Range;
 
@@ -22,6 +23,17 @@ use crate::{Error, Result};
 /// The most rows of activations [`linear`] takes; longer products decode the weights first
 /// (see [`crate::ops::nf4_linear`]).
 pub const FUSED_MAX_ROWS: usize = 64;
+
+/// The most rows of activations the decode GEMV (`nf4_gemv_*`) takes; [`linear`] sends longer
+/// products to the tensor-core kernel, which measured faster at 4 rows (docs/kernels.md).
+const GEMV_MAX_ROWS: usize = 1;
+/// Warps per block of the GEMV at most (`NF4_GEMV_MAX_WARPS`), and the packed 4-byte words of
+/// a row one warp covers per step (32 lanes x `NF4_GEMV_LOADS / ROWS` words).
+const GEMV_MAX_WARPS: usize = 4;
+const GEMV_LOADS: usize = 8;
+
+/// Weight rows per block of the GEMV (`ROWS` of its instantiation in nf4.cu).
+const GEMV_ROWS_PER_BLOCK: usize = 2;
 
 /// Values per 64-value chunk of the product kernel, which needs whole chunks per row and at
 /// most one block scale per chunk.
@@ -258,7 +270,9 @@ pub fn fused_linear_supported(dtype: DType, m: usize, k: usize, block_size: usiz
 }
 
 /// `epilogue(x [.., k] · w[rows]ᵀ + bias)` where `w` is viewed as `[len / k, k]` and `rows`
-/// picks consecutive weight rows, in one kernel that reads each packed weight once.
+/// picks consecutive weight rows, in one kernel that reads each packed weight once: up to
+/// one row of x a GEMV (f32 code values and products, the weights streamed with
+/// every lane's loads in flight at once), above that the tensor-core kernel.
 ///
 /// The output has x's leading dimensions and `rows.len()` columns, or half as many with
 /// [`OutputActivation::SiluGate`], where `rows` holds the gate rows then as many up rows. The
@@ -334,27 +348,46 @@ pub fn linear(
         return Err(Error::shape(OP, "x must start 16-byte aligned"));
     }
 
-    let n_tiles = m.div_ceil(8).next_power_of_two();
     let suffix = if dtype == DType::F16 { "f16" } else { "bf16" };
-    let outputs_per_tile = if gated {
-        ROWS_PER_TILE / 2
+    let (name, config) = if m <= GEMV_MAX_ROWS {
+        // One block per rows-per-block weight rows, with as many warps (up to the kernel's
+        // most) as whole steps cover k, so short rows do not leave warps idle.
+        let rows_per_block = GEMV_ROWS_PER_BLOCK;
+        let outputs_per_block = if gated {
+            rows_per_block / 2
+        } else {
+            rows_per_block
+        };
+        let step_words = 32 * GEMV_LOADS / rows_per_block;
+        let warps = (k / 8).div_ceil(step_words).clamp(1, GEMV_MAX_WARPS);
+        let config = LaunchConfig {
+            grid_dim: (arg_u32(OP, "blocks", n.div_ceil(outputs_per_block))?, 1, 1),
+            block_dim: (arg_u32(OP, "threads", 32 * warps)?, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (format!("nf4_gemv_{suffix}_m{m}"), config)
     } else {
-        ROWS_PER_TILE
+        let n_tiles = m.div_ceil(8).next_power_of_two();
+        let outputs_per_tile = if gated {
+            ROWS_PER_TILE / 2
+        } else {
+            ROWS_PER_TILE
+        };
+        let row_tiles = n.div_ceil(outputs_per_tile);
+        let sms = device
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| Error::cuda(OP, format!("querying the SM count: {e}")))?;
+        let sms = usize::try_from(sms).unwrap_or(1).max(1);
+        let blocks = row_tiles.min(sms * BLOCKS_PER_SM);
+        let config = LaunchConfig {
+            grid_dim: (arg_u32(OP, "blocks", blocks)?, 1, 1),
+            block_dim: (LINEAR_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (format!("nf4_linear_{suffix}_m{n_tiles}"), config)
     };
-    let row_tiles = n.div_ceil(outputs_per_tile);
-    let sms = device
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(|e| Error::cuda(OP, format!("querying the SM count: {e}")))?;
-    let sms = usize::try_from(sms).unwrap_or(1).max(1);
-    let blocks = row_tiles.min(sms * BLOCKS_PER_SM);
-    let name = format!("nf4_linear_{suffix}_m{n_tiles}");
     let kernel = function(&device, KernelModule::Nf4, &name)?;
-    let config = LaunchConfig {
-        grid_dim: (arg_u32(OP, "blocks", blocks)?, 1, 1),
-        block_dim: (LINEAR_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let (row_begin, m_arg, n_arg, k_arg) = (
         arg_u32(OP, "first row", rows.start)?,
         arg_u32(OP, "m", m)?,
@@ -386,22 +419,23 @@ pub fn linear(
         Some(addend) => launch.arg(addend),
         None => launch.arg(&null),
     };
-    launch
-        .arg(&act)
-        .arg(out.slice_mut())
-        .arg(&m_arg)
-        .arg(&n_arg)
-        .arg(&k_arg);
+    launch.arg(&act).arg(out.slice_mut());
+    // The GEMV's row count is in its name.
+    if m > GEMV_MAX_ROWS {
+        launch.arg(&m_arg);
+    }
+    launch.arg(&n_arg).arg(&k_arg);
     // SAFETY: the arguments follow nf4_linear_*'s signature (x, packed, absmax, code2, absmax2,
     // offset2, nested, nested_shift, block_shift, row_begin, bias, bias_kind, addend, act, out,
-    // m, n, k); x holds m x k elements of `dtype` starting 16-byte aligned, k is a multiple of 64
+    // m, n, k), or nf4_gemv_*_m{m}'s, the same without m; x holds m x k elements of `dtype` starting 16-byte aligned, k is a multiple of 64
     // so every weight row starts 32-byte aligned in `packed`, the weight rows read (row_begin
     // .. row_begin + n, or + 2n when gated) lie inside the tensor, the scales cover its blocks
     // (checked by `Nf4Blocks`), the bias holds one entry per row read of the kind bias_kind
     // names (or is null and unread), the addend (or null) and out hold m x n elements of `dtype`,
     // and the grid has at most one block of 256 threads (the kernel's launch bound) per tile of
     // 16 outputs (gated: 8), each block looping over its tiles; m <= 8 * n_tiles, the kernel's
-    // row capacity.
+    // row capacity. The GEMV gets one block of 32..=128 threads (its launch bound) per
+    // rows-per-block outputs (gated: half as many), the block size its name implies for m.
     unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
     into_tensor(out, &dims)
 }
