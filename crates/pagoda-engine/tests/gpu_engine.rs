@@ -11,6 +11,10 @@ use pagoda_engine::{
 };
 use support::{prompt, tiny_gpt_neox, tiny_llama};
 
+/// KV memory of each engine: tests run side by side, and an engine left to size its cache from
+/// the free memory would take 90% of it.
+const KV_BYTES: usize = 256 << 20;
+
 fn gpu_or_skip(test: &str) -> bool {
     if pagoda_tensor::CudaDevice::get(0).is_ok() {
         return true;
@@ -87,6 +91,7 @@ fn graph_replays_match_eager_steps() {
                 let mut engine = builder()
                     .device(Device::Cuda(0))
                     .dtype(dtype)
+                    .kv_cache_memory(KV_BYTES)
                     .max_num_seqs(8)
                     .cuda_graphs(graphs)
                     .build()
@@ -126,6 +131,7 @@ fn sixty_four_requests_at_once_complete_as_they_do_alone() {
         let mut engine = builder()
             .device(Device::Cuda(0))
             .dtype(DType::F16)
+            .kv_cache_memory(KV_BYTES)
             .max_num_seqs(64)
             .build()
             .expect("engine");
