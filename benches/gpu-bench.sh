@@ -14,14 +14,16 @@
 #     carries bitsandbytes unpacked in bnb-site/;
 #   - W2, 64 requests x (128 prompt, 256 new tokens), and batch sizes 1 to 256: `pagoda bench
 #     throughput` against its decode floor, and HF continuous batching (generate_batch).
-# PARTS (third argument, default all) picks sections, comma-separated: kernels, w1, nf4, w2; a
-# whole run takes longer than one device call may, so it can be split.
+# PARTS (third argument, default all) picks sections, comma-separated: softmax, flash,
+# decode-attention, nf4-kernels (or kernels for those four), w1, nf4, w2; a whole run takes longer
+# than one device call may, so it can be split.
 # The models are Pythia-2.8B and Llama-3.2-3B from their real configs with random weights, made
 # by scripts/gpu_parity_reference.py if MODELS does not hold them yet.
 set -uo pipefail
 bundle=${1:-gpu-bundle}
 models=${2:-/tmp/parity}
 parts=${3:-kernels,w1,nf4,w2}
+parts=${parts//kernels/softmax,flash,decode-attention,nf4-kernels}
 want() { [[ ",$parts," == *",$1,"* ]]; }
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export PAGODA_KERNEL_CACHE=${PAGODA_KERNEL_CACHE:-/tmp/pagoda-kernels}
@@ -39,12 +41,12 @@ for m in pythia-2.8b llama-3.2-3b; do
   fi
 done
 
-want kernels && run 120 python3 "$bundle/peers/kernels_and_generate.py" hw softmax
+want softmax && run 120 python3 "$bundle/peers/kernels_and_generate.py" hw softmax
 for b in "$bundle"/bin/bench-cuda_softmax; do
-  want kernels && [ -x "$b" ] && run 180 "$b" --bench --warm-up-time 1 --measurement-time 2
+  want softmax && [ -x "$b" ] && run 180 "$b" --bench --warm-up-time 1 --measurement-time 2
 done
 flash_log=$(mktemp)
-if want kernels && [ -x "$bundle/bin/bench-cuda_flash_attention" ]; then
+if want flash && [ -x "$bundle/bin/bench-cuda_flash_attention" ]; then
   echo "+ bench-cuda_flash_attention" >&2
   timeout 240 "$bundle/bin/bench-cuda_flash_attention" --bench --warm-up-time 1 --measurement-time 2 \
     > "$flash_log" 2>&1 || echo "(failed or timed out: bench-cuda_flash_attention)"
@@ -52,9 +54,9 @@ if want kernels && [ -x "$bundle/bin/bench-cuda_flash_attention" ]; then
   timeout 240 python3 benches/peers/attention_prefill.py --compare "$flash_log" 2>&1 | tee -a "$log" | tail -6
 fi
 # Paged decode attention beside SDPA; NF4 products beside cuBLAS f16 and bitsandbytes.
-for pair in "cuda_paged_attention attention_decode.py" "cuda_nf4 nf4_matmul.py"; do
-  read -r bench peer <<<"$pair"
-  if want kernels && [ -x "$bundle/bin/bench-$bench" ]; then
+for pair in "decode-attention cuda_paged_attention attention_decode.py" "nf4-kernels cuda_nf4 nf4_matmul.py"; do
+  read -r part bench peer <<<"$pair"
+  if want "$part" && [ -x "$bundle/bin/bench-$bench" ]; then
     bench_log=$(mktemp)
     echo "+ bench-$bench" >&2
     timeout 240 "$bundle/bin/bench-$bench" --bench --warm-up-time 1 --measurement-time 2 \
