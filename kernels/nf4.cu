@@ -37,6 +37,7 @@
 
 #include "common.cuh"
 #include "activation.cuh"
+#include "mma.cuh"
 
 namespace {
 
@@ -171,42 +172,6 @@ constexpr int ACT_SILU_GATE = 3;
 
 namespace {
 
-// d += a (16 x 16, row-major fragment) * b (16 x 8, column-major fragment), f32 accumulators.
-template <typename T> __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
-
-template <>
-__device__ __forceinline__ void mma<half_t>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma<bf16_t>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats rounded to T and packed, `lo` in the low 16 bits.
-template <typename T> __device__ __forceinline__ unsigned pack_pair(float lo, float hi);
-
-template <> __device__ __forceinline__ unsigned pack_pair<half_t>(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-template <> __device__ __forceinline__ unsigned pack_pair<bf16_t>(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 // 8 packed bytes, read once and kept out of L1 (x should stay there).
 __device__ __forceinline__ uint2 load_stream8(const unsigned char* p) {
     uint2 v;
@@ -340,7 +305,7 @@ __device__ __forceinline__ void linear_kernel(
                     const uint2 b = row < m ? *reinterpret_cast<const uint2*>(x + static_cast<size_t>(row) * k +
                                                                               c * 64 + q * 16 + 4 * sub)
                                             : make_uint2(0u, 0u);
-                    mma<T>(part[t], a, b.x, b.y);
+                    mma_16816<T>(part[t], a, b.x, b.y);
                 }
             }
 #pragma unroll
@@ -398,7 +363,7 @@ __device__ __forceinline__ void linear_kernel(
     // The first step is in flight while the tables are built.
     for (unsigned b = tid; b < 256 * TABLE_COPIES / 4; b += blockDim.x) {
         const unsigned byte = b / (TABLE_COPIES / 4);
-        const unsigned pair = pack_pair<T>(NF4_CODE[byte >> 4], NF4_CODE[byte & 15]);
+        const unsigned pair = pack2<T>(NF4_CODE[byte >> 4], NF4_CODE[byte & 15]);
         reinterpret_cast<uint4*>(table)[b] = make_uint4(pair, pair, pair, pair);
     }
     if (s.nested)

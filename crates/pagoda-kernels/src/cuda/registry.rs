@@ -53,12 +53,13 @@ pub enum KernelModule {
 
 /// Our headers, handed to NVRTC by name so that `#include "common.cuh"` resolves without a
 /// file system or include path.
-const HEADERS: [(&str, &str); 2] = [
+const HEADERS: [(&str, &str); 3] = [
     ("common.cuh", include_str!("../../../../kernels/common.cuh")),
     (
         "activation.cuh",
         include_str!("../../../../kernels/activation.cuh"),
     ),
+    ("mma.cuh", include_str!("../../../../kernels/mma.cuh")),
 ];
 
 /// Options every module is compiled with (the target architecture is added per device).
