@@ -24,7 +24,7 @@ use pagoda_kernels::cuda::flash_attention::{
 use pagoda_kernels::cuda::paged_attention::DeviceBatchLayout;
 use pagoda_tensor::{CudaDevice, Tensor};
 
-use common::{median_seconds, seeded_f16, time_gpu};
+use common::{median_seconds, scattered_block_ids, seeded_f16, time_gpu};
 
 /// A BENCH.md prefill shape: `batch` sequences of `seq_len` tokens, `heads` heads of `head_dim`.
 #[derive(Clone, Copy, Debug)]
@@ -132,14 +132,7 @@ impl Inputs {
         } = *shape;
         let blocks_per_seq = seq_len.div_ceil(BLOCK_SIZE);
         let num_blocks = batch * blocks_per_seq;
-        // A fixed permutation, multiplication modulo num_blocks by a unit near num_blocks / phi,
-        // scatters each sequence's blocks over the whole cache in non-monotonic order.
-        let step = (num_blocks * 618 / 1000..)
-            .find(|&s| gcd(s, num_blocks) == 1)
-            .unwrap_or(1);
-        let tables: Vec<u32> = (0..num_blocks)
-            .map(|i| ((i * step) % num_blocks) as u32)
-            .collect();
+        let tables = scattered_block_ids(num_blocks);
         let query_start: Vec<u32> = (0..=batch).map(|b| (b * seq_len) as u32).collect();
         let context_len = vec![seq_len as u32; batch];
         let layout = DeviceBatchLayout::new(
@@ -190,10 +183,6 @@ impl Inputs {
         }
         .expect("flash attention")
     }
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn bench(c: &mut Criterion, device: &CudaDevice) {

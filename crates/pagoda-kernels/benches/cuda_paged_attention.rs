@@ -27,7 +27,7 @@ use pagoda_kernels::cuda::paged_attention::{
 };
 use pagoda_tensor::{CudaDevice, Tensor};
 
-use common::{median_seconds, seeded_f16, time_gpu};
+use common::{median_seconds, scattered_block_ids, seeded_f16, time_gpu};
 
 /// A decode shape: `batch` sequences of `context` tokens, `heads` query heads over `kv_heads`.
 #[derive(Clone, Copy, Debug)]
@@ -97,14 +97,7 @@ impl Inputs {
         } = *shape;
         let blocks_per_seq = context.div_ceil(BLOCK_SIZE);
         let num_blocks = batch * blocks_per_seq;
-        // A fixed permutation, multiplication modulo num_blocks by a unit near num_blocks / phi,
-        // scatters each sequence's blocks over the whole cache in non-monotonic order.
-        let step = (num_blocks * 618 / 1000..)
-            .find(|&s| gcd(s, num_blocks) == 1)
-            .unwrap_or(1);
-        let tables: Vec<u32> = (0..num_blocks)
-            .map(|i| ((i * step) % num_blocks) as u32)
-            .collect();
+        let tables = scattered_block_ids(num_blocks);
         let query_start: Vec<u32> = (0..=batch as u32).collect();
         let context_len = vec![context as u32; batch];
         let layout = DeviceBatchLayout::new(
@@ -158,10 +151,6 @@ impl Inputs {
         let (k, v) = &self.pages[0];
         default_num_splits(&self.q, &self.layout, &self.params, k, v).expect("the default splits")
     }
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn bench(c: &mut Criterion, device: &CudaDevice, inputs: &mut [Inputs]) {

@@ -310,65 +310,68 @@ fn decode_gemv_epilogues_match_the_cpu_composition() {
         return;
     };
     let mut rng = TestRng::new("decode_gemv_epilogues_match_the_cpu_composition");
-    let activations = [
-        OutputActivation::Identity,
-        OutputActivation::Gelu,
-        OutputActivation::GeluTanh,
-        OutputActivation::SiluGate,
-    ];
     for (k, n) in [(64, 3), (3072, 67)] {
-        for activation in activations {
-            let rows = if activation == OutputActivation::SiluGate {
-                2 * n
-            } else {
-                n
-            };
-            let blocks = nf4::quantize(&weights(&mut rng, rows * k), 64, true).unwrap();
-            let on_cpu =
-                Nf4Weight::new(blocks.clone(), rows, k, &pagoda_tensor::Device::Cpu).unwrap();
-            let on_gpu = Nf4Weight::new(blocks, rows, k, &common::cuda(&device)).unwrap();
-            let bias_host = rng.uniform(rows, 1.0);
-            let bias_cpu = Tensor::from_slice(&bias_host, [rows]).unwrap();
-            let bias_gpu = common::upload(&bias_host, &[rows], DType::F32, &device);
-            for dtype in HALF_DTYPES {
-                for m in 1..=4 {
-                    let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
-                    let x_cpu = Tensor::from_vec(x_host, [m, k]).unwrap();
-                    for with_addend in [false, true] {
-                        let (addend, addend_host) =
-                            common::random_tensor(&mut rng, &[m, n], dtype, 1.0, &device);
-                        let addend_cpu = Tensor::from_vec(addend_host, [m, n]).unwrap();
-                        let what = format!(
-                            "gemv {activation:?} k {k} n {n} {dtype} m {m} addend {with_addend}"
-                        );
-                        let epilogue = |addend| Epilogue {
-                            activation,
-                            addend: with_addend.then_some(addend),
-                        };
-                        common::poison_pool(&device, m * n * 2);
-                        let out = ops::nf4_linear_with_epilogue(
-                            &x,
-                            &on_gpu,
-                            Some(&bias_gpu),
-                            epilogue(&addend),
-                        )
+        for activation in [
+            OutputActivation::Identity,
+            OutputActivation::Gelu,
+            OutputActivation::GeluTanh,
+            OutputActivation::SiluGate,
+        ] {
+            check_epilogue(&device, &mut rng, (activation, k, n), &[1, 2, 3, 4]);
+        }
+    }
+}
+
+/// `ops::nf4_linear_with_epilogue` on the GPU and on the CPU (the product, then the elementwise
+/// step) over the same NF4 weights `[n (2n when gated), k]`, an f32 bias and each row count in
+/// `ms`, with and without an addend, in f16 and bf16.
+fn check_epilogue(
+    device: &pagoda_tensor::CudaDevice,
+    rng: &mut TestRng,
+    (activation, k, n): (OutputActivation, usize, usize),
+    ms: &[usize],
+) {
+    let rows = if activation == OutputActivation::SiluGate {
+        2 * n
+    } else {
+        n
+    };
+    let blocks = nf4::quantize(&weights(rng, rows * k), 64, true).unwrap();
+    let on_cpu = Nf4Weight::new(blocks.clone(), rows, k, &pagoda_tensor::Device::Cpu).unwrap();
+    let on_gpu = Nf4Weight::new(blocks, rows, k, &common::cuda(device)).unwrap();
+    let bias_host = rng.uniform(rows, 1.0);
+    let bias_cpu = Tensor::from_slice(&bias_host, [rows]).unwrap();
+    let bias_gpu = common::upload(&bias_host, &[rows], DType::F32, device);
+    for dtype in HALF_DTYPES {
+        for &m in ms {
+            let (x, x_host) = common::random_tensor(rng, &[m, k], dtype, 1.0, device);
+            let x_cpu = Tensor::from_vec(x_host, [m, k]).unwrap();
+            for with_addend in [false, true] {
+                let (addend, addend_host) = common::random_tensor(rng, &[m, n], dtype, 1.0, device);
+                let addend_cpu = Tensor::from_vec(addend_host, [m, n]).unwrap();
+                let what = format!("{activation:?} k {k} n {n} {dtype} m {m} addend {with_addend}");
+                let epilogue = |addend| Epilogue {
+                    activation,
+                    addend: with_addend.then_some(addend),
+                };
+                common::poison_pool(device, m * n * 2);
+                let out =
+                    ops::nf4_linear_with_epilogue(&x, &on_gpu, Some(&bias_gpu), epilogue(&addend))
                         .unwrap_or_else(|e| panic!("{what}: {e}"));
-                        let expected = ops::nf4_linear_with_epilogue(
-                            &x_cpu,
-                            &on_cpu,
-                            Some(&bias_cpu),
-                            epilogue(&addend_cpu),
-                        )
-                        .unwrap();
-                        assert_eq!(out.dims(), expected.dims(), "{what}");
-                        common::assert_close(
-                            &what,
-                            &common::download(&out),
-                            &expected.to_vec_f32().unwrap(),
-                            dtype,
-                        );
-                    }
-                }
+                let expected = ops::nf4_linear_with_epilogue(
+                    &x_cpu,
+                    &on_cpu,
+                    Some(&bias_cpu),
+                    epilogue(&addend_cpu),
+                )
+                .unwrap();
+                assert_eq!(out.dims(), expected.dims(), "{what}");
+                common::assert_close(
+                    &what,
+                    &common::download(&out),
+                    &expected.to_vec_f32().unwrap(),
+                    dtype,
+                );
             }
         }
     }
@@ -436,7 +439,6 @@ fn epilogues_match_the_cpu_composition() {
         return;
     };
     let mut rng = TestRng::new("epilogues_match_the_cpu_composition");
-    let k = 256;
     // n = 4500: more tiles than the persistent grid has blocks.
     let cases = [
         (OutputActivation::Identity, 67),
@@ -447,56 +449,8 @@ fn epilogues_match_the_cpu_composition() {
         (OutputActivation::Gelu, 4500),
     ];
     for (activation, n) in cases {
-        let rows = if activation == OutputActivation::SiluGate {
-            2 * n
-        } else {
-            n
-        };
-        let blocks = nf4::quantize(&weights(&mut rng, rows * k), 64, true).unwrap();
-        let on_cpu = Nf4Weight::new(blocks.clone(), rows, k, &pagoda_tensor::Device::Cpu).unwrap();
-        let on_gpu = Nf4Weight::new(blocks, rows, k, &common::cuda(&device)).unwrap();
-        let bias_host = rng.uniform(rows, 1.0);
-        let bias_cpu = Tensor::from_slice(&bias_host, [rows]).unwrap();
-        let bias_gpu = common::upload(&bias_host, &[rows], DType::F32, &device);
-        for dtype in HALF_DTYPES {
-            // Fused tile widths, then a row count that decodes first.
-            for m in [1, 5, 16, 40, 70] {
-                let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
-                let x_cpu = Tensor::from_vec(x_host, [m, k]).unwrap();
-                for with_addend in [false, true] {
-                    let (addend, addend_host) =
-                        common::random_tensor(&mut rng, &[m, n], dtype, 1.0, &device);
-                    let addend_cpu = Tensor::from_vec(addend_host, [m, n]).unwrap();
-                    let what = format!("{activation:?} n {n} {dtype} m {m} addend {with_addend}");
-                    let epilogue = |addend| Epilogue {
-                        activation,
-                        addend: with_addend.then_some(addend),
-                    };
-                    common::poison_pool(&device, m * n * 2);
-                    let out = ops::nf4_linear_with_epilogue(
-                        &x,
-                        &on_gpu,
-                        Some(&bias_gpu),
-                        epilogue(&addend),
-                    )
-                    .unwrap_or_else(|e| panic!("{what}: {e}"));
-                    let expected = ops::nf4_linear_with_epilogue(
-                        &x_cpu,
-                        &on_cpu,
-                        Some(&bias_cpu),
-                        epilogue(&addend_cpu),
-                    )
-                    .unwrap();
-                    assert_eq!(out.dims(), expected.dims(), "{what}");
-                    common::assert_close(
-                        &what,
-                        &common::download(&out),
-                        &expected.to_vec_f32().unwrap(),
-                        dtype,
-                    );
-                }
-            }
-        }
+        // Fused tile widths, then a row count that decodes first.
+        check_epilogue(&device, &mut rng, (activation, 256, n), &[1, 5, 16, 40, 70]);
     }
 }
 

@@ -68,3 +68,18 @@ pub fn device_slice(tensor: &Tensor) -> &CudaSlice<u8> {
     };
     storage.slice()
 }
+
+/// Block ids `0..num_blocks` in a fixed scattered order, for block tables read in turn: a
+/// multiplication modulo `num_blocks` by a unit near `num_blocks / phi` spreads each sequence's
+/// blocks over the whole cache in non-monotonic order.
+pub fn scattered_block_ids(num_blocks: usize) -> Vec<u32> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    let step = (num_blocks * 618 / 1000..)
+        .find(|&s| gcd(s, num_blocks) == 1)
+        .unwrap_or(1);
+    (0..num_blocks)
+        .map(|i| ((i * step) % num_blocks) as u32)
+        .collect()
+}
