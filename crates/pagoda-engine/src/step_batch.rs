@@ -1,6 +1,7 @@
 //! One engine step's work as the model takes it: the scheduled chunks of every request packed
 //! into flat [`Batch`]es.
 
+use pagoda_kernels::cpu::gemm::ROW_DOTS_MAX_M;
 use pagoda_kv::BlockTable;
 use pagoda_models::{Batch, BatchSequence};
 
@@ -8,13 +9,14 @@ use crate::{Error, Result};
 
 /// Most token rows of one forward pass on the CPU.
 ///
-/// pagoda-kernels' CPU `linear` computes every output of a product of up to 16 rows as one dot
-/// product of an input row and a weight row, and larger products with a blocked GEMM whose
+/// pagoda-kernels' CPU `linear` computes every output of a product of up to
+/// [`ROW_DOTS_MAX_M`] rows as one dot product of an input row and a weight row, and larger
+/// products with a blocked GEMM whose
 /// rounding depends on the number of rows. Every other CPU op works row by row (attention per
-/// query row, over the pages in position order). Forward passes of at most 16 rows therefore
+/// query row, over the pages in position order). Forward passes of at most that many rows therefore
 /// give each token the same logits, to the bit, whatever else the step holds: a request's
 /// output does not depend on the batch it runs in.
-pub(crate) const CPU_MAX_FORWARD_ROWS: usize = 16;
+pub(crate) const CPU_MAX_FORWARD_ROWS: usize = ROW_DOTS_MAX_M;
 
 /// One request's tokens in a step: positions `start..start + tokens.len()` of its sequence,
 /// whose slots `table` already holds.

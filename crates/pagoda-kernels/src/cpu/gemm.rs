@@ -389,7 +389,9 @@ mod avx2 {
 /// Up to this many rows of `x`, [`linear`] takes dot products with each row of `w` rather than
 /// calling `gemm`: measured as fast or faster at SmolLM2 shapes (`benches/cpu_ops.rs`), and
 /// faster by far for f16/bf16 weights, which it reads without converting them to memory first.
-const ROW_DOTS_MAX_M: usize = 16;
+/// Each output of such a product is one dot product of an input row and a weight row, so its bits
+/// do not depend on the other rows (callers that need batch-invariant results stay within it).
+pub const ROW_DOTS_MAX_M: usize = 16;
 
 /// Weight elements one task of [`row_dots`] covers: enough that scheduling is noise, few enough
 /// that the rows of a decode-sized matrix spread over every thread.
