@@ -366,7 +366,127 @@ __device__ void sample_rows(const T* __restrict__ logits, const float* __restric
     }
 }
 
+// Penalties (crates/pagoda-kernels/src/cpu/sampling.rs, Penalties::apply) into an f32 copy of each
+// row: the row is converted, then the row's entries (token, occurrences in the output; 0 for a
+// prompt-only token), each token once, are patched in the CPU's order with IEEE single roundings
+// (no contraction into an FMA).
+template <typename T>
+__device__ void penalise_rows(const T* __restrict__ logits, float* __restrict__ out,
+                              const float* __restrict__ repetition, const float* __restrict__ presence,
+                              const float* __restrict__ frequency, const unsigned* __restrict__ offsets,
+                              const unsigned* __restrict__ tokens, const unsigned* __restrict__ counts,
+                              unsigned long long rows, long long vocab) {
+    for (unsigned long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T* row = logits + r * vocab;
+        float* dst = out + r * vocab;
+        for (long long i = threadIdx.x; i < vocab; i += blockDim.x) dst[i] = to_float(row[i]);
+        __syncthreads();
+        const float rep = repetition[r];
+        const float pres = presence[r];
+        const float freq = frequency[r];
+        for (unsigned e = offsets[r] + threadIdx.x; e < offsets[r + 1]; e += blockDim.x) {
+            float logit = dst[tokens[e]];
+            if (rep != 1.0f) logit = logit > 0.0f ? __fdiv_rn(logit, rep) : __fmul_rn(logit, rep);
+            const unsigned count = counts[e];
+            if (count > 0) {
+                logit = __fsub_rn(logit, __fmul_rn(freq, static_cast<float>(count)));
+                logit = __fsub_rn(logit, pres);
+            }
+            dst[tokens[e]] = logit;
+        }
+        __syncthreads();
+    }
+}
+
+// The logit as logprobs rank it: NaN counts as -inf.
+__device__ __forceinline__ float ranked(float logit) { return is_nan(logit) ? NEG_INF : logit; }
+
+// Whether (value, index) comes after (prev_value, prev_index) in descending-value, ascending-index
+// order: the candidates of the next top-n pass.
+__device__ __forceinline__ bool ranks_after(float value, unsigned index, float prev_value, unsigned prev_index) {
+    return value < prev_value || (value == prev_value && index > prev_index);
+}
+
+// Logprobs (cpu::sampling::logprobs) of row rows[q] at tokens[q]: the log-sum-exp in f64, then the
+// top_n most likely tokens, one block-wide argmax pass each over the tokens ranked after the last
+// one found. A row with no number above -inf gets NaN everywhere, for the caller to report.
+template <typename T>
+__device__ void logprob_rows(const T* __restrict__ logits, const unsigned* __restrict__ rows,
+                             const unsigned* __restrict__ tokens, float* __restrict__ chosen,
+                             unsigned* __restrict__ top_ids, float* __restrict__ top_logprobs,
+                             unsigned long long count, long long vocab, unsigned top_n) {
+    for (unsigned long long q = blockIdx.x; q < count; q += gridDim.x) {
+        const T* row = logits + static_cast<unsigned long long>(rows[q]) * vocab;
+        Best best{NEG_INF, NO_TOKEN};
+        unsigned long long infinite = 0;
+        for_each_logit(row, vocab, [&](long long i, float logit) {
+            logit = ranked(logit);
+            if (logit == POS_INF) ++infinite;
+            best = better(best, Best{logit, static_cast<unsigned>(i)});
+        });
+        best = block_best(best);
+        infinite = block_count(infinite);
+        const double max = static_cast<double>(best.value);
+        double sum = 0.0;
+        if (infinite == 0 && best.value != NEG_INF) {
+            for_each_logit(row, vocab, [&](long long, float logit) { sum += exp(static_cast<double>(ranked(logit)) - max); });
+        }
+        sum = block_sum_f64(sum);
+        const bool none = best.value == NEG_INF;
+        const double log_sum_exp = infinite > 0 ? 0.0 : max + log(sum);
+        auto logprob = [=](float logit) -> float {
+            if (none) return __int_as_float(0x7fffffff);
+            logit = ranked(logit);
+            if (infinite == 0) return static_cast<float>(static_cast<double>(logit) - log_sum_exp);
+            return logit == POS_INF ? static_cast<float>(-log(static_cast<double>(infinite))) : NEG_INF;
+        };
+        if (threadIdx.x == 0) chosen[q] = logprob(to_float(row[tokens[q]]));
+        Best previous{POS_INF, 0};
+        for (unsigned n = 0; n < top_n; ++n) {
+            Best next{NEG_INF, NO_TOKEN};
+            for_each_logit(row, vocab, [&](long long i, float logit) {
+                logit = ranked(logit);
+                const unsigned index = static_cast<unsigned>(i);
+                if (n == 0 || ranks_after(logit, index, previous.value, previous.index)) {
+                    // better() treats NO_TOKEN as "none yet", so -inf logits still rank by index.
+                    next = better(next, Best{logit, index});
+                }
+            });
+            next = block_best(next);
+            if (threadIdx.x == 0) {
+                top_ids[q * top_n + n] = next.index;
+                top_logprobs[q * top_n + n] = next.index == NO_TOKEN ? NEG_INF : logprob(next.value);
+            }
+            previous = next;
+        }
+    }
+}
+
 }  // namespace
+
+// penalties_*: logits [rows, vocab] -> out [rows, vocab] f32, with per-row repetition, presence and
+// frequency penalties over the entries offsets[r] .. offsets[r + 1] of (tokens, counts).
+// logprobs_*: for each q < count, row rows[q] at token tokens[q] -> chosen[q], and its top_n most
+// likely tokens -> top_ids / top_logprobs [count, top_n]. One block per row (grid-stride).
+#define PAGODA_LOGITS_KERNELS(SUFFIX, T)                                                                         \
+    extern "C" __global__ void __launch_bounds__(1024)                                                           \
+        penalties_##SUFFIX(const T* __restrict__ logits, float* __restrict__ out,                                \
+                           const float* __restrict__ repetition, const float* __restrict__ presence,             \
+                           const float* __restrict__ frequency, const unsigned* __restrict__ offsets,            \
+                           const unsigned* __restrict__ tokens, const unsigned* __restrict__ counts,             \
+                           unsigned long long rows, long long vocab) {                                           \
+        penalise_rows<T>(logits, out, repetition, presence, frequency, offsets, tokens, counts, rows, vocab);    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(512)                                                            \
+        logprobs_##SUFFIX(const T* __restrict__ logits, const unsigned* __restrict__ rows,                       \
+                          const unsigned* __restrict__ tokens, float* __restrict__ chosen,                       \
+                          unsigned* __restrict__ top_ids, float* __restrict__ top_logprobs,                      \
+                          unsigned long long count, long long vocab, unsigned top_n) {                           \
+        logprob_rows<T>(logits, rows, tokens, chosen, top_ids, top_logprobs, count, vocab, top_n);               \
+    }
+
+PAGODA_FOR_EACH_FLOAT(PAGODA_LOGITS_KERNELS)
+#undef PAGODA_LOGITS_KERNELS
 
 // argmax_*: logits [rows, vocab] -> out [rows] (u32). sample_*: the same plus per-row temperature,
 // top_k (0 = off), top_p (1 = off), min_p (0 = off) and uniform draw in [0, 1). One block per row

@@ -76,6 +76,8 @@ impl ThroughputBench<'_> {
                 ignore_eos: true,
                 ..SamplingParams::default()
             };
+            // With PAGODA_PROFILE set, each run's report says where its steps spent their time.
+            pagoda_kernels::profile::reset();
             let start = Instant::now();
             for _ in 0..batch {
                 let prompt: Vec<u32> = (0..self.prompt_len)
@@ -120,7 +122,16 @@ impl ThroughputBench<'_> {
             first_tokens.sort_by(f64::total_cmp);
             let ttft_median = first_tokens.get(first_tokens.len() / 2).copied();
             let metrics = engine.metrics();
+            let profile: serde_json::Map<String, serde_json::Value> =
+                pagoda_kernels::profile::report()
+                    .into_iter()
+                    .map(|(op, calls, seconds)| {
+                        let entry = serde_json::json!({"calls": calls, "ms": seconds * 1e3});
+                        (op.to_string(), entry)
+                    })
+                    .collect();
             reports.push(serde_json::json!({
+                "profile": profile,
                 "bench": "throughput",
                 "engine": "pagoda",
                 "model": self.model.display().to_string(),

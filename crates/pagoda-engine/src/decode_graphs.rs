@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use pagoda_kv::KvCache;
 use pagoda_models::{Batch, Model, StepGraph};
+use pagoda_tensor::Tensor;
 
 use crate::Result;
 use crate::step_batch::pad_decode;
@@ -79,14 +80,17 @@ impl DecodeGraphs {
 
     /// Runs the decode batch `batch` padded to its bucket: eagerly the first time (to load the
     /// kernels), by recording the graph the second, by replaying it after that. Returns the
-    /// logits of the real rows on the host, or `None` when the batch has no bucket or its
+    /// logits of the real rows (on the device), or `None` when the batch has no bucket or its
     /// graph could not be recorded, for the caller to run it eagerly.
+    ///
+    /// The logits of a replay are a view of the graph's own output buffer: read them before
+    /// the next step.
     pub fn run(
         &mut self,
         model: &Arc<dyn Model>,
         batch: &Batch,
         kv: &mut KvCache,
-    ) -> Result<Option<Vec<f32>>> {
+    ) -> Result<Option<Tensor>> {
         let rows = batch.tokens.len();
         let Some(&bucket) = self.buckets.iter().find(|&&b| b >= rows) else {
             return Ok(None);
@@ -121,7 +125,7 @@ impl DecodeGraphs {
                 logits
             }
         };
-        Ok(Some(logits.to_vec_f32()?))
+        Ok(Some(logits))
     }
 }
 

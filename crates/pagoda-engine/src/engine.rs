@@ -11,22 +11,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use pagoda_kernels::profile::OpTimer;
 use pagoda_kv::{KvBlockManager, KvCache, KvCacheConfig, SeqId};
 use pagoda_models::{CheckpointFormat, LoadOptions, Model, ModelInfo, Quantization, load_model};
 use pagoda_sched::{
     KvSpace, NewRequest, RequestId, SampledToken, Scheduler, SchedulerConfig, SchedulerOutput,
 };
 use pagoda_tensor::gguf::GgufFile;
-use pagoda_tensor::{DType, Device};
+use pagoda_tensor::{DType, Device, Tensor};
 
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::decode_graphs::DecodeGraphs;
+use crate::device_sampling::{DeviceRow, sample_rows};
 use crate::intake::{Intake, Prompt};
 use crate::kv_space::ManagedKvSpace;
 use crate::metrics::Metrics;
 use crate::output::{Completion, RequestOutput};
 use crate::params::{FinishReason, SamplingParams};
-use crate::sampler::{RequestSampler, fresh_seed};
+use crate::sampler::{RequestSampler, Sample, fresh_seed};
 use crate::step_batch::{CPU_MAX_FORWARD_ROWS, Chunk, is_decode, pack};
 use crate::text_stream::TextStream;
 use crate::tokenizer::{GgufVocab, Tokenizer};
@@ -374,6 +376,14 @@ impl ActiveRequest {
     }
 }
 
+/// The logits of a step's token-producing rows, in step order.
+enum StepLogits {
+    /// Rows of f32 on the host (CPU models).
+    Host(Vec<f32>),
+    /// `[rows, vocab]` tensors on the GPU, one per forward pass, sampled there.
+    Device(Vec<Tensor>),
+}
+
 /// Runs one model over many requests at once.
 ///
 /// [`add_request`](Self::add_request) queues a request, [`step`](Self::step) runs one step of
@@ -540,10 +550,12 @@ impl Engine {
     /// engine stays usable.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         let mut outputs = std::mem::take(&mut self.pending);
-        let plan = self
-            .scheduler
-            .schedule()
-            .map_err(|e| Error::Internal(format!("scheduling a step: {e}")))?;
+        let plan = {
+            let _timer = OpTimer::start("engine.schedule", Device::Cpu);
+            self.scheduler
+                .schedule()
+                .map_err(|e| Error::Internal(format!("scheduling a step: {e}")))?
+        };
         self.metrics.preemptions_total += plan.preempted.len() as u64;
         if plan.is_empty() {
             return Ok(outputs);
@@ -577,8 +589,8 @@ impl Engine {
     }
 
     /// Runs the step's chunks through the model and commits the computed tokens to the prefix
-    /// cache. Returns the logits (host, f32) of the chunks that produce a token, in step order.
-    fn run_model(&mut self, plan: &SchedulerOutput) -> Result<Vec<f32>> {
+    /// cache. Returns the logits of the chunks that produce a token, in step order.
+    fn run_model(&mut self, plan: &SchedulerOutput) -> Result<StepLogits> {
         let copies = self.scheduler.kv_mut().manager_mut().take_copies();
         self.kv.copy_blocks(&copies)?;
         let manager = self.scheduler.kv().manager();
@@ -597,16 +609,24 @@ impl Engine {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let batches = pack(&chunks, self.max_forward_rows)?;
-        let logits = self.forward(&batches)?;
+        let batches = {
+            let _timer = OpTimer::start("engine.pack", Device::Cpu);
+            pack(&chunks, self.max_forward_rows)?
+        };
+        let logits = {
+            let _timer = OpTimer::start("engine.forward", self.model.info().device);
+            self.forward(&batches)?
+        };
         if self.prefix_caching {
             self.commit(plan)?;
         }
         Ok(logits)
     }
 
-    /// The logits rows of `batches`, run in order.
-    fn forward(&mut self, batches: &[pagoda_models::Batch]) -> Result<Vec<f32>> {
+    /// The logits rows of `batches`, run in order: left on the device on a GPU (sampling runs
+    /// there), copied to the host as f32 on the CPU.
+    fn forward(&mut self, batches: &[pagoda_models::Batch]) -> Result<StepLogits> {
+        let on_device = self.model.info().device.is_cuda();
         if let (Some(graphs), [batch]) = (&mut self.graphs, batches)
             && is_decode(batch)
         {
@@ -615,17 +635,27 @@ impl Engine {
                 self.metrics.last_error = Some(error);
             }
             if let Some(logits) = replayed {
-                return Ok(logits);
+                return Ok(StepLogits::Device(vec![logits]));
             }
         }
-        let mut logits = Vec::new();
+        let mut host = Vec::new();
+        let mut device = Vec::new();
         for batch in batches {
             let out = self.model.forward(batch, &mut self.kv)?;
-            if !batch.logits_rows.is_empty() {
-                logits.extend(out.to_vec_f32()?);
+            if batch.logits_rows.is_empty() {
+                continue;
+            }
+            if on_device {
+                device.push(out);
+            } else {
+                host.extend(out.to_vec_f32()?);
             }
         }
-        Ok(logits)
+        Ok(if on_device {
+            StepLogits::Device(device)
+        } else {
+            StepLogits::Host(host)
+        })
     }
 
     /// Puts the blocks the step filled into the prefix cache.
@@ -656,32 +686,29 @@ impl Engine {
     fn sample(
         &mut self,
         plan: &SchedulerOutput,
-        mut logits: Vec<f32>,
+        logits: StepLogits,
         outputs: &mut Vec<RequestOutput>,
     ) -> Result<()> {
-        let vocab = self.model.info().vocab_size;
+        let sampled = {
+            let _timer = OpTimer::start("engine.sample", self.model.info().device);
+            self.pick_tokens(plan, logits)?
+        };
+        let _timer = OpTimer::start("engine.outputs", Device::Cpu);
         let tokenizer = &self.intake.tokenizer;
         let now = Instant::now();
         let mut samples = Vec::new();
         let mut failed = Vec::new();
         // Where each sampled request's output is in `outputs`.
         let mut output_of = HashMap::new();
-        let rows = logits.chunks_exact_mut(vocab);
-        for (scheduled, row) in plan.scheduled.iter().filter(|s| s.produces_token).zip(rows) {
-            let id = scheduled.id;
-            let (Some(request), Some(tokens)) =
-                (self.requests.get_mut(&id), self.scheduler.request(id))
-            else {
+        for (id, sample) in sampled {
+            let Some(request) = self.requests.get_mut(&id) else {
                 failed.push((
                     id,
                     Error::Internal(format!("{id} has no state to sample with")),
                 ));
                 continue;
             };
-            let sample = match request
-                .sampler
-                .sample(row, tokens.prompt(), tokens.output())
-            {
+            let sample = match sample {
                 Ok(sample) => sample,
                 Err(e) => {
                     failed.push((id, e));
@@ -745,6 +772,81 @@ impl Engine {
             self.finish(request, reason, &mut outputs[index], now);
         }
         Ok(())
+    }
+
+    /// One token (or the reason there is none) for each request of `plan` that produces one, in
+    /// step order, from the step's logits.
+    fn pick_tokens(
+        &mut self,
+        plan: &SchedulerOutput,
+        logits: StepLogits,
+    ) -> Result<Vec<(RequestId, Result<Sample>)>> {
+        let ids: Vec<RequestId> = plan
+            .scheduled
+            .iter()
+            .filter(|s| s.produces_token)
+            .map(|s| s.id)
+            .collect();
+        let missing = |id: RequestId| Error::Internal(format!("{id} has no state to sample with"));
+        match logits {
+            StepLogits::Host(mut logits) => {
+                let vocab = self.model.info().vocab_size;
+                let rows = logits.chunks_exact_mut(vocab);
+                Ok(ids
+                    .iter()
+                    .zip(rows)
+                    .map(|(&id, row)| {
+                        let sample = match (self.requests.get_mut(&id), self.scheduler.request(id))
+                        {
+                            (Some(request), Some(tokens)) => {
+                                request
+                                    .sampler
+                                    .sample(row, tokens.prompt(), tokens.output())
+                            }
+                            _ => Err(missing(id)),
+                        };
+                        (id, sample)
+                    })
+                    .collect())
+            }
+            StepLogits::Device(tensors) => {
+                // Every request appears once in a step, so each sampler is borrowed once.
+                let mut samplers: HashMap<RequestId, &mut RequestSampler> = self
+                    .requests
+                    .iter_mut()
+                    .map(|(&id, request)| (id, &mut request.sampler))
+                    .collect();
+                let mut sampled = Vec::with_capacity(ids.len());
+                let mut next = ids.iter();
+                for tensor in &tensors {
+                    let count = tensor.dims().first().copied().unwrap_or(0);
+                    let batch: Vec<RequestId> = next.by_ref().take(count).copied().collect();
+                    let mut rows = Vec::with_capacity(count);
+                    for &id in &batch {
+                        let (Some(sampler), Some(tokens)) =
+                            (samplers.remove(&id), self.scheduler.request(id))
+                        else {
+                            return Err(missing(id));
+                        };
+                        rows.push(DeviceRow {
+                            sampler,
+                            prompt: tokens.prompt(),
+                            output: tokens.output(),
+                        });
+                    }
+                    let samples = sample_rows(tensor, &mut rows)?;
+                    sampled.extend(batch.into_iter().zip(samples));
+                }
+                if sampled.len() != ids.len() {
+                    return Err(Error::Internal(format!(
+                        "{} logits rows for {} requests",
+                        sampled.len(),
+                        ids.len()
+                    )));
+                }
+                Ok(sampled)
+            }
+        }
     }
 
     /// Completes the last output of a request the scheduler finished.

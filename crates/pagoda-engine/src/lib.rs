@@ -12,6 +12,7 @@
 pub mod chat_template;
 mod decode_graphs;
 pub mod detokenize;
+mod device_sampling;
 mod engine;
 mod error;
 mod handle;

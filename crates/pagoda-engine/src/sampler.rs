@@ -1,12 +1,14 @@
 //! Picking one request's next token from its row of logits, on the host.
 //!
-//! [`RequestSampler::sample`] is the one place a row of logits becomes a token: penalties, the
-//! seeded draw and the logprobs. A GPU sampler replaces it by returning the same [`Sample`].
+//! [`RequestSampler::sample`] is the one place a row of logits on the host becomes a token:
+//! penalties, the seeded draw and the logprobs. On a GPU, `device_sampling` does the same for a
+//! whole step from the sampler's settings and draws ([`RequestSampler::draw`]), and returns the
+//! same [`Sample`]s.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
-use pagoda_kernels::cpu::sampling::{Penalties, Sampler, logprobs};
+use pagoda_kernels::cpu::sampling::{Penalties, Sampler, SamplingConfig, logprobs};
 
 use crate::Result;
 use crate::output::TokenLogprob;
@@ -36,6 +38,34 @@ impl RequestSampler {
             penalties: params.penalties(),
             logprobs: params.logprobs,
         })
+    }
+
+    /// The filters and temperature the request samples with.
+    pub fn config(&self) -> &SamplingConfig {
+        self.sampler.config()
+    }
+
+    /// The penalties applied to the logits before sampling.
+    pub fn penalties(&self) -> Penalties {
+        self.penalties
+    }
+
+    /// How many most likely tokens to report with each token's logprob, when logprobs are
+    /// wanted.
+    pub fn logprobs(&self) -> Option<usize> {
+        self.logprobs
+    }
+
+    /// The random number for the next token when the request samples (see
+    /// [`Sampler::draw`]), in `[0, 1)` as an `f32` for the GPU sampler; `None` for greedy
+    /// requests, which draw nothing, as on the host.
+    pub fn draw(&mut self) -> Option<f32> {
+        if self.config().is_greedy() {
+            return None;
+        }
+        // Rounding to f32 may reach 1.0, which is outside the interval the sampler expects.
+        const BELOW_ONE: f32 = 1.0 - f32::EPSILON / 2.0;
+        Some((self.sampler.draw() as f32).min(BELOW_ONE))
     }
 
     /// Picks the next token of a sequence whose prompt is `prompt` and whose output so far is
@@ -118,6 +148,19 @@ mod tests {
             logprob.top[0].0, 1,
             "the raw distribution still ranks token 1 first"
         );
+    }
+
+    #[test]
+    fn draws_follow_the_host_samplers_stream() {
+        let mut host = Sampler::new(params(0.7).sampling_config(), 9).unwrap();
+        let mut device = RequestSampler::new(&params(0.7), 9).unwrap();
+        for _ in 0..1000 {
+            let draw = device.draw().unwrap();
+            assert!((0.0..1.0).contains(&draw));
+            assert!((f64::from(draw) - host.draw()).abs() < 1e-7);
+        }
+        let mut greedy = RequestSampler::new(&params(0.0), 9).unwrap();
+        assert_eq!(greedy.draw(), None);
     }
 
     #[test]

@@ -181,6 +181,14 @@ impl Sampler {
         &self.config
     }
 
+    /// The next number of this sampler's random stream, uniform in `[0, 1)`: the draw
+    /// [`sample`](Self::sample) makes for a token when the configuration is not greedy. A
+    /// sampler that runs elsewhere (on a GPU) takes its draws from here, so a seed gives the
+    /// same stream of draws wherever the tokens are picked.
+    pub fn draw(&mut self) -> f64 {
+        self.rng.random()
+    }
+
     /// Picks the next token: the argmax when the configuration is greedy (which draws no random
     /// number), otherwise a draw from [`distribution`].
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
@@ -188,7 +196,7 @@ impl Sampler {
             return argmax(logits);
         }
         let probs = distribution(logits, &self.config)?;
-        let target: f64 = self.rng.random();
+        let target = self.draw();
         let mut cumulative = 0.0;
         for token in &probs {
             cumulative += token.prob;

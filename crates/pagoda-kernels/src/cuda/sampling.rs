@@ -9,6 +9,8 @@
 //!
 //! [`Sampler`]: crate::cpu::sampling::Sampler
 
+use std::collections::BTreeMap;
+
 use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
 
@@ -17,7 +19,7 @@ use super::tensor_access::{
     FLOAT_DTYPES, alloc_output, common_device, device_view, expect_dims, expect_dtype, into_tensor,
     kernel_name, launch_error,
 };
-use crate::cpu::sampling::SamplingConfig;
+use crate::cpu::sampling::{Penalties, SamplingConfig};
 use crate::{Error, Result};
 
 /// The token id written for a row that has no token to give: every logit NaN, or, when sampling
@@ -165,6 +167,242 @@ pub fn sample(logits: &Tensor, params: &DeviceSamplingParams, uniforms: &Tensor)
     unsafe { launch.launch(rows.config(SAMPLE_THREADS)) }
         .map_err(|e| launch_error(OP, &name, e))?;
     into_tensor(out, &[rows.rows])
+}
+
+/// The most top tokens [`logprobs`] reports per row (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Per-row penalties on the device and the tokens each applies to, built on the host for one
+/// step from each row's prompt and output so far.
+pub struct DevicePenalties {
+    repetition: Tensor,
+    presence: Tensor,
+    frequency: Tensor,
+    /// Row r's entries are `offsets[r]..offsets[r + 1]` of `tokens` and `counts`.
+    offsets: Tensor,
+    tokens: Tensor,
+    /// Occurrences of the token in the output (0: in the prompt only).
+    counts: Tensor,
+    rows: usize,
+    any: bool,
+}
+
+impl DevicePenalties {
+    /// One entry per row: its penalties (validated here), prompt and output so far. A row whose
+    /// penalties are off has no entries. Fails on a token id at or past `vocab`.
+    pub fn new(
+        rows: &[(Penalties, &[u32], &[u32])],
+        vocab: usize,
+        device: &CudaDevice,
+    ) -> Result<Self> {
+        let mut offsets = Vec::with_capacity(rows.len() + 1);
+        let mut tokens = Vec::new();
+        let mut counts = Vec::new();
+        offsets.push(0u32);
+        for (row, (penalties, prompt, output)) in rows.iter().enumerate() {
+            penalties
+                .validate()
+                .map_err(|e| Error::InvalidSampling(format!("row {row}: {e}")))?;
+            if let Some(&bad) = prompt
+                .iter()
+                .chain(output.iter())
+                .find(|&&t| t as usize >= vocab)
+            {
+                return Err(Error::InvalidSampling(format!(
+                    "row {row}: token {bad} is outside the {vocab} logits"
+                )));
+            }
+            if !penalties.is_off() {
+                let mut occurrences: BTreeMap<u32, u32> = BTreeMap::new();
+                for &token in output.iter() {
+                    *occurrences.entry(token).or_default() += 1;
+                }
+                // Prompt tokens only take the repetition penalty.
+                if penalties.repetition != 1.0 {
+                    for &token in prompt.iter() {
+                        occurrences.entry(token).or_default();
+                    }
+                }
+                for (token, count) in occurrences {
+                    tokens.push(token);
+                    counts.push(count);
+                }
+            }
+            let end = u32::try_from(tokens.len())
+                .map_err(|_| Error::shape("penalties", "more than 2^32 penalised tokens"))?;
+            offsets.push(end);
+        }
+        let any = !tokens.is_empty();
+        let target = Device::Cuda(device.ordinal());
+        let upload_f32 = |values: Vec<f32>| -> Result<Tensor> {
+            let len = values.len();
+            Ok(Tensor::from_vec(values, len)?.to_device(&target)?)
+        };
+        // CUDA allocations cannot be empty: a step without entries still uploads one.
+        let upload_u32 = |mut values: Vec<u32>| -> Result<Tensor> {
+            if values.is_empty() {
+                values.push(0);
+            }
+            let len = values.len();
+            Ok(Tensor::from_vec(values, len)?.to_device(&target)?)
+        };
+        Ok(Self {
+            repetition: upload_f32(rows.iter().map(|r| r.0.repetition).collect())?,
+            presence: upload_f32(rows.iter().map(|r| r.0.presence).collect())?,
+            frequency: upload_f32(rows.iter().map(|r| r.0.frequency).collect())?,
+            offsets: upload_u32(offsets)?,
+            tokens: upload_u32(tokens)?,
+            counts: upload_u32(counts)?,
+            rows: rows.len(),
+            any,
+        })
+    }
+
+    /// The number of rows these penalties are for.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether any row has a token to penalise; when not, [`apply_penalties`] would only copy.
+    pub fn any(&self) -> bool {
+        self.any
+    }
+}
+
+/// `logits` (`[rows, vocab]`, f32, f16 or bf16) as an F32 tensor with each row's penalties
+/// applied, bit for bit as [`Penalties::apply`] on the row converted to f32. `logits` is left as
+/// it is (logprobs describe the raw distribution).
+pub fn apply_penalties(logits: &Tensor, penalties: &DevicePenalties) -> Result<Tensor> {
+    const OP: &str = "apply_penalties";
+    let rows = Rows::check(OP, logits)?;
+    common_device(OP, &[("logits", logits), ("penalties", &penalties.offsets)])?;
+    if penalties.rows != rows.rows {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "penalties are for {} rows, logits have {}",
+                penalties.rows, rows.rows
+            ),
+        ));
+    }
+    let dims = [rows.rows, rows.vocab];
+    let mut out = alloc_output(OP, &rows.device, DType::F32, &dims)?;
+    if rows.rows == 0 {
+        return into_tensor(out, &dims);
+    }
+    let name = kernel_name(OP, "penalties", logits.dtype())?;
+    let kernel = function(&rows.device, KernelModule::Sampling, &name)?;
+    let logits_view = device_view(OP, "logits", logits)?;
+    let repetition = device_view(OP, "repetition", &penalties.repetition)?;
+    let presence = device_view(OP, "presence", &penalties.presence)?;
+    let frequency = device_view(OP, "frequency", &penalties.frequency)?;
+    let offsets = device_view(OP, "offsets", &penalties.offsets)?;
+    let tokens = device_view(OP, "tokens", &penalties.tokens)?;
+    let counts = device_view(OP, "counts", &penalties.counts)?;
+    let (count, vocab) = (rows.rows as u64, rows.vocab as i64);
+    let stream = rows.device.stream();
+    let mut launch = stream.launch_builder(&kernel);
+    launch
+        .arg(&logits_view)
+        .arg(out.slice_mut())
+        .arg(&repetition)
+        .arg(&presence)
+        .arg(&frequency)
+        .arg(&offsets)
+        .arg(&tokens)
+        .arg(&counts)
+        .arg(&count)
+        .arg(&vocab);
+    // SAFETY: the arguments follow penalties' signature in sampling.cu (logits, out, repetition,
+    // presence, frequency, offsets, tokens, counts, rows, vocab); logits and out hold rows x vocab
+    // elements (out f32), the per-row tensors `rows` values, offsets rows + 1 ascending bounds
+    // into tokens and counts, every token below vocab (checked in DevicePenalties::new).
+    unsafe { launch.launch(rows.config(ARGMAX_THREADS)) }
+        .map_err(|e| launch_error(OP, &name, e))?;
+    into_tensor(out, &dims)
+}
+
+/// What [`logprobs`] found, on the device, one row per requested row.
+pub struct DeviceLogprobs {
+    /// F32 `[r]`: the log-probability of the asked token; NaN when the row has no logit above
+    /// `-inf` (where the CPU's `logprobs` fails).
+    pub chosen: Tensor,
+    /// U32 `[r, top_n]`: the most likely tokens, most likely first (ties by lowest id);
+    /// [`NO_TOKEN`] past the vocabulary's end.
+    pub top_ids: Tensor,
+    /// F32 `[r, top_n]`: their log-probabilities.
+    pub top_logprobs: Tensor,
+}
+
+/// For each `i`, the log-softmax of row `rows[i]` of `logits` (`[rows, vocab]`, f32, f16 or
+/// bf16) at token `tokens[i]`, and the row's `top_n` (at most [`MAX_TOP_LOGPROBS`]) most likely
+/// tokens, as [`crate::cpu::sampling::logprobs`] computes them (f64 log-sum-exp, NaN counted as
+/// `-inf`). `rows` and `tokens` are U32 `[r]` on the device, their values below the logits' rows
+/// and vocabulary (the caller's to ensure: the kernel cannot report them).
+pub fn logprobs(
+    logits: &Tensor,
+    rows: &Tensor,
+    tokens: &Tensor,
+    top_n: usize,
+) -> Result<DeviceLogprobs> {
+    const OP: &str = "logprobs";
+    let shape = Rows::check(OP, logits)?;
+    common_device(
+        OP,
+        &[("logits", logits), ("rows", rows), ("tokens", tokens)],
+    )?;
+    expect_dtype(OP, "rows", rows, &[DType::U32])?;
+    expect_dtype(OP, "tokens", tokens, &[DType::U32])?;
+    let &[count] = rows.dims() else {
+        return Err(Error::shape(
+            OP,
+            format!("rows has shape {:?}, expected [r]", rows.dims()),
+        ));
+    };
+    expect_dims(OP, "tokens", tokens, &[count])?;
+    if top_n > MAX_TOP_LOGPROBS {
+        return Err(Error::InvalidSampling(format!(
+            "at most {MAX_TOP_LOGPROBS} top logprobs per token, asked for {top_n}"
+        )));
+    }
+    let mut chosen = alloc_output(OP, &shape.device, DType::F32, &[count])?;
+    let mut top_ids = alloc_output(OP, &shape.device, DType::U32, &[count, top_n])?;
+    let mut top_logprobs = alloc_output(OP, &shape.device, DType::F32, &[count, top_n])?;
+    if count > 0 {
+        let name = kernel_name(OP, "logprobs", logits.dtype())?;
+        let kernel = function(&shape.device, KernelModule::Sampling, &name)?;
+        let logits_view = device_view(OP, "logits", logits)?;
+        let rows_view = device_view(OP, "rows", rows)?;
+        let tokens_view = device_view(OP, "tokens", tokens)?;
+        let (requested, vocab, n) = (count as u64, shape.vocab as i64, top_n as u32);
+        let stream = shape.device.stream();
+        let mut launch = stream.launch_builder(&kernel);
+        launch
+            .arg(&logits_view)
+            .arg(&rows_view)
+            .arg(&tokens_view)
+            .arg(chosen.slice_mut())
+            .arg(top_ids.slice_mut())
+            .arg(top_logprobs.slice_mut())
+            .arg(&requested)
+            .arg(&vocab)
+            .arg(&n);
+        let config = LaunchConfig {
+            grid_dim: (count.min(i32::MAX as usize) as u32, 1, 1),
+            block_dim: (SAMPLE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments follow logprobs' signature in sampling.cu (logits, rows, tokens,
+        // chosen, top_ids, top_logprobs, count, vocab, top_n); logits holds shape.rows x vocab
+        // elements, rows and tokens `count` u32 values that the caller keeps in range, chosen
+        // `count` f32 and the top tensors count x top_n values.
+        unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
+    }
+    Ok(DeviceLogprobs {
+        chosen: into_tensor(chosen, &[count])?,
+        top_ids: into_tensor(top_ids, &[count, top_n])?,
+        top_logprobs: into_tensor(top_logprobs, &[count, top_n])?,
+    })
 }
 
 /// The checked shape of a `[rows, vocab]` logits tensor.
