@@ -136,39 +136,6 @@ __device__ __forceinline__ void store_pack(T* p, const float (&in)[Pack<T>::N]) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Overlapping launches (programmatic dependent launch, sm_90+; cuda/launch.rs). A kernel that the
-// launcher may start while the previous kernel of the stream is still running calls
-// wait_for_prior_kernels() before it reads anything an earlier kernel wrote and before it writes
-// anything; work before that call (address arithmetic, prefetch_l2 of weights, which no kernel
-// writes) overlaps the previous kernel's last wave. allow_next_kernel(), called after the wait,
-// lets the next such kernel be scheduled: one boundary overlaps at a time. Both are no-ops when
-// the kernel was launched normally or on older GPUs.
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ void wait_for_prior_kernels() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void allow_next_kernel() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-// The start of a kernel whose only work before its inputs exist is address arithmetic.
-__device__ __forceinline__ void begin_after_prior_kernels() {
-    wait_for_prior_kernels();
-    allow_next_kernel();
-}
-
-// Asks L2 for the line holding `p`, without waiting for it (read-only data such as weights).
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
-// ---------------------------------------------------------------------------------------------
 // Reductions. Block reductions need blockDim.x to be a multiple of 32 (at most 1024) and must be
 // reached by every thread of the block; every thread receives the result.
 // ---------------------------------------------------------------------------------------------

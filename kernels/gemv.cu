@@ -86,17 +86,6 @@ __device__ __forceinline__ void gemv_kernel(const T* __restrict__ x, const T* __
         const unsigned j = min(row0 + r, n - 1);
         w_rows[r] = w + static_cast<size_t>(j) * k;
     }
-    // The weights of the first batch start coming into L2 while the kernel before (which
-    // computes x) finishes.
-    constexpr int P0 = Pack<T>::N;
-#pragma unroll
-    for (int u = 0; u < GEMV_BATCH; ++u) {
-        const unsigned c = lane * P0 + u * 32u * P0;
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r)
-            if (c < k) prefetch_l2(w_rows[r] + c);
-    }
-    begin_after_prior_kernels();
 
     float acc[GEMV_ROWS][GEMV_MAX_M];
 #pragma unroll
@@ -204,19 +193,6 @@ __device__ __forceinline__ float bias_of(const void* __restrict__ bias, int bias
     return 0.0f;
 }
 
-// Asks L2 for the weight words this thread loads first in accumulate_split (its first batch).
-template <typename T, int ROWS, int BATCH>
-__device__ __forceinline__ void prefetch_first_batch(const T* (&w_rows)[ROWS], unsigned k) {
-    constexpr int P = Pack<T>::N;
-#pragma unroll
-    for (int u = 0; u < BATCH; ++u) {
-        const unsigned c = (threadIdx.x + u * blockDim.x) * P;
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r)
-            if (c < k) prefetch_l2(w_rows[r] + c);
-    }
-}
-
 // acc[r][i] += the dot product of weight row w_rows[r] with row i of x (m x k, row stride k), the
 // whole block striding over k.
 template <typename T, int ROWS, int BATCH, bool STREAM>
@@ -290,16 +266,6 @@ __device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const
     const T* w_rows[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) w_rows[r] = w + static_cast<size_t>(rows[r]) * k;
-    // The second product's weight rows are the same output columns of w2.
-    const T* w2_rows[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) w2_rows[r] = w2 + static_cast<size_t>(rows[r]) * k2;
-
-    // The first weights start coming into L2 while the kernel before (which computes x)
-    // finishes.
-    prefetch_first_batch<T, ROWS, BATCH>(w_rows, k);
-    if (k2 > 0) prefetch_first_batch<T, ROWS, BATCH>(w2_rows, k2);
-    begin_after_prior_kernels();
 
     float acc[ROWS][GEMV_MAX_M];
 #pragma unroll
@@ -308,7 +274,13 @@ __device__ __forceinline__ void gemv_split_kernel(const T* __restrict__ x, const
         for (int i = 0; i < GEMV_MAX_M; ++i) acc[r][i] = 0.0f;
 
     accumulate_split<T, ROWS, BATCH, STREAM>(x, w, w_rows, m, k, acc);
-    if (k2 > 0) accumulate_split<T, ROWS, BATCH, STREAM>(x2, w2, w2_rows, m, k2, acc);
+    if (k2 > 0) {
+        // The second product's weight rows are the same output columns of w2.
+        const T* w2_rows[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) w2_rows[r] = w2 + static_cast<size_t>(rows[r]) * k2;
+        accumulate_split<T, ROWS, BATCH, STREAM>(x2, w2, w2_rows, m, k2, acc);
+    }
 
     // `i < m` is the same in every lane, so whole warps take part in each shuffle.
 #pragma unroll

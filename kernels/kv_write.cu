@@ -32,7 +32,6 @@ template <typename T>
 __device__ void write_kv(const T* __restrict__ k, const T* __restrict__ v, const unsigned* __restrict__ slots,
                          T* __restrict__ k_pages, T* __restrict__ v_pages, unsigned tokens, unsigned token_len,
                          unsigned long long num_slots) {
-    begin_after_prior_kernels();
     for (unsigned t = blockIdx.x; t < tokens; t += gridDim.x) {
         const unsigned long long slot = slots[t];
         if (slot >= num_slots) continue;
@@ -84,7 +83,6 @@ __device__ void rope_write_kv(const T* __restrict__ q, T* __restrict__ q_out, un
                               const float* __restrict__ sin, T* __restrict__ k_pages, T* __restrict__ v_pages,
                               unsigned tokens, unsigned kv_heads, unsigned head_dim, unsigned rotary_dim,
                               unsigned max_positions, unsigned long long num_slots) {
-    begin_after_prior_kernels();
     const unsigned half = rotary_dim / 2;
     const unsigned token_len = kv_heads * head_dim;
     const unsigned first = blockIdx.y * blockDim.x + threadIdx.x;

@@ -147,7 +147,6 @@ __device__ void norm_row(const T* __restrict__ x, T* __restrict__ residual, cons
 // Picks the vector width for this launch (uniform across the grid) and normalises row blockIdx.x.
 template <bool ADD, bool CENTER, typename T, typename W>
 __device__ void norm(const T* x, T* residual, const W* weight, const W* bias, T* out, unsigned hidden, float eps) {
-    begin_after_prior_kernels();
     const unsigned long long offset = static_cast<unsigned long long>(blockIdx.x) * hidden;
     x += offset;
     out += offset;
@@ -168,7 +167,6 @@ __device__ void norm(const T* x, T* residual, const W* weight, const W* bias, T*
 template <typename T, typename W>
 __device__ void add_layer_norm_dual(const T* x, T* residual, const W* weight, const W* bias, T* out,
                                     const W* weight2, const W* bias2, T* out2, unsigned hidden, float eps) {
-    begin_after_prior_kernels();
     const unsigned long long offset = static_cast<unsigned long long>(blockIdx.x) * hidden;
     x += offset;
     residual += offset;

@@ -4,10 +4,11 @@
 //! costs the host far less than a cuBLAS call.
 
 use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
-use pagoda_tensor::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
+use pagoda_tensor::cudarc::driver::{
+    DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use pagoda_tensor::{CudaDevice, CudaStorage, DType, Tensor};
 
-use super::launch::DependentLaunch;
 use super::registry::{KernelModule, function};
 use super::tensor_access::{
     alloc_output, arg_u32, device_view, expect_dims, expect_dtype, into_tensor, kernel_name,
@@ -240,23 +241,20 @@ pub(crate) fn gemv(op: &'static str, device: &CudaDevice, product: Product<'_>) 
         block_dim: (checked.threads, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = DependentLaunch::new(device, &kernel);
-    launch
-        .value(&p.x)
-        .value(&p.w)
-        .value(&p.bias)
-        .value(&p.bias_kind);
+    let stream = device.stream();
+    let mut launch = stream.launch_builder(&kernel);
+    launch.arg(&p.x).arg(&p.w).arg(&p.bias).arg(&p.bias_kind);
     if !checked.per_warp {
         launch
-            .value(&p.x2)
-            .value(&p.w2)
-            .value(&p.bias2)
-            .value(&p.bias2_kind)
-            .value(&p.k2)
-            .value(&p.addend)
-            .value(&p.act);
+            .arg(&p.x2)
+            .arg(&p.w2)
+            .arg(&p.bias2)
+            .arg(&p.bias2_kind)
+            .arg(&p.k2)
+            .arg(&p.addend)
+            .arg(&p.act);
     }
-    launch.value(&p.out).value(&p.m).value(&p.n).value(&p.k);
+    launch.arg(&p.out).arg(&p.m).arg(&p.n).arg(&p.k);
     // SAFETY: the arguments match gemv.cu's gemv (x, w, bias, bias_kind, out, m, n, k) or
     // gemv_split (x, w, bias, bias_kind, x2, w2, bias2, bias2_kind, k2, addend, act, out, m, n,
     // k), as `check` filled them from the operands the caller checked: x holds m x k, w
@@ -266,7 +264,7 @@ pub(crate) fn gemv(op: &'static str, device: &CudaDevice, product: Product<'_>) 
     // kernel on the stream every later use of them follows. The grid covers the n output
     // columns at the form's rows per warp or per block (one per block when gated, where the
     // kernel reads rows j and n + j), with at most 256 threads (GEMV_MAX_WARPS of the split
-    // form). Both kernels wait for the previous kernel before they read x or write.
+    // form).
     unsafe { launch.launch(config) }.map_err(|e| launch_error(op, &name, e))?;
     into_tensor(checked.out, product.dims)
 }
@@ -306,12 +304,12 @@ pub(crate) fn gemv_pair(
         block_dim: (SPLIT_FORM_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = DependentLaunch::new(device, &kernel);
-    launch.value(&first.problem).value(&second.problem);
+    let stream = device.stream();
+    let mut launch = stream.launch_builder(&kernel);
+    launch.arg(&first.problem).arg(&second.problem);
     // SAFETY: gemv_split_pair takes two GemvProblem structs, laid out as `GemvProblem` here,
     // each filled by `check` as for a gemv_split launch (see `gemv`), with their block counts;
-    // the grid is the sum of both. Every block waits for the previous kernel before it reads an
-    // x or writes.
+    // the grid is the sum of both.
     unsafe { launch.launch(config) }.map_err(|e| launch_error(op, &name, e))?;
     Ok((
         into_tensor(first.out, a.dims)?,

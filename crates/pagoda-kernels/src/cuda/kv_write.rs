@@ -6,10 +6,9 @@
 //! [`apply_rope`](super::rope::apply_rope) on K followed by [`write_kv`], reading K once instead of
 //! three times.
 
-use pagoda_tensor::cudarc::driver::LaunchConfig;
+use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, CudaStorage, DType, Tensor};
 
-use super::launch::DependentLaunch;
 use super::registry::{KernelModule, function};
 use super::rope::CudaRopeTable;
 use super::tensor_access::{
@@ -48,16 +47,17 @@ pub fn write_kv(
     let mut v_pages_view = device_view_mut(OP, "v_pages", v_pages)?;
     let tokens = arg_u32(OP, "tokens", write.tokens)?;
     let token_len = arg_u32(OP, "kv_heads x head_dim", write.kv_heads * write.head_dim)?;
-    let mut launch = DependentLaunch::new(&write.device, &kernel);
+    let stream = write.device.stream();
+    let mut launch = stream.launch_builder(&kernel);
     launch
-        .buffer(&k_view)
-        .buffer(&v_view)
-        .buffer(&slots_view)
-        .buffer_mut(&mut k_pages_view)
-        .buffer_mut(&mut v_pages_view)
-        .value(&tokens)
-        .value(&token_len)
-        .value(&write.num_slots);
+        .arg(&k_view)
+        .arg(&v_view)
+        .arg(&slots_view)
+        .arg(&mut k_pages_view)
+        .arg(&mut v_pages_view)
+        .arg(&tokens)
+        .arg(&token_len)
+        .arg(&write.num_slots);
     // SAFETY: the arguments follow write_kv's signature in kv_write.cu (k, v, slots, k_pages,
     // v_pages, tokens, token_len, num_slots); k and v hold tokens x token_len elements of the
     // kernel name's dtype, slots `tokens` u32 values, each page tensor num_slots x token_len
@@ -176,29 +176,30 @@ fn launch_rope_write(
     let head_dim = arg_u32(op, "head_dim", write.head_dim)?;
     arg_u32(op, "kv_heads x head_dim", write.kv_heads * write.head_dim)?;
     arg_u32(op, "q heads x head_dim", q_heads as usize * write.head_dim)?;
-    let mut launch = DependentLaunch::new(&write.device, &kernel);
+    let stream = write.device.stream();
+    let mut launch = stream.launch_builder(&kernel);
     // Without queries the kernel tests q against null and never touches q_out.
     let null: u64 = 0;
     match (q_view.as_ref(), q_out) {
-        (Some(q), Some(out)) => launch.buffer(q).buffer_mut(out.slice_mut()),
-        _ => launch.value(&null).value(&null),
+        (Some(q), Some(out)) => launch.arg(q).arg(out.slice_mut()),
+        _ => launch.arg(&null).arg(&null),
     };
     launch
-        .value(&q_heads)
-        .buffer(&k_view)
-        .buffer(&v_view)
-        .buffer(&positions_view)
-        .buffer(&slots_view)
-        .buffer(&cos)
-        .buffer(&sin)
-        .buffer_mut(&mut k_pages_view)
-        .buffer_mut(&mut v_pages_view)
-        .value(&tokens)
-        .value(&kv_heads)
-        .value(&head_dim)
-        .value(&rotary_dim)
-        .value(&max_positions)
-        .value(&write.num_slots);
+        .arg(&q_heads)
+        .arg(&k_view)
+        .arg(&v_view)
+        .arg(&positions_view)
+        .arg(&slots_view)
+        .arg(&cos)
+        .arg(&sin)
+        .arg(&mut k_pages_view)
+        .arg(&mut v_pages_view)
+        .arg(&tokens)
+        .arg(&kv_heads)
+        .arg(&head_dim)
+        .arg(&rotary_dim)
+        .arg(&max_positions)
+        .arg(&write.num_slots);
     // SAFETY: the arguments follow rope_write_kv's signature in kv_write.cu; q and q_out (or
     // null) hold tokens x q_heads x head_dim elements, k and v tokens x kv_heads x head_dim, of
     // the kernel name's dtype; positions and slots `tokens` u32 values, cos and sin

@@ -5,10 +5,9 @@
 //! Activations are f32, f16 or bf16; the weight (and LayerNorm's bias) is f32 or the
 //! activations' dtype. Statistics are computed in f32 on the values as stored.
 
-use pagoda_tensor::cudarc::driver::LaunchConfig;
+use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, DType, Tensor};
 
-use super::launch::DependentLaunch;
 use super::registry::{KernelModule, function};
 use super::tensor_access::{
     FLOAT_DTYPES, alloc_output, arg_u32, common_device, device_view, device_view_mut, dtype_suffix,
@@ -95,18 +94,19 @@ pub fn add_layer_norm_dual(
             block_dim: (threads_per_row(norm.hidden), 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = DependentLaunch::new(&norm.device, &kernel);
+        let stream = norm.device.stream();
+        let mut launch = stream.launch_builder(&kernel);
         launch
-            .buffer(&x_view)
-            .buffer_mut(&mut residual_view)
-            .buffer(&params[0])
-            .buffer(&params[1])
-            .buffer_mut(out.slice_mut())
-            .buffer(&params[2])
-            .buffer(&params[3])
-            .buffer_mut(out2.slice_mut())
-            .value(&hidden)
-            .value(&norm.eps);
+            .arg(&x_view)
+            .arg(&mut residual_view)
+            .arg(&params[0])
+            .arg(&params[1])
+            .arg(out.slice_mut())
+            .arg(&params[2])
+            .arg(&params[3])
+            .arg(out2.slice_mut())
+            .arg(&hidden)
+            .arg(&norm.eps);
         // SAFETY: the argument list matches add_layer_norm_dual's signature in norm.cu (x,
         // residual, weight, bias, out, weight2, bias2, out2, hidden, eps); x, residual and both
         // outputs hold rows x hidden elements of x's dtype, the weights and biases hidden
@@ -219,19 +219,18 @@ impl Norm {
             shared_mem_bytes: 0,
         };
 
-        let mut launch = DependentLaunch::new(&self.device, &kernel);
-        launch.buffer(&x_view);
+        let stream = self.device.stream();
+        let out_slice = out.slice_mut();
+        let mut launch = stream.launch_builder(&kernel);
+        launch.arg(&x_view);
         if let Some(residual) = residual_view.as_mut() {
-            launch.buffer_mut(residual);
+            launch.arg(residual);
         }
-        launch.buffer(&weight_view);
+        launch.arg(&weight_view);
         if let Some(bias) = bias_view.as_ref() {
-            launch.buffer(bias);
+            launch.arg(bias);
         }
-        launch
-            .buffer_mut(out.slice_mut())
-            .value(&hidden)
-            .value(&self.eps);
+        launch.arg(out_slice).arg(&hidden).arg(&self.eps);
         // SAFETY: the argument list matches the kernel's signature in norm.cu
         // (x, [residual], weight, [bias], out, hidden, eps); every buffer holds rows x hidden
         // (or hidden) elements of the dtype the kernel name says, as checked above, and the grid
