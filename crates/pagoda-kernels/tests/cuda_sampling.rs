@@ -5,8 +5,10 @@
 mod common;
 
 use common::{FLOAT_DTYPES, TestRng, gpu_or_skip, rounded, upload};
-use pagoda_kernels::cpu::sampling::{SamplingConfig, TokenProb, distribution};
-use pagoda_kernels::cuda::sampling::{DeviceSamplingParams, NO_TOKEN, argmax, sample};
+use pagoda_kernels::cpu::sampling::{Penalties, SamplingConfig, TokenProb, distribution};
+use pagoda_kernels::cuda::sampling::{
+    DevicePenalties, DeviceSamplingParams, NO_TOKEN, apply_penalties, argmax, logprobs, sample,
+};
 use pagoda_kernels::{Error, cpu};
 use pagoda_tensor::{CudaDevice, DType, Tensor};
 use rand::RngExt;
@@ -378,4 +380,154 @@ fn bad_inputs_are_errors() {
         tokens(&argmax(&upload(&[], &[0, 5], DType::F32, &device)).unwrap()),
         Vec::<u32>::new()
     );
+}
+
+/// Random (prompt, output) token lists over `vocab`, with repeats.
+fn sequence(rng: &mut TestRng, vocab: usize) -> (Vec<u32>, Vec<u32>) {
+    let prompt_len = rng.below(1, 30)[0] as usize + 1;
+    let output_len = rng.below(1, 30)[0] as usize;
+    let draw = |rng: &mut TestRng, n: usize| rng.below(n, vocab as u32);
+    (draw(rng, prompt_len), draw(rng, output_len))
+}
+
+#[test]
+fn penalties_match_the_cpu_bit_for_bit() {
+    let Some(device) = gpu_or_skip("penalties_match_the_cpu_bit_for_bit") else {
+        return;
+    };
+    let mut rng = TestRng::new("penalties_match_the_cpu_bit_for_bit");
+    let settings = [
+        Penalties::none(),
+        Penalties {
+            repetition: 1.3,
+            ..Penalties::none()
+        },
+        Penalties {
+            presence: 0.7,
+            ..Penalties::none()
+        },
+        Penalties {
+            frequency: -0.4,
+            ..Penalties::none()
+        },
+        Penalties {
+            repetition: 0.8,
+            presence: -1.5,
+            frequency: 1.9,
+        },
+    ];
+    for dtype in FLOAT_DTYPES {
+        for vocab in [1, 3, 1001, 128256] {
+            let rows = 7;
+            let values = logits(&mut rng, rows, vocab, dtype, false);
+            let tensor = upload(&values, &[rows, vocab], dtype, &device);
+            let sequences: Vec<_> = (0..rows).map(|_| sequence(&mut rng, vocab)).collect();
+            let entries: Vec<(Penalties, &[u32], &[u32])> = sequences
+                .iter()
+                .enumerate()
+                .map(|(r, (p, o))| (settings[r % settings.len()], p.as_slice(), o.as_slice()))
+                .collect();
+            let penalties = DevicePenalties::new(&entries, vocab, &device).unwrap();
+            assert_eq!(penalties.rows(), rows);
+            common::poison_pool(&device, rows * vocab * 4);
+            let out = apply_penalties(&tensor, &penalties).unwrap();
+            assert_eq!(out.dtype(), DType::F32);
+            let got = out.to_vec::<f32>().unwrap();
+            for (r, (settings, prompt, output)) in entries.iter().enumerate() {
+                let mut expected = values[r * vocab..(r + 1) * vocab].to_vec();
+                settings.apply(&mut expected, prompt, output).unwrap();
+                let row = &got[r * vocab..(r + 1) * vocab];
+                for (i, (g, e)) in row.iter().zip(&expected).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        e.to_bits(),
+                        "{dtype} vocab {vocab} row {r} token {i}: {g} vs {e} ({settings:?})"
+                    );
+                }
+            }
+            // The input is left as it was.
+            assert_eq!(common::download(&tensor), values);
+        }
+    }
+    // Tokens outside the vocabulary are refused on the host.
+    let bad: [(Penalties, &[u32], &[u32]); 1] = [(settings[1], &[5], &[])];
+    assert!(matches!(
+        DevicePenalties::new(&bad, 5, &device),
+        Err(Error::InvalidSampling(_))
+    ));
+}
+
+#[test]
+fn logprobs_match_the_cpu() {
+    let Some(device) = gpu_or_skip("logprobs_match_the_cpu") else {
+        return;
+    };
+    let mut rng = TestRng::new("logprobs_match_the_cpu");
+    for dtype in FLOAT_DTYPES {
+        for (vocab, ties) in [
+            (1, false),
+            (3, true),
+            (1001, false),
+            (1001, true),
+            (128256, false),
+        ] {
+            let rows = 9;
+            let mut values = logits(&mut rng, rows, vocab, dtype, ties);
+            if vocab > 3 {
+                // Row 1 holds NaN and -inf, row 2 two +inf.
+                values[vocab] = f32::NAN;
+                values[vocab + 2] = f32::NEG_INFINITY;
+                values[2 * vocab + 1] = f32::INFINITY;
+                values[2 * vocab + 3] = f32::INFINITY;
+            }
+            let tensor = upload(&values, &[rows, vocab], dtype, &device);
+            // Every other row, in reverse order, each at a random token.
+            let picked: Vec<u32> = (0..rows as u32).rev().step_by(2).collect();
+            let asked = rng.below(picked.len(), vocab as u32);
+            for top_n in [0, 1, 5, 20] {
+                common::poison_pool(&device, 1 << 20);
+                let found = logprobs(
+                    &tensor,
+                    &common::upload_u32(&picked, &device),
+                    &common::upload_u32(&asked, &device),
+                    top_n,
+                )
+                .unwrap();
+                let chosen = found.chosen.to_vec::<f32>().unwrap();
+                let ids = found.top_ids.to_vec::<u32>().unwrap();
+                let top = found.top_logprobs.to_vec::<f32>().unwrap();
+                for (q, (&row, &token)) in picked.iter().zip(&asked).enumerate() {
+                    let row_values = &values[row as usize * vocab..(row as usize + 1) * vocab];
+                    let expected = cpu::sampling::logprobs(row_values, token, top_n).unwrap();
+                    let what = format!("{dtype} vocab {vocab} ties {ties} row {row} top {top_n}");
+                    let close = |a: f32, b: f32| a == b || (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+                    assert!(
+                        close(chosen[q], expected.logprob),
+                        "{what}: {} vs {}",
+                        chosen[q],
+                        expected.logprob
+                    );
+                    let listed = top_n.min(vocab);
+                    for n in 0..listed {
+                        let (id, logprob) = expected.top[n];
+                        assert_eq!(ids[q * top_n + n], id, "{what}: place {n}");
+                        assert!(close(top[q * top_n + n], logprob), "{what}: place {n}");
+                    }
+                    for n in listed..top_n {
+                        assert_eq!(
+                            ids[q * top_n + n],
+                            NO_TOKEN,
+                            "{what}: place {n} past the vocabulary"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let rows = common::upload_u32(&[0], &device);
+    let tensor = upload(&[1.0, 2.0], &[1, 2], DType::F32, &device);
+    assert!(matches!(
+        logprobs(&tensor, &rows, &rows, 21),
+        Err(Error::InvalidSampling(_))
+    ));
 }
