@@ -51,7 +51,7 @@ pub enum OutputActivation {
 }
 
 /// `linear(x, w, bias)` followed by `epilogue`. On a GPU, decode-sized products (at most
-/// [`cuda::gemm::EPILOGUE_MAX_ROWS`] rows) run it as one kernel, the elementwise step applied
+/// [`cuda::gemm::DECODE_MAX_ROWS`] rows) run it as one kernel, the elementwise step applied
 /// to each output before it is stored; otherwise the product and the step run one after the
 /// other, as on the CPU.
 pub fn linear_with_epilogue(
@@ -61,7 +61,7 @@ pub fn linear_with_epilogue(
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
     let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::EPILOGUE_MAX_ROWS).contains(&rows)
+    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::DECODE_MAX_ROWS).contains(&rows)
     {
         let _timer = OpTimer::start("linear", x.device());
         return cuda::gemm::linear_with_epilogue(x, w, bias, epilogue);
@@ -101,7 +101,7 @@ pub fn linear_with_epilogue(
 
 /// `x · wᵀ + bias + x2 · w2ᵀ + bias2 + addend`: two products into the same outputs (`w` `[n, k]`,
 /// `w2` `[n, k2]`, `x` `[.., k]` and `x2` `[.., k2]` with the same leading dimensions). On a
-/// GPU, decode-sized products (at most [`cuda::gemm::EPILOGUE_MAX_ROWS`] rows) run as one
+/// GPU, decode-sized products (at most [`cuda::gemm::DECODE_MAX_ROWS`] rows) run as one
 /// kernel that reads both weights in one pass; otherwise as two products, the second adding
 /// the first.
 pub fn linear_pair(
@@ -110,7 +110,7 @@ pub fn linear_pair(
     addend: Option<&Tensor>,
 ) -> Result<Tensor> {
     let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::EPILOGUE_MAX_ROWS).contains(&rows)
+    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::DECODE_MAX_ROWS).contains(&rows)
     {
         let _timer = OpTimer::start("linear", x.device());
         return cuda::gemm::linear_pair((x, w, bias), (x2, w2, bias2), addend);
@@ -136,11 +136,11 @@ pub use crate::cuda::gemm::LinearJob;
 
 /// Two independent products, each `epilogue(x · wᵀ + bias)` as [`linear_with_epilogue`]
 /// computes it. On a GPU, when both are decode-sized (at most
-/// [`cuda::gemm::EPILOGUE_MAX_ROWS`] rows), they run in one kernel launch, so the GPU ramps up
+/// [`cuda::gemm::DECODE_MAX_ROWS`] rows), they run in one kernel launch, so the GPU ramps up
 /// and drains once for both; otherwise one after the other.
 pub fn linear_side_by_side(a: LinearJob<'_>, b: LinearJob<'_>) -> Result<(Tensor, Tensor)> {
     let rows = |x: &Tensor| x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-    let decode = |x: &Tensor| (1..=cuda::gemm::EPILOGUE_MAX_ROWS).contains(&rows(x));
+    let decode = |x: &Tensor| (1..=cuda::gemm::DECODE_MAX_ROWS).contains(&rows(x));
     if matches!(a.x.device(), Device::Cuda(_)) && decode(a.x) && decode(b.x) {
         let _timer = OpTimer::start("linear", a.x.device());
         return cuda::gemm::linear_side_by_side(a, b);

@@ -110,7 +110,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let m: usize = outer.iter().product();
     let mut dims = outer.to_vec();
     dims.push(n);
-    if (1..=gemv::MAX_ROWS).contains(&m) && n > 0 {
+    if (1..=DECODE_MAX_ROWS).contains(&m) && n > 0 {
         // Decode-sized products: one kernel launch costs the host far less than a cuBLAS call.
         return gemv::gemv(
             OP,
@@ -192,6 +192,14 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 }
 /// The most rows of `x` [`linear_with_epilogue`] takes.
 pub const EPILOGUE_MAX_ROWS: usize = gemv::MAX_ROWS;
+
+/// Up to this many rows of `x`, [`linear`] (and the fused forms of `ops`) run the skinny GEMV;
+/// from three rows on cuBLAS is faster, even with the elementwise steps it leaves to separate
+/// kernels. Engine decode steps of 1 to 8 sequences (H100, f16, Pythia-2.8B / Llama-3.2-3B):
+/// with the GEMV up to 2 rows, 3.50-3.77 ms per step for 2 to 8 sequences; with it up to 4 rows,
+/// 4.26-4.29 ms at 3 and 4; with it up to 8, 6.3-6.4 ms at 6 and 8. At 2 rows both are within
+/// 2% of each other.
+pub const DECODE_MAX_ROWS: usize = 2;
 
 /// `epilogue(x [.., k] · w [n, k]ᵀ + bias)` for at most [`EPILOGUE_MAX_ROWS`] rows of `x`, in one
 /// kernel: the decode-time product with the elementwise step that follows it fused in. With

@@ -19,6 +19,9 @@ pub fn matmul_strided_batched(_a: &Tensor, _b: &Tensor) -> Result<Tensor> {
 /// The most rows of `x` the fused decode-time product takes.
 pub const EPILOGUE_MAX_ROWS: usize = 8;
 
+/// Up to this many rows the CUDA build runs decode products on its GEMV.
+pub const DECODE_MAX_ROWS: usize = 2;
+
 /// A product with its elementwise epilogue on the GPU; always fails without the `cuda` feature.
 pub fn linear_with_epilogue(
     _x: &Tensor,
