@@ -246,6 +246,9 @@ impl EngineBuilder {
             Some(bytes) => bytes,
             None => default_kv_budget(&info, &geometry, blocks_per_seq, self.max_num_seqs)?,
         };
+        if let Device::Cuda(ordinal) = info.device {
+            load_kernels(ordinal)?;
+        }
         let graphs = self.cuda_graphs && info.device.is_cuda();
         // Padded decode rows write into a block of their own that no request is given.
         let pad_blocks = usize::from(graphs);
@@ -321,6 +324,25 @@ fn default_kv_budget(
                 .saturating_sub(GPU_ACTIVATION_HEADROOM))
         }
     }
+}
+
+/// Compiles (or reads from the disk cache) every kernel module on GPU `ordinal`, in parallel,
+/// before the engine takes requests: compiled one by one as the first steps need them, they
+/// would hold those steps up for tens of seconds.
+#[cfg(feature = "cuda")]
+fn load_kernels(ordinal: usize) -> Result<()> {
+    use pagoda_kernels::cuda::KernelModule;
+    let device = pagoda_tensor::CudaDevice::get(ordinal)?;
+    Ok(pagoda_kernels::cuda::registry::preload(
+        &device,
+        &KernelModule::ALL,
+    )?)
+}
+
+/// Without the `cuda` feature no model reaches a GPU.
+#[cfg(not(feature = "cuda"))]
+fn load_kernels(_ordinal: usize) -> Result<()> {
+    Ok(())
 }
 
 /// Bytes free on GPU `ordinal` now.

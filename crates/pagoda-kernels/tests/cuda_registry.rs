@@ -9,7 +9,7 @@ mod common;
 
 use pagoda_kernels::Error;
 use pagoda_kernels::cuda::registry::{
-    KernelCache, KernelModule, Origin, Target, compile_source, function, nvrtc_version,
+    KernelCache, KernelModule, Origin, Target, compile_source, function, nvrtc_version, preload,
 };
 use pagoda_tensor::CudaDevice;
 
@@ -65,6 +65,22 @@ fn kernels_load_on_the_gpu() {
         function(&device, module, name).unwrap_or_else(|e| panic!("{name}: {e}"));
         // The second lookup comes from the device's table.
         function(&device, module, name).unwrap_or_else(|e| panic!("{name} again: {e}"));
+    }
+}
+
+#[test]
+fn preloading_loads_every_module_at_once() {
+    let Some(device) = common::gpu_or_skip("preloading_loads_every_module_at_once") else {
+        return;
+    };
+    preload(&device, &KernelModule::ALL).unwrap_or_else(|e| panic!("preloading: {e}"));
+    // Loaded already: a second preload and the lookups only read the device's table.
+    preload(&device, &KernelModule::ALL).unwrap_or_else(|e| panic!("preloading again: {e}"));
+    for (module, name) in [
+        (KernelModule::Sampling, "argmax_f16"),
+        (KernelModule::Gemv, "gemv_bf16"),
+    ] {
+        function(&device, module, name).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
 

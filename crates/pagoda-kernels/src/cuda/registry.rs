@@ -376,6 +376,43 @@ pub fn function(device: &CudaDevice, module: KernelModule, name: &str) -> Result
     Ok(function)
 }
 
+/// Compiles (or reads from the disk cache) and loads every module of `modules` on `device` that
+/// is not loaded yet, each on a thread of its own, so that a server pays for the slowest module
+/// once at start-up instead of for every module, one after the other, in its first requests.
+/// The first error (in `modules` order) is returned; the modules that loaded stay loaded.
+pub fn preload(device: &CudaDevice, modules: &[KernelModule]) -> Result<()> {
+    let table = device_modules(device.ordinal());
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = modules
+            .iter()
+            .map(|&module| {
+                let table = &table;
+                scope.spawn(move || {
+                    let mut slot = table.slots[module.index()]
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    if slot.is_none() {
+                        *slot = Some(load_module(device, module)?);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| {
+                handle.join().unwrap_or_else(|_| {
+                    Err(Error::cuda(
+                        "load kernels",
+                        "a module-loading thread panicked",
+                    ))
+                })
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
 /// Compiles (or reads from the disk cache) and loads `module` into `device`'s context.
 fn load_module(device: &CudaDevice, module: KernelModule) -> Result<LoadedModule> {
     let target = Target::for_device(device)?;
