@@ -107,7 +107,13 @@ def build(name: str, tiny: bool, device: torch.device, seed: int):
 
 def write_tokenizer(folder: Path, vocab: int) -> None:
     """A small byte-level BPE tokenizer.json, so that the engine and `pagoda generate` can run the
-    random-weight checkpoint from text (the text it writes is noise; the point is the path)."""
+    random-weight checkpoint from text (the text it writes is noise; the point is the path).
+
+    Every id of the model's vocabulary decodes to text: the trained merges cover a few hundred
+    ids and the rest are filled with plain tokens (" w1234"), so that a stream of random tokens
+    is a stream of text, as with a real tokenizer, and streaming clients time real chunks."""
+    import json
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -121,7 +127,13 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
     )
     text = "The quick brown fox jumps over the lazy dog. Pagodas have many roofs, one above another. " * 20
     tokenizer.train_from_iterator([text], trainer)
-    tokenizer.save(str(folder / "tokenizer.json"))
+    spec = json.loads(tokenizer.to_str())
+    words = spec["model"]["vocab"]
+    taken = set(words.values()) | {t["id"] for t in spec["added_tokens"]}
+    for i in range(vocab):
+        if i not in taken:
+            words[f"\u0120w{i}"] = i  # \u0120 is the byte-level alphabet's space
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
 
 
 def write_model(name: str, args, out: Path) -> dict:
