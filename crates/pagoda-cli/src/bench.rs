@@ -11,6 +11,8 @@ use pagoda_models::{Batch, LoadOptions, Model, Quantization, StepGraph, load_mod
 use pagoda_tensor::{CudaDevice, DType, Device};
 use rand::{RngExt, SeedableRng};
 
+use crate::load_bar::LoadBar;
+
 /// Bytes copied per bandwidth probe: far beyond the L2 cache, so the copy runs from DRAM.
 const PROBE_BYTES: usize = 1 << 30;
 const BLOCK_SIZE: usize = 16;
@@ -38,14 +40,18 @@ impl DecodeBench<'_> {
             return Err("bench decode needs a prompt, at least 2 new tokens and 1 rep".into());
         }
         let load_start = Instant::now();
-        let model: Arc<dyn Model> = Arc::from(load_model(
+        let bar = LoadBar::start(self.model);
+        let model = load_model(
             self.model,
             &LoadOptions {
                 device: self.device,
                 dtype: self.dtype,
                 quantize: self.quantize,
+                progress: Some(bar.progress()),
             },
-        )?);
+        );
+        bar.finish();
+        let model: Arc<dyn Model> = Arc::from(model?);
         let load_seconds = load_start.elapsed().as_secs_f64();
         let info = model.info().clone();
         let context = self.prompt_len + self.new_tokens;

@@ -14,6 +14,8 @@ use pagoda_engine::{DType, Device, Engine, Prompt, SamplingParams};
 use pagoda_models::Quantization;
 use rand::{RngExt, SeedableRng};
 
+use crate::load_bar::LoadBar;
+
 type BoxError = Box<dyn std::error::Error>;
 
 pub struct ThroughputBench<'a> {
@@ -42,8 +44,10 @@ impl ThroughputBench<'_> {
         }
         let largest = self.batch_sizes.iter().copied().max().unwrap_or(1);
         let load_start = Instant::now();
+        let bar = LoadBar::start(self.model);
         let mut builder = Engine::builder()
             .model(self.model)
+            .on_load_progress(bar.callback())
             .device(self.device)
             .max_num_seqs(largest)
             // Room to prefill every prompt in one step, so that all sequences decode together.
@@ -57,7 +61,9 @@ impl ThroughputBench<'_> {
         if let Some(quantize) = self.quantize {
             builder = builder.quantize(quantize);
         }
-        let mut engine = builder.build()?;
+        let engine = builder.build();
+        bar.finish();
+        let mut engine = engine?;
         let load_seconds = load_start.elapsed().as_secs_f64();
         let info = engine.model().info().clone();
         let bandwidth = crate::bench::copy_bandwidth(self.device)?;

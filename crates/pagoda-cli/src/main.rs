@@ -4,6 +4,7 @@ mod bench;
 mod bench_serve;
 mod bench_throughput;
 mod chat;
+mod load_bar;
 mod serve;
 
 use std::io::Write;
@@ -271,14 +272,20 @@ fn generate(args: GenerateArgs) -> Result<(), pagoda_engine::Error> {
     };
     params.validate()?;
     let load_start = Instant::now();
-    let mut builder = Engine::builder().model(&args.model).device(device);
+    let bar = load_bar::LoadBar::start(&args.model);
+    let mut builder = Engine::builder()
+        .model(&args.model)
+        .device(device)
+        .on_load_progress(bar.callback());
     if let Some(dtype) = args.dtype {
         builder = builder.dtype(dtype.dtype());
     }
     if let Some(quantize) = args.quantize {
         builder = builder.quantize(quantize.quantization());
     }
-    let mut engine = builder.build()?;
+    let engine = builder.build();
+    bar.finish();
+    let mut engine = engine?;
     eprintln!(
         "loaded {} in {:.2} s",
         args.model.display(),

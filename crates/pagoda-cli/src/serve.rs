@@ -2,13 +2,13 @@
 //! engine options `serve` and `chat` share.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use pagoda_engine::Engine;
 use pagoda_server::ServerConfig;
 
+use crate::load_bar::LoadBar;
 use crate::{DTypeArg, DeviceArg, QuantizeArg};
 
 type BoxError = Box<dyn std::error::Error>;
@@ -52,7 +52,7 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    /// Loads the model, with a spinner on stderr while the weights load.
+    /// Loads the model, with a progress bar on stderr while the weights load.
     pub fn load(&self) -> Result<Engine, BoxError> {
         if !self.model.exists() {
             return Err(format!(
@@ -85,18 +85,14 @@ impl EngineArgs {
         if let Some(n) = self.max_batch_tokens {
             builder = builder.max_batch_tokens(n);
         }
+        let bar = LoadBar::start(&self.model);
         builder = builder
             .prefix_caching(!self.no_prefix_caching)
-            .cuda_graphs(!self.eager);
-        let spinner = ProgressBar::new_spinner();
-        if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
-            spinner.set_style(style);
-        }
-        spinner.set_message(format!("loading {}", self.model.display()));
-        spinner.enable_steady_tick(Duration::from_millis(100));
+            .cuda_graphs(!self.eager)
+            .on_load_progress(bar.callback());
         let start = Instant::now();
         let engine = builder.build();
-        spinner.finish_and_clear();
+        bar.finish();
         let engine = engine.map_err(|e| format!("could not load {}: {e}", self.model.display()))?;
         eprintln!(
             "loaded {} in {:.1} s",

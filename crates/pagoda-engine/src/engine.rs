@@ -13,7 +13,10 @@ use std::time::Instant;
 
 use pagoda_kernels::profile::OpTimer;
 use pagoda_kv::{KvBlockManager, KvCache, KvCacheConfig, SeqId};
-use pagoda_models::{CheckpointFormat, LoadOptions, Model, ModelInfo, Quantization, load_model};
+use pagoda_models::{
+    CheckpointFormat, LoadEvent, LoadOptions, LoadProgress, Model, ModelInfo, Quantization,
+    load_model,
+};
 use pagoda_sched::{
     KvSpace, NewRequest, RequestId, SampledToken, Scheduler, SchedulerConfig, SchedulerOutput,
 };
@@ -82,6 +85,7 @@ pub struct EngineBuilder {
     cuda_graphs: bool,
     tokenizer: Option<Tokenizer>,
     model_name: Option<String>,
+    load_progress: Option<LoadProgress>,
 }
 
 impl EngineBuilder {
@@ -170,6 +174,14 @@ impl EngineBuilder {
         self
     }
 
+    /// Calls `report` as the weights load, with the bytes of the checkpoint placed so far out of
+    /// its total (see [`LoadProgress`] for when); the last event of a load that succeeded has
+    /// [`LoadEvent::is_done`].
+    pub fn on_load_progress(mut self, report: impl Fn(LoadEvent) + Send + Sync + 'static) -> Self {
+        self.load_progress = Some(LoadProgress::new(report));
+        self
+    }
+
     /// Loads the model and tokenizer and sizes the KV cache.
     ///
     /// # Errors
@@ -199,6 +211,7 @@ impl EngineBuilder {
                 device: self.device,
                 dtype: self.dtype,
                 quantize: self.quantize,
+                progress: self.load_progress.clone(),
             },
         )?);
         let info = model.info().clone();
@@ -445,6 +458,7 @@ impl Engine {
             cuda_graphs: true,
             tokenizer: None,
             model_name: None,
+            load_progress: None,
         }
     }
 

@@ -24,6 +24,7 @@ use crate::intake::{Intake, Prompt};
 use crate::metrics::Metrics;
 use crate::output::RequestOutput;
 use crate::params::{FinishReason, SamplingParams};
+use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
 /// What a handle or stream asks of the step loop.
@@ -241,6 +242,11 @@ impl EngineHandle {
     /// The longest sequence, prompt plus output, a request may have.
     pub fn max_context_tokens(&self) -> usize {
         self.shared.intake.max_context
+    }
+
+    /// The model's tokenizer, to name tokens by their text.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.shared.intake.tokenizer
     }
 
     /// Renders chat messages with the model's template, or ChatML when it has none.

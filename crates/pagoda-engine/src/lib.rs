@@ -37,6 +37,7 @@ pub use kv_space::ManagedKvSpace;
 pub use metrics::{Histogram, Metrics};
 pub use output::{Completion, RequestOutput, TokenLogprob};
 pub use pagoda_kernels::cpu::sampling::SamplingConfig;
+pub use pagoda_models::{LoadEvent, LoadProgress};
 pub use pagoda_sched::RequestId;
 pub use pagoda_tensor::{DType, Device};
 pub use params::{FinishReason, MAX_LOGPROBS, SamplingParams};

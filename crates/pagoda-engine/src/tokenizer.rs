@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use pagoda_tensor::gguf::{GgufFile, GgufValue};
 use serde::{Deserialize, Serialize};
@@ -26,7 +27,7 @@ use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::{SpecialToken, TemplateProcessing};
-use tokenizers::{AddedToken, SplitDelimiterBehavior};
+use tokenizers::{AddedToken, Model as _, SplitDelimiterBehavior};
 
 use crate::{Error, Result};
 
@@ -37,6 +38,7 @@ pub struct Tokenizer {
     bos_token_id: Option<u32>,
     eos_token_ids: Vec<u32>,
     add_bos_token: bool,
+    spelling: TokenSpelling,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -184,11 +186,13 @@ impl Tokenizer {
         bos_token_id: Option<u32>,
         eos_token_ids: Vec<u32>,
     ) -> Result<Self> {
+        let spelling = TokenSpelling::of(inner.get_decoder());
         let mut tokenizer = Self {
             inner,
             bos_token_id,
             eos_token_ids,
             add_bos_token: false,
+            spelling,
         };
         // Whatever the post-processor adds around a sequence, it adds around the empty one.
         let empty = tokenizer.encode("", true)?;
@@ -245,6 +249,134 @@ impl Tokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+
+    /// Whether `id` is a special token (BOS, EOS, chat markers), left out of generated text.
+    pub fn is_special_token(&self, id: u32) -> bool {
+        self.inner
+            .get_added_vocabulary()
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|token| token.special)
+    }
+
+    /// The bytes token `id` stands for in decoded text, or `None` outside the vocabulary.
+    ///
+    /// The vocabulary's spelling is undone as the tokenizer's decoder would: GPT-2's byte-level
+    /// alphabet (`Ġt` is `b" t"`), SentencePiece's `▁` for a space and its `<0xNN>` byte
+    /// tokens. A special token stands for its text. A token can be part of a character (one
+    /// byte of a 4-byte emoji), so the bytes need not be UTF-8 on their own. Unlike
+    /// [`decode`](Self::decode) of the single token, nothing is stripped: a SentencePiece
+    /// `▁Hello` is `b" Hello"` wherever it stands.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let added = self.inner.get_added_vocabulary();
+        if let Some(token) = added.get_added_tokens_decoder().get(&id)
+            && token.special
+        {
+            return Some(token.content.clone().into_bytes());
+        }
+        // An added token that the normalizer rewrites is decoded from its normalized form.
+        let token = added
+            .simple_id_to_token(id)
+            .or_else(|| self.inner.get_model().id_to_token(id))?;
+        Some(self.spelling.bytes(&token))
+    }
+}
+
+/// How the tokens of a vocabulary spell the bytes they stand for, read off the tokenizer's
+/// decoder (in tokenizer.json's form, which names each step and its settings).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct TokenSpelling {
+    /// `<0xNN>` stands for the byte `NN` (SentencePiece's byte fallback).
+    byte_fallback: bool,
+    /// Strings the decoder replaces, in its order: `▁` by a space for SentencePiece vocabularies.
+    replacements: Vec<(String, String)>,
+    /// Tokens are spelled in GPT-2's byte alphabet (see [`bytes_to_unicode`]).
+    byte_level: bool,
+}
+
+impl TokenSpelling {
+    fn of(decoder: Option<&DecoderWrapper>) -> Self {
+        let mut spelling = Self::default();
+        if let Some(json) = decoder.and_then(|d| serde_json::to_value(d).ok()) {
+            spelling.read(&json);
+        }
+        spelling
+    }
+
+    fn read(&mut self, decoder: &Json) {
+        let text = |key: &str| decoder.get(key).and_then(Json::as_str);
+        match text("type") {
+            Some("Sequence") => {
+                for step in decoder
+                    .get("decoders")
+                    .and_then(Json::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    self.read(step);
+                }
+            }
+            Some("ByteLevel") => self.byte_level = true,
+            Some("ByteFallback") => self.byte_fallback = true,
+            Some("Metaspace") => {
+                if let Some(replacement) = text("replacement") {
+                    self.replacements.push((replacement.into(), " ".into()));
+                }
+            }
+            // Regex patterns are left out: no vocabulary pagoda reads spells with one.
+            Some("Replace") => {
+                let pattern = decoder
+                    .get("pattern")
+                    .and_then(|p| p.get("String"))
+                    .and_then(Json::as_str);
+                if let (Some(pattern), Some(content)) = (pattern, text("content"))
+                    && !pattern.is_empty()
+                {
+                    self.replacements.push((pattern.into(), content.into()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn bytes(&self, token: &str) -> Vec<u8> {
+        if self.byte_fallback
+            && let Some(byte) = fallback_byte(token)
+        {
+            return vec![byte];
+        }
+        let mut text = token.to_owned();
+        for (pattern, content) in &self.replacements {
+            text = text.replace(pattern.as_str(), content);
+        }
+        if self.byte_level {
+            // As tokenizers' ByteLevel decoder: a token with a character outside the alphabet
+            // (an added token) stands for its own text.
+            let table = unicode_to_bytes();
+            if let Some(bytes) = text.chars().map(|c| table.get(&c).copied()).collect() {
+                return bytes;
+            }
+        }
+        text.into_bytes()
+    }
+}
+
+/// The byte of a SentencePiece byte token `<0xNN>`.
+fn fallback_byte(token: &str) -> Option<u8> {
+    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// The inverse of [`bytes_to_unicode`].
+fn unicode_to_bytes() -> &'static HashMap<char, u8> {
+    static TABLE: OnceLock<HashMap<char, u8>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let spelling = bytes_to_unicode();
+        (0..=255u8).map(|b| (spelling[b as usize], b)).collect()
+    })
 }
 
 /// What a GGUF file says about its tokenizer (`tokenizer.ggml.*` metadata), as plain data.

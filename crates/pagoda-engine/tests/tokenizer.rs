@@ -516,3 +516,138 @@ fn smollm2_gguf_matches_transformers() {
         }
     }
 }
+
+/// The bytes of `ids`, token by token.
+fn token_bytes_of(tokenizer: &Tokenizer, ids: &[u32]) -> Vec<u8> {
+    ids.iter()
+        .flat_map(|&id| tokenizer.token_bytes(id).unwrap())
+        .collect()
+}
+
+#[test]
+fn token_bytes_add_up_to_the_decoded_text() {
+    let fixture: SmallVocabularies = read_fixture("gguf_tokenizers.json");
+    for vocabulary in &fixture.vocabularies {
+        let tokenizer = Tokenizer::from_gguf(&vocabulary.vocab).unwrap();
+        let sentencepiece = vocabulary.vocab.model == "llama";
+        for case in &vocabulary.encode {
+            let bytes = token_bytes_of(&tokenizer, &case.ids_with_special_tokens);
+            // SentencePiece's decoder drops the space its pre-tokenizer put before the text;
+            // byte-level BPE spells the text exactly.
+            let bytes = match bytes.strip_prefix(b" ") {
+                Some(rest) if sentencepiece => rest,
+                _ => &bytes[..],
+            };
+            assert_eq!(
+                String::from_utf8_lossy(bytes),
+                case.decoded,
+                "{}: {:?}",
+                vocabulary.name,
+                case.text
+            );
+        }
+        let size = vocabulary.vocab.tokens.len() as u32;
+        assert!(tokenizer.token_bytes(size - 1).is_some());
+        assert_eq!(tokenizer.token_bytes(size), None);
+        assert_eq!(tokenizer.token_bytes(u32::MAX), None);
+    }
+}
+
+#[test]
+fn token_bytes_undo_each_vocabulary_spelling() {
+    let byte_level = Tokenizer::from_gguf(&small_vocabulary("byte_level")).unwrap();
+    let id = |t: &Tokenizer, token: &str| t.token_to_id(token).unwrap();
+    assert_eq!(
+        byte_level.token_bytes(id(&byte_level, "Ġt")).unwrap(),
+        b" t"
+    );
+    assert_eq!(byte_level.token_bytes(id(&byte_level, "Ċ")).unwrap(), b"\n");
+    // 'ð' spells the byte 0xF0 that starts a 4-byte character: not UTF-8 alone.
+    assert_eq!(
+        byte_level.token_bytes(id(&byte_level, "ð")).unwrap(),
+        [0xF0]
+    );
+    assert_eq!(
+        byte_level
+            .token_bytes(id(&byte_level, "<|im_start|>"))
+            .unwrap(),
+        b"<|im_start|>"
+    );
+    assert!(byte_level.is_special_token(id(&byte_level, "<|im_start|>")));
+    assert!(!byte_level.is_special_token(id(&byte_level, "Ġt")));
+    assert!(!byte_level.is_special_token(u32::MAX));
+    // An emoji is several byte tokens whose bytes only together are UTF-8.
+    let ids = byte_level.encode("😀", false).unwrap();
+    assert!(ids.len() > 1);
+    assert!(
+        ids.iter()
+            .all(|&i| std::str::from_utf8(&byte_level.token_bytes(i).unwrap()).is_err())
+    );
+    assert_eq!(token_bytes_of(&byte_level, &ids), "😀".as_bytes());
+
+    let sentencepiece = Tokenizer::from_gguf(&small_vocabulary("sentencepiece")).unwrap();
+    assert_eq!(
+        sentencepiece
+            .token_bytes(id(&sentencepiece, "<0x0A>"))
+            .unwrap(),
+        b"\n"
+    );
+    assert_eq!(
+        sentencepiece
+            .token_bytes(id(&sentencepiece, "<0xF0>"))
+            .unwrap(),
+        [0xF0]
+    );
+    assert_eq!(sentencepiece.token_bytes(1).unwrap(), b"<s>");
+    let word = sentencepiece
+        .encode("Hello world", false)
+        .unwrap()
+        .into_iter()
+        .map(|i| sentencepiece.id_to_token(i).unwrap())
+        .find(|t| t.starts_with('▁') && t.chars().count() > 1)
+        .expect("a word piece with a leading ▁");
+    assert_eq!(
+        sentencepiece
+            .token_bytes(id(&sentencepiece, &word))
+            .unwrap(),
+        word.replace('▁', " ").into_bytes()
+    );
+}
+
+#[test]
+fn token_bytes_from_tokenizer_json_match_the_gguf_vocabulary() {
+    let vocab = small_vocabulary("byte_level");
+    let dir = tempfile::tempdir().unwrap();
+    write_tokenizer_json(dir.path(), &vocab);
+    let from_json = Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
+    let from_gguf = Tokenizer::from_gguf(&vocab).unwrap();
+    for id in 0..from_gguf.vocab_size() as u32 {
+        assert_eq!(from_json.token_bytes(id), from_gguf.token_bytes(id), "{id}");
+    }
+}
+
+#[test]
+fn smollm2_token_bytes_spell_its_partial_characters() {
+    let Some(path) = smollm2_gguf() else { return };
+    let fixture: Smollm2 = read_fixture("smollm2_tokenizer.json");
+    let file = GgufFile::open(&path).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&GgufVocab::from_gguf(&file).unwrap()).unwrap();
+    for case in &fixture.partial_decode {
+        let bytes = token_bytes_of(&tokenizer, &case.ids);
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            case.decoded,
+            "{:?}",
+            case.ids
+        );
+    }
+    for case in &fixture.encode {
+        let bytes = token_bytes_of(&tokenizer, &case.ids_with_special_tokens);
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            case.decoded,
+            "{:?}",
+            case.text
+        );
+    }
+}

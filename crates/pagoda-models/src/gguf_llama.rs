@@ -1,7 +1,7 @@
 //! Llama models stored as GGUF (llama.cpp's format): metadata mapped onto [`LlamaConfig`] and
 //! tensors served under their Hugging Face names, so one Llama definition runs both.
 
-use pagoda_tensor::gguf::{GgufFile, GgufValue};
+use pagoda_tensor::gguf::{GgufFile, GgufTensorInfo, GgufValue};
 use pagoda_tensor::{DType, Tensor};
 
 use crate::config::{Activation, LlamaConfig};
@@ -154,6 +154,29 @@ impl WeightSource for GgufLlamaWeights<'_> {
     fn load_raw(&self, name: &str) -> Result<Tensor> {
         self.load(name)
     }
+
+    fn stored_bytes(&self, name: &str) -> Option<u64> {
+        let (gguf, _) = self.gguf_name(name)?;
+        self.file.tensor_info(&gguf).and_then(stored_bytes)
+    }
+
+    fn stored_total(&self) -> (u64, usize) {
+        self.file
+            .tensor_infos()
+            .iter()
+            .filter_map(stored_bytes)
+            .fold((0, 0), |(bytes, count), b| (bytes + b, count + 1))
+    }
+}
+
+/// Bytes a tensor's data takes in the file: whole blocks of its ggml type; `None` for a type
+/// this crate cannot read.
+fn stored_bytes(info: &GgufTensorInfo) -> Option<u64> {
+    if !info.ggml_type.is_supported() {
+        return None;
+    }
+    let (block_elems, block_bytes) = info.ggml_type.block_layout()?;
+    Some((info.elem_count().div_ceil(block_elems) * block_bytes) as u64)
 }
 
 /// Undoes the row order llama.cpp's converter gives the Q and K projections.

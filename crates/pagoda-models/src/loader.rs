@@ -8,6 +8,7 @@ use pagoda_tensor::{DType, Device};
 
 use crate::bnb::check_quantization_config;
 use crate::gguf_llama::{GgufLlamaWeights, llama_config};
+use crate::load_progress::{LoadProgress, LoadTracker, TrackedSource};
 use crate::quantization::Quantization;
 use crate::weights::{WeightLoader, WeightSource};
 use crate::{Architecture, Error, GptNeox, Llama, Model, ModelConfig, ModelInfo, Result};
@@ -38,8 +39,8 @@ impl CheckpointFormat {
     }
 }
 
-/// Where and in what precision to run a model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where and in what precision to run a model, and who hears how the load goes.
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub device: Device,
     /// The dtype of the weight matrices, and on a GPU of the activations and the KV cache too.
@@ -49,6 +50,9 @@ pub struct LoadOptions {
     /// Quantize dense weights as they load (`None`: keep the checkpoint's precision). A
     /// checkpoint that bitsandbytes saved in NF4 loads in NF4 either way.
     pub quantize: Option<Quantization>,
+    /// Told how many bytes of the checkpoint are loaded as tensors are placed (see
+    /// [`LoadProgress`]).
+    pub progress: Option<LoadProgress>,
 }
 
 impl Default for LoadOptions {
@@ -57,6 +61,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: None,
             quantize: None,
+            progress: None,
         }
     }
 }
@@ -112,7 +117,25 @@ fn build(
             what: "model (use f32, f16 or bf16)",
         });
     }
-    let loader = WeightLoader::new(weights, options.device, matrix_dtype, options.quantize);
+    let tracker = options
+        .progress
+        .clone()
+        .map(|progress| LoadTracker::start(progress, weights));
+    let tracked = tracker.as_ref().map(|tracker| TrackedSource {
+        inner: weights,
+        tracker,
+    });
+    let source = match &tracked {
+        Some(tracked) => tracked as &dyn WeightSource,
+        None => weights,
+    };
+    let loader = WeightLoader::new(
+        source,
+        options.device,
+        matrix_dtype,
+        options.quantize,
+        tracker.as_ref(),
+    );
     let info =
         |architecture, num_layers, num_kv_heads, head_dim, vocab_size, max_position_embeddings| {
             ModelInfo {
@@ -128,7 +151,7 @@ fn build(
                 weight_bytes: 0,
             }
         };
-    Ok(match config {
+    let model: Box<dyn Model> = match config {
         ModelConfig::GptNeox(c) => {
             let info = info(
                 Architecture::GptNeox,
@@ -151,7 +174,11 @@ fn build(
             );
             Box::new(Llama::load(c, &loader, info)?)
         }
-    })
+    };
+    if let Some(tracker) = &tracker {
+        tracker.finish();
+    }
+    Ok(model)
 }
 
 /// Refuses a checkpoint quantized by a method pagoda does not read (see [`crate::bnb`]).

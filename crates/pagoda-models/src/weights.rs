@@ -6,6 +6,7 @@ use pagoda_tensor::safetensors::SafeTensors;
 use pagoda_tensor::{DType, Device, Tensor};
 
 use crate::bnb;
+use crate::load_progress::LoadTracker;
 use crate::quantization::{LayerRole, LinearWeight, Quantization, RawWeight};
 use crate::{Error, Result};
 
@@ -17,6 +18,10 @@ pub(crate) trait WeightSource {
     fn load_f32(&self, name: &str) -> Result<Tensor>;
     /// The tensor as stored, whatever its dtype (packed quantized weights, their metadata).
     fn load_raw(&self, name: &str) -> Result<Tensor>;
+    /// Bytes the tensor takes in the checkpoint; `None` if it is missing or unreadable.
+    fn stored_bytes(&self, name: &str) -> Option<u64>;
+    /// Bytes and count of all the readable tensors in the checkpoint.
+    fn stored_total(&self) -> (u64, usize);
 }
 
 impl WeightSource for SafeTensors {
@@ -43,6 +48,18 @@ impl WeightSource for SafeTensors {
     fn load_raw(&self, name: &str) -> Result<Tensor> {
         Ok(self.get(name)?)
     }
+
+    fn stored_bytes(&self, name: &str) -> Option<u64> {
+        let (dtype, shape) = self.info(name)?;
+        Some((shape.iter().product::<usize>() * dtype.size_in_bytes()) as u64)
+    }
+
+    fn stored_total(&self) -> (u64, usize) {
+        self.names()
+            .into_iter()
+            .filter_map(|name| WeightSource::stored_bytes(self, name))
+            .fold((0, 0), |(bytes, count), b| (bytes + b, count + 1))
+    }
 }
 
 /// Loads tensors from a [`WeightSource`], checks their shapes, and puts them where the model
@@ -56,6 +73,8 @@ pub(crate) struct WeightLoader<'a> {
     matrix_dtype: Option<DType>,
     /// Which dense linear weights to quantize as they load.
     quantization: Option<Quantization>,
+    /// Told each time a tensor is placed; `source` counts the reads.
+    tracker: Option<&'a LoadTracker>,
 }
 
 impl<'a> WeightLoader<'a> {
@@ -64,6 +83,7 @@ impl<'a> WeightLoader<'a> {
         device: Device,
         matrix_dtype: Option<DType>,
         quantization: Option<Quantization>,
+        tracker: Option<&'a LoadTracker>,
     ) -> Self {
         Self {
             source,
@@ -71,6 +91,7 @@ impl<'a> WeightLoader<'a> {
             device,
             matrix_dtype,
             quantization,
+            tracker,
         }
     }
 
@@ -117,7 +138,15 @@ impl<'a> WeightLoader<'a> {
     fn place(&self, tensor: Tensor) -> Result<Tensor> {
         let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
         self.placed_bytes.set(self.placed_bytes.get() + bytes);
-        Ok(tensor.to_device(&self.device)?)
+        let placed = tensor.to_device(&self.device)?;
+        self.report_progress();
+        Ok(placed)
+    }
+
+    fn report_progress(&self) {
+        if let Some(tracker) = self.tracker {
+            tracker.report();
+        }
     }
 
     pub(crate) fn placed_bytes(&self) -> usize {
@@ -158,6 +187,7 @@ impl<'a> WeightLoader<'a> {
         let weight = Nf4Weight::new(blocks, rows, cols, &self.device)?;
         self.placed_bytes
             .set(self.placed_bytes.get() + weight.storage_bytes());
+        self.report_progress();
         Ok(LinearWeight::Nf4(weight))
     }
 

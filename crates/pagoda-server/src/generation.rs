@@ -13,11 +13,11 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use axum::response::{IntoResponse, Json, Response};
 use futures_core::Stream;
-use pagoda_engine::{FinishReason, RequestOutput, RequestStream};
+use pagoda_engine::{EngineHandle, FinishReason, RequestOutput, RequestStream};
 
 use crate::admission::Slot;
 use crate::error::ApiError;
-use crate::logprobs;
+use crate::logprobs::{self, TextOffset};
 use crate::response::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatLogprobs, Completion, CompletionChoice, CompletionLogprobs, Delta, Usage,
@@ -44,6 +44,8 @@ pub struct Job {
     pub model: Arc<str>,
     /// Whether the client asked for logprobs.
     pub logprobs: bool,
+    /// The engine, whose tokenizer names the tokens of logprobs.
+    pub engine: EngineHandle,
     /// Streaming only: send a last chunk with the token usage.
     pub include_usage: bool,
 }
@@ -86,7 +88,12 @@ impl Job {
             Api::Completions => {
                 let logprobs = self.logprobs.then(|| {
                     let mut logprobs = CompletionLogprobs::default();
-                    logprobs::extend_completion(&mut logprobs, &tokens, &mut 0);
+                    logprobs::extend_completion(
+                        &mut logprobs,
+                        &tokens,
+                        self.engine.tokenizer(),
+                        &mut TextOffset::default(),
+                    );
                     logprobs
                 });
                 Json(Completion {
@@ -107,7 +114,7 @@ impl Job {
             Api::Chat => {
                 let logprobs = self.logprobs.then(|| {
                     let mut logprobs = ChatLogprobs::default();
-                    logprobs::extend_chat(&mut logprobs, &tokens);
+                    logprobs::extend_chat(&mut logprobs, &tokens, self.engine.tokenizer());
                     logprobs
                 });
                 Json(ChatCompletion {
@@ -141,7 +148,7 @@ impl Job {
         let events = Events {
             job: self,
             state,
-            text_offset: 0,
+            text_offset: TextOffset::default(),
         };
         let mut response = Body::from_stream(events).into_response();
         for (name, value) in sse::HEADERS {
@@ -172,7 +179,7 @@ struct Events {
     job: Job,
     state: State,
     /// Completions logprobs: where the next token's text starts.
-    text_offset: usize,
+    text_offset: TextOffset,
 }
 
 impl Events {
@@ -191,6 +198,7 @@ impl Events {
                     logprobs::extend_completion(
                         &mut logprobs,
                         &output.logprobs_delta,
+                        job.engine.tokenizer(),
                         &mut self.text_offset,
                     );
                     logprobs
@@ -212,7 +220,11 @@ impl Events {
             Api::Chat => {
                 let logprobs = job.logprobs.then(|| {
                     let mut logprobs = ChatLogprobs::default();
-                    logprobs::extend_chat(&mut logprobs, &output.logprobs_delta);
+                    logprobs::extend_chat(
+                        &mut logprobs,
+                        &output.logprobs_delta,
+                        job.engine.tokenizer(),
+                    );
                     logprobs
                 });
                 let content = (!output.text_delta.is_empty()).then_some(output.text_delta);

@@ -140,6 +140,7 @@ impl AppState {
             created: unix_seconds(),
             model: Arc::clone(&self.model_name),
             logprobs: request.logprobs.is_some(),
+            engine: self.handle.clone(),
             include_usage: StreamOptions::wants_usage(request.stream_options.as_ref()),
         };
         respond(job, request.stream == Some(true)).await
@@ -180,6 +181,7 @@ impl AppState {
             created: unix_seconds(),
             model: Arc::clone(&self.model_name),
             logprobs: logprobs.is_some(),
+            engine: self.handle.clone(),
             include_usage: StreamOptions::wants_usage(request.stream_options.as_ref()),
         };
         respond(job, request.stream == Some(true)).await
