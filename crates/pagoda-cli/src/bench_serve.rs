@@ -5,7 +5,7 @@
 
 mod client;
 mod pixel_font;
-mod plot;
+pub(crate) mod plot;
 mod stats;
 mod workload;
 

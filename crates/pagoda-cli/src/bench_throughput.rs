@@ -166,3 +166,72 @@ impl ThroughputBench<'_> {
         Ok(reports)
     }
 }
+
+/// Draws the runs of `reports` (one per batch size) into `dir/throughput.png`: output tokens/s
+/// and TPOT against the number of requests. Returns the file written.
+pub fn plot(dir: &Path, reports: &[serde_json::Value]) -> Result<std::path::PathBuf, BoxError> {
+    use crate::bench_serve::plot::{Series, write_scaling};
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("creating the plot directory {}: {e}", dir.display()))?;
+    let points = |key: &str| -> Vec<(f64, f64)> {
+        let mut points: Vec<(f64, f64)> = reports
+            .iter()
+            .filter_map(|r| Some((r["requests"].as_f64()?, r[key].as_f64()?)))
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        points
+    };
+    let label = reports
+        .first()
+        .and_then(|r| r["model"].as_str())
+        .map(|m| {
+            Path::new(m)
+                .file_name()
+                .map_or(m.to_owned(), |n| n.to_string_lossy().into_owned())
+                .to_uppercase()
+        })
+        .unwrap_or_default();
+    let series = |key: &str| {
+        vec![Series {
+            label: label.clone(),
+            points: points(key),
+        }]
+    };
+    let path = dir.join("throughput.png");
+    write_scaling(
+        &path,
+        &[
+            ("OUTPUT TOKENS/S BY REQUESTS", series("output_tok_s")),
+            ("TPOT (MS) BY REQUESTS", series("tpot_ms")),
+        ],
+    )?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plot_is_a_png_of_every_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let reports: Vec<serde_json::Value> =
+            [(1, 310.0, 3.2), (64, 12870.0, 4.7), (8, 2100.0, 3.8)]
+                .iter()
+                .map(|&(requests, tok_s, tpot)| {
+                    serde_json::json!({
+                        "model": "/tmp/parity/llama-3.2-3b",
+                        "requests": requests,
+                        "output_tok_s": tok_s,
+                        "tpot_ms": tpot,
+                    })
+                })
+                .collect();
+        let path = plot(dir.path(), &reports).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        if let Ok(keep) = std::env::var("PAGODA_KEEP_PLOT") {
+            std::fs::copy(&path, keep).unwrap();
+        }
+    }
+}

@@ -99,6 +99,10 @@ struct ThroughputArgs {
     /// throughput and TPOT as the batch grows.
     #[arg(long, value_delimiter = ',', default_value = "64")]
     batch_sizes: Vec<usize>,
+    /// Also draw output tokens/s and TPOT against the number of requests into
+    /// DIR/throughput.png.
+    #[arg(long, value_name = "DIR")]
+    plots: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
     #[arg(long, default_value_t = 256)]
@@ -252,8 +256,12 @@ fn bench_throughput(args: ThroughputArgs) -> Result<(), Box<dyn std::error::Erro
         cuda_graphs: !args.eager,
     }
     .run()?;
-    for report in reports {
+    for report in &reports {
         println!("{report}");
+    }
+    if let Some(dir) = &args.plots {
+        let path = bench_throughput::plot(dir, &reports)?;
+        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }

@@ -88,7 +88,7 @@ fn latency_plot(path: &Path, runs: &[Run<'_>]) -> PlotResult {
                 PALETTE[i % PALETTE.len()].stroke_width(2),
             ))?;
         }
-        frame.legend(&root, runs, true)?;
+        frame.legend(&root, &labels(runs), true)?;
     }
     root.present()?;
     Ok(())
@@ -129,7 +129,49 @@ fn timeline_plot(path: &Path, runs: &[Run<'_>]) -> PlotResult {
             .chart
             .draw_series(failed.map(|r| Cross::new((r.sent_at, 0.0), 4, color.stroke_width(2))))?;
     }
-    frame.legend(&root, runs, false)?;
+    frame.legend(&root, &labels(runs), false)?;
+    root.present()?;
+    Ok(())
+}
+
+fn labels<'r>(runs: &'r [Run<'_>]) -> Vec<&'r str> {
+    runs.iter().map(|run| run.label.as_str()).collect()
+}
+
+/// One curve of a scaling plot: its legend label and its `(x, y)` points, x ascending.
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Writes a PNG of one panel per `(title, series)` side by side, each curve with its points
+/// marked, both axes from 0 (throughput and TPOT against the number of requests, say).
+pub fn write_scaling(path: &Path, panels: &[(&str, Vec<Series>)]) -> PlotResult {
+    let root =
+        BitMapBackend::new(path, (750 * panels.len().max(1) as u32, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let areas = root.split_evenly((1, panels.len().max(1)));
+    for (area, (title, series)) in areas.iter().zip(panels) {
+        let points = || series.iter().flat_map(|s| s.points.iter().copied());
+        let x_max = points().map(|p| p.0).fold(0.0, f64::max);
+        let y_max = points().map(|p| p.1).fold(0.0, f64::max);
+        let mut frame = Frame::draw(&root, area, title, "", (x_max, y_max))?;
+        for (i, curve) in series.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            frame.chart.draw_series(LineSeries::new(
+                curve.points.iter().copied(),
+                color.stroke_width(2),
+            ))?;
+            frame.chart.draw_series(
+                curve
+                    .points
+                    .iter()
+                    .map(|&p| Circle::new(p, 4, color.filled())),
+            )?;
+        }
+        let labels: Vec<&str> = series.iter().map(|s| s.label.as_str()).collect();
+        frame.legend(&root, &labels, true)?;
+    }
     root.present()?;
     Ok(())
 }
@@ -218,18 +260,18 @@ impl<'a> Frame<'a> {
 
     /// One colored swatch and label per run, on a white box in the lower right of the chart
     /// (`low`) or the upper right.
-    fn legend(&self, root: &Area<'a>, runs: &[Run<'_>], low: bool) -> PlotResult {
+    fn legend(&self, root: &Area<'a>, labels: &[&str], low: bool) -> PlotResult {
         let x = self.chart.x_range();
         let y = self.chart.y_range();
         let (right, bottom) = self.chart.backend_coord(&(x.end, y.start));
         let (_, top) = self.chart.backend_coord(&(x.end, y.end));
-        let text_width = runs
+        let text_width = labels
             .iter()
-            .map(|run| pixel_font::size(&run.label, TEXT_SCALE).0)
+            .map(|label| pixel_font::size(label, TEXT_SCALE).0)
             .max()
             .unwrap_or(0);
         let line = 22;
-        let (width, height) = (text_width + 44, line * runs.len() as i32 + 12);
+        let (width, height) = (text_width + 44, line * labels.len() as i32 + 12);
         let left = right - 16 - width;
         let upper = if low { bottom - 16 - height } else { top + 16 };
         root.draw(&Rectangle::new(
@@ -240,7 +282,7 @@ impl<'a> Frame<'a> {
             [(left, upper), (left + width, upper + height)],
             GRID.stroke_width(1),
         ))?;
-        for (i, run) in runs.iter().enumerate() {
+        for (i, label) in labels.iter().enumerate() {
             let y = upper + 8 + line * i as i32;
             let color = PALETTE[i % PALETTE.len()];
             root.draw(&Rectangle::new(
@@ -249,7 +291,7 @@ impl<'a> Frame<'a> {
             ))?;
             pixel_font::draw(
                 root,
-                &run.label,
+                label,
                 (left + 36, y),
                 Anchor::TopLeft,
                 TEXT_SCALE,
