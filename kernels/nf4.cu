@@ -7,8 +7,8 @@
 // __fadd_rn keep the compiler from contracting them into an FMA), then rounds once to the output
 // type: the same bits as bitsandbytes' dequantize_4bit.
 //
-// The product is `nf4_gemv_*` for one row of x (at the end of the file) and `nf4_linear_*`
-// for decode batches and short prefill chunks, m <= 64 rows of x (f16 or
+// The product is `nf4_gemv_*` for one row of x (at the end of the file, on tensor cores too) and
+// `nf4_linear_*` for decode batches and short prefill chunks, m <= 64 rows of x (f16 or
 // bf16), k a multiple of 64, blocks of at least 64 values. It runs on tensor cores (mma.sync
 // m16n8k16, f32 accumulators) with the weights as the A operand, tiles of 16 weight rows, and
 // x as B, 8 rows of x per n-tile:
@@ -416,172 +416,238 @@ NF4_LINEAR_TILES(bf16, bf16_t)
 // The decode product: one row of x
 // ---------------------------------------------------------------------------------------------
 //
-// At a handful of rows of x the product is a pass over the packed weights, so this form is built
-// like gemv.cu's split form rather than on tensor cores: a block owns ROWS weight rows (ROWS / 2
-// outputs and their up rows when gated) and its warps stride over k, every lane requesting all
-// of its ROWS x BATCH words before it uses any.
-// - A lane's unit is one 4-byte word of packed codes (8 weights), and consecutive lanes take
-//   consecutive words: each weight load is a coalesced 128-byte line, and the 8 values of x the
-//   word meets are one 16-byte vector whose warp-wide load is 512 contiguous bytes (x is read
-//   through L1; it is small and every block reads it). A 16-byte word per lane would leave x's
-//   vectors 64 bytes apart, four times the L1 wavefronts, and L1 and shared memory share the
-//   bandwidth the code lookups need.
-// - Decoding: two shift-and-mask operations turn a word into the byte offsets (code * 4) of its
-//   8 codes in a 16-entry f32 table in shared memory (16 entries in 16 banks: any lookup pattern
-//   of a warp is one wavefront); per weight one byte permute (PRMT) extracts the offset, one
-//   shared load fetches the code value, one FMA per row of x accumulates CODE[q] * x unscaled.
-// - A warp step covers 32 x BATCH words of each row, 32 / ROWS chunks of 64 values: lane l
-//   fetches (and for nested scales decodes) the scale of chunk l % (32 / ROWS) of row
-//   l / (32 / ROWS) once, and each word's 8-value partial sums are scaled by the scale shuffled
-//   from that lane: one shuffle and one FMA per row of x per 8 weights.
-// - Partial sums meet in shared memory; the epilogue (bias, GELU, SwiGLU, addend) is the one
-//   of the tensor-core form.
-// Precision: code values and products are f32 (the tensor-core form rounds the code values to
-// the activation type), scales are applied in f32, x is as stored.
+// One row of x is a pass over the packed weights with little arithmetic per byte, so the
+// instructions spent per weight matter: the f32 form this replaced spent a code-table load, a
+// byte permute and an FMA on every weight, and measured 0-24% slower on the Llama-3.2-3B shapes
+// (docs/kernels.md). This form decodes a byte into its two code values with one shared-memory
+// load, as nf4_linear does, and multiplies on tensor cores, where one mma.sync takes 256
+// weights:
+// - A block owns a tile of 16 weight rows (gated: 8 gate rows, then their up rows), the MMA's
+//   A rows g and g + 8 for lane (g, q) = (lane / 4, lane % 4). Its warps split k into groups of
+//   512: four spans of 128, in each of which lane (g, q) loads 16 bytes of row g and 16 of row
+//   g + 8 (the 32 values from 32q), so a warp's group is 8 16-byte loads per lane, all requested
+//   before the first multiply (with up to two groups per warp in one batch).
+// - MMA j of a span takes bytes 2j and 2j + 1 of each 16 (a byte is one A register: two values
+//   of one row); the pair table maps a byte to its two unscaled code values in f16x2/bf16x2,
+//   32 lane copies so that every lane reads its own bank. The address of a byte's entry is one
+//   byte permute and one shift-and-add: on sm_90 the table's shared-window address carries the
+//   block's cluster rank, so it stays in a register.
+// - One row of x would fill one column of B; the 8 columns carry the scales' granularity
+//   instead. Column g holds x for the chunk of 64 whose index in the group is g, i.e. span g / 2
+//   in the lanes with q / 2 == g % 2, and zeros elsewhere. So C[row][c] sums chunk c of the
+//   group unscaled, over all four spans and 32 MMAs, and is scaled once per row and chunk in f32
+//   at the end of the group (lane (g, q) holds chunks 2q and 2q + 1 of rows g and g + 8, whose
+//   raw scales it loaded with its weights; a nested scale is finished with the shared copy of
+//   the 256-entry code and its group's scale and offset, read during the MMAs).
+// - Per lane, x for one span of the four (or none): 64 bytes read through L1 at the start of
+//   the group's multiplies.
+// - Partial sums meet in shared memory across warps; the epilogue (bias, GELU, SwiGLU over the
+//   tile's gate and up rows, addend) is the one of the tensor-core form.
+// Precision: as nf4_linear's: code values rounded to the activation type, exact products,
+// f32 accumulation and scaling.
 
-// Warps per block at most: a row of k values is 32 x BATCH x warps words per step, and longer
-// rows loop. 4 warps cover k = 4096 in one step at ROWS = 2. The template takes M rows of x,
-// but only M = 1 is instantiated: at 4 rows (ROWS = 4) it measured 5-30% slower than the
-// tensor-core form on an H100 (docs/kernels.md), which therefore keeps m >= 2.
-constexpr int NF4_GEMV_MAX_WARPS = 4;
-// Words each lane requests before its first multiply (ROWS x BATCH): with one lane per 32 shuffle
-// sources this also makes a warp step exactly 32 chunks of 64 values over its rows.
-constexpr int NF4_GEMV_LOADS = 8;
+// Most warps per block (the launch bound); a block owns one tile of 16 weight rows.
+constexpr int NF4_GEMV_TILE_WARPS = 8;
+// k values of a row that the four lanes of a quad cover with one 16-byte load each (a span),
+// and k values of a warp's group: 4 spans, 8 chunks of 64, the 8 columns of B and C.
+constexpr unsigned NF4_GEMV_SPAN = 128;
+constexpr unsigned NF4_GEMV_GROUP = 4 * NF4_GEMV_SPAN;
 
 namespace {
 
-// 4 packed bytes, read once and kept out of L1 (x should stay there).
-__device__ __forceinline__ unsigned load_stream4(const unsigned char* p) {
-    unsigned v;
-    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+// 16 packed bytes, read once and kept out of L1 (x should stay there).
+__device__ __forceinline__ uint4 load_stream16(const unsigned char* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
     return v;
 }
 
-// The code value at byte offset `offset` (code * 4) of the shared table.
-__device__ __forceinline__ float code_at(const float* code, unsigned offset) {
-    return *reinterpret_cast<const float*>(reinterpret_cast<const unsigned char*>(code) + offset);
+__device__ __forceinline__ unsigned word_of(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
+
+// The pair-table entry of byte BYTE of `word` for the lane whose own column of the table is at
+// shared-window address `lane_column` (the table's address plus lane * 4).
+template <int BYTE>
+__device__ __forceinline__ unsigned pair_entry(unsigned word, unsigned lane_column) {
+    const unsigned address = (__byte_perm(word, 0u, 0x4440u + BYTE) << 7) + lane_column;
+    unsigned v;
+    asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(address));
+    return v;
+}
+
+// A warp's loads for NB groups: the 16 bytes of rows g and g + 8 in each span, and the raw
+// scales of chunks 2q and 2q + 1 of both rows.
+template <int NB> struct GemvBatch {
+    uint4 w[NB][4][2];
+    unsigned raw[NB][2][2];
+};
 
 }  // namespace
 
-template <typename T, int M, int ROWS>
+template <typename T, int NB>
 __device__ __forceinline__ void gemv_kernel(const T* __restrict__ x, const unsigned char* __restrict__ packed,
                                             Scales s, unsigned block_shift, unsigned row_begin,
                                             const void* __restrict__ bias, int bias_kind,
                                             const T* __restrict__ addend, int act, T* __restrict__ out,
                                             unsigned n, unsigned k) {
-    static_assert(NF4_GEMV_LOADS % ROWS == 0 && ROWS % 2 == 0, "rows pair gates with ups");
-    constexpr int BATCH = NF4_GEMV_LOADS / ROWS;
-    // 64-value chunks per row and warp step, and 4-byte words per row and warp step.
-    constexpr int CHUNKS = 32 / ROWS;
-    constexpr int STEP_WORDS = 32 * BATCH;
-    __shared__ float code[16];
+    __shared__ __align__(16) unsigned char pair_table[256 * TABLE_COPIES * 4];
     __shared__ float code2[256];
-    __shared__ float partial[NF4_GEMV_MAX_WARPS][ROWS][M];
+    __shared__ float partial[NF4_GEMV_TILE_WARPS][16];
 
     const unsigned tid = threadIdx.x;
     const unsigned lane = tid & 31;
     const unsigned warp = tid >> 5;
     const unsigned warps = blockDim.x >> 5;
+    const unsigned g = lane >> 2;
+    const unsigned q = lane & 3;
     const bool gated = act == ACT_SILU_GATE;
-    const unsigned outputs = gated ? ROWS / 2 : ROWS;
+    const unsigned outputs = gated ? 8 : 16;
     const unsigned j0 = blockIdx.x * outputs;
-    // Element index of each weight row's start; rows past n (the last block of an n that the
-    // block's outputs do not divide) re-read row n - 1 and are not written.
-    unsigned long long start[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        unsigned row;
-        if (gated) row = min(j0 + r % (ROWS / 2), n - 1) + (r >= ROWS / 2 ? n : 0);
-        else row = min(j0 + r, n - 1);
-        start[r] = static_cast<unsigned long long>(row_begin + row) * k;
+    // Element index of the starts of A rows g and g + 8 (gated: a gate row and its up row). Rows
+    // past n re-read row n - 1 and are not written.
+    unsigned long long start[2];
+    if (gated) {
+        const unsigned j = min(j0 + g, n - 1);
+        start[0] = static_cast<unsigned long long>(row_begin + j) * k;
+        start[1] = static_cast<unsigned long long>(row_begin + n + j) * k;
+    } else {
+        start[0] = static_cast<unsigned long long>(row_begin + min(j0 + g, n - 1)) * k;
+        start[1] = static_cast<unsigned long long>(row_begin + min(j0 + g + 8, n - 1)) * k;
     }
-    if (tid < 16) code[tid] = NF4_CODE[tid];
+    const unsigned groups = (k + NF4_GEMV_GROUP - 1) / NF4_GEMV_GROUP;
+
+    // Groups warp, warp + warps, ... of the tile; batch i0 is the NB groups from the i0-th.
+    // Past the row's end: zero bytes and scales (and zero x, so they add nothing).
+    auto load = [&](unsigned i0, GemvBatch<NB>& b) {
+#pragma unroll
+        for (int u = 0; u < NB; ++u) {
+            const unsigned kg = (warp + (i0 + u) * warps) * NF4_GEMV_GROUP;
+#pragma unroll
+            for (int sp = 0; sp < 4; ++sp) {
+                const unsigned kk = kg + sp * NF4_GEMV_SPAN + 32 * q;
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    b.w[u][sp][r] = kk < k ? load_stream16(packed + (start[r] + kk) / 2) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const unsigned kc = kg + 64 * (2 * q + c);
+                    b.raw[u][r][c] = kc < k ? load_scale(s, (start[r] + kc) >> block_shift) : 0u;
+                }
+        }
+    };
+
+    // B's column g collects chunk g of a group: span g / 2 in lanes q / 2 == g % 2. So this lane
+    // holds x (for its own 32 k of that span) in the B fragments of one span, or of none (4).
+    const int diff = static_cast<int>(g) - static_cast<int>(q >> 1);
+    const unsigned my_span = diff >= 0 && (diff & 1) == 0 ? static_cast<unsigned>(diff) >> 1 : 4u;
+    const unsigned lane_column = static_cast<unsigned>(__cvta_generic_to_shared(pair_table)) + lane * 4;
+    float acc[2] = {0.0f, 0.0f};
+
+    auto compute = [&](unsigned i0, const GemvBatch<NB>& b) {
+#pragma unroll
+        for (int u = 0; u < NB; ++u) {
+            const unsigned group = warp + (i0 + u) * warps;
+            // The same in every lane: whole warps run the MMAs.
+            if (group >= groups) break;
+            const unsigned kg = group * NF4_GEMV_GROUP;
+            uint4 xv[4];
+            const unsigned kx = kg + my_span * NF4_GEMV_SPAN + 32 * q;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                xv[i] = my_span < 4 && kx < k ? reinterpret_cast<const uint4*>(x + kx)[i] : make_uint4(0u, 0u, 0u, 0u);
+            // The nested scales' second level, read now and needed after the MMAs.
+            float absmax2[2][2], offset2[2][2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const unsigned kc = kg + 64 * (2 * q + c);
+                    absmax2[r][c] = 0.0f;
+                    offset2[r][c] = 0.0f;
+                    if (s.nested && kc < k) {
+                        const unsigned long long nested_group = ((start[r] + kc) >> block_shift) >> s.nested_shift;
+                        absmax2[r][c] = __ldg(s.absmax2 + nested_group);
+                        offset2[r][c] = __ldg(s.offset2 + nested_group);
+                    }
+                }
+            float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int sp = 0; sp < 4; ++sp) {
+                if (kg + sp * NF4_GEMV_SPAN >= k) break;
+                const bool mine = my_span == static_cast<unsigned>(sp);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const unsigned wa = word_of(b.w[u][sp][0], j / 2);
+                    const unsigned wb = word_of(b.w[u][sp][1], j / 2);
+                    unsigned a[4];
+                    if (j % 2 == 0) {
+                        a[0] = pair_entry<0>(wa, lane_column);
+                        a[1] = pair_entry<0>(wb, lane_column);
+                        a[2] = pair_entry<1>(wa, lane_column);
+                        a[3] = pair_entry<1>(wb, lane_column);
+                    } else {
+                        a[0] = pair_entry<2>(wa, lane_column);
+                        a[1] = pair_entry<2>(wb, lane_column);
+                        a[2] = pair_entry<3>(wa, lane_column);
+                        a[3] = pair_entry<3>(wb, lane_column);
+                    }
+                    const unsigned b0 = mine ? word_of(xv[j / 2], 2 * (j % 2)) : 0u;
+                    const unsigned b1 = mine ? word_of(xv[j / 2], 2 * (j % 2) + 1) : 0u;
+                    mma_16816<T>(part, a, b0, b1);
+                }
+            }
+            float scale[2][2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const unsigned raw = b.raw[u][r][c];
+                    scale[r][c] = s.nested ? __fadd_rn(__fmul_rn(code2[raw], absmax2[r][c]), offset2[r][c])
+                                           : __uint_as_float(raw);
+                }
+            acc[0] = fmaf(scale[0][0], part[0], acc[0]);
+            acc[0] = fmaf(scale[0][1], part[1], acc[0]);
+            acc[1] = fmaf(scale[1][0], part[2], acc[1]);
+            acc[1] = fmaf(scale[1][1], part[3], acc[1]);
+        }
+    };
+
+    GemvBatch<NB> batch;
+    load(0, batch);
+    // The first batch is in flight while the tables are built.
+    for (unsigned i = tid; i < 256 * TABLE_COPIES / 4; i += blockDim.x) {
+        const unsigned byte = i / (TABLE_COPIES / 4);
+        const unsigned pair = pack2<T>(NF4_CODE[byte >> 4], NF4_CODE[byte & 15]);
+        reinterpret_cast<uint4*>(pair_table)[i] = make_uint4(pair, pair, pair, pair);
+    }
     if (s.nested)
         for (unsigned i = tid; i < 256; i += blockDim.x) code2[i] = __ldg(s.code2 + i);
     __syncthreads();
 
-    // The row and chunk whose scale this lane fetches each step.
-    const unsigned scale_chunk = lane % CHUNKS;
-    unsigned long long scale_row_start = start[0];
-#pragma unroll
-    for (int r = 1; r < ROWS; ++r)
-        if (lane / CHUNKS == r) scale_row_start = start[r];
-
-    float acc[ROWS][M];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-        for (int i = 0; i < M; ++i) acc[r][i] = 0.0f;
-
-    const unsigned words = k / 8;
-    for (unsigned base = warp * STEP_WORDS; base < words; base += warps * STEP_WORDS) {
-        // Everything the step reads from DRAM is requested first: the words (past the row's end:
-        // zero, and their x is zero too) and the lane's scale.
-        unsigned w[BATCH][ROWS];
-#pragma unroll
-        for (int u = 0; u < BATCH; ++u) {
-            const unsigned word = base + 32 * u + lane;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r)
-                w[u][r] = word < words ? load_stream4(packed + start[r] / 2 + 4ull * word) : 0u;
-        }
-        const unsigned chunk_word = base + 8 * scale_chunk;
-        const unsigned long long block = (scale_row_start + 8ull * chunk_word) >> block_shift;
-        const unsigned raw = chunk_word < words ? load_scale(s, block) : 0u;
-        const float scale = chunk_word < words ? decode_scale(s, raw, block, code2) : 0.0f;
-
-#pragma unroll
-        for (int u = 0; u < BATCH; ++u) {
-            // The same in every lane of the warp, so every lane takes part in the shuffles.
-            if (base + 32 * u >= words) break;
-            const unsigned word = base + 32 * u + lane;
-            float xv[M][8];
-#pragma unroll
-            for (int i = 0; i < M; ++i) {
-                if (word < words) {
-                    load_pack(x + static_cast<size_t>(i) * k + 8 * word, xv[i]);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) xv[i][e] = 0.0f;
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const float row_scale = __shfl_sync(0xffffffffu, scale, r * CHUNKS + 4 * u + lane / 8);
-                // Byte b of the word holds values 2b (high nibble) and 2b + 1 (low nibble); these
-                // put each nibble times 4 in bits 2..5 of its byte.
-                const unsigned hi = (w[u][r] >> 2) & 0x3c3c3c3cu;
-                const unsigned lo = (w[u][r] << 2) & 0x3c3c3c3cu;
-                float part[M];
-#pragma unroll
-                for (int b = 0; b < 4; ++b) {
-                    const float c_hi = code_at(code, __byte_perm(hi, 0u, 0x4440u + b));
-                    const float c_lo = code_at(code, __byte_perm(lo, 0u, 0x4440u + b));
-#pragma unroll
-                    for (int i = 0; i < M; ++i) {
-                        part[i] = b == 0 ? c_hi * xv[i][0] : fmaf(c_hi, xv[i][2 * b], part[i]);
-                        part[i] = fmaf(c_lo, xv[i][2 * b + 1], part[i]);
-                    }
-                }
-#pragma unroll
-                for (int i = 0; i < M; ++i) acc[r][i] = fmaf(row_scale, part[i], acc[r][i]);
-            }
-        }
+    const unsigned per_warp = (groups + warps - 1) / warps;
+    for (unsigned i0 = 0; i0 < per_warp; i0 += NB) {
+        if (i0 > 0) load(i0, batch);
+        compute(i0, batch);
     }
 
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-        for (int i = 0; i < M; ++i) {
-            const float sum = warp_sum(acc[r][i]);
-            if (lane == 0) partial[warp][r][i] = sum;
-        }
+    for (int r = 0; r < 2; ++r) {
+        acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], 1);
+        acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], 2);
+    }
+    if (q == 0) {
+        partial[warp][g] = acc[0];
+        partial[warp][g + 8] = acc[1];
+    }
     __syncthreads();
-    if (tid < outputs * M) {
-        const unsigned o = tid / M;
-        const unsigned i = tid % M;
-        const unsigned j = j0 + o;
+    if (tid < outputs) {
+        const unsigned j = j0 + tid;
         if (j < n) {
             auto bias_at = [&](unsigned at) {
                 if (bias_kind == BIAS_F32) return static_cast<const float*>(bias)[at];
@@ -589,37 +655,37 @@ __device__ __forceinline__ void gemv_kernel(const T* __restrict__ x, const unsig
                 return 0.0f;
             };
             float sum = bias_at(j);
-            for (unsigned v = 0; v < warps; ++v) sum += partial[v][o][i];
+            for (unsigned v = 0; v < warps; ++v) sum += partial[v][tid];
             if (gated) {
                 float up = bias_at(n + j);
-                for (unsigned v = 0; v < warps; ++v) up += partial[v][ROWS / 2 + o][i];
+                for (unsigned v = 0; v < warps; ++v) up += partial[v][tid + 8];
                 sum = SiluMul()(sum, up);
             } else if (act == ACT_GELU) {
                 sum = GeluExact()(sum);
             } else if (act == ACT_GELU_TANH) {
                 sum = GeluTanh()(sum);
             }
-            const size_t at = static_cast<size_t>(i) * n + j;
-            if (addend != nullptr) sum += to_float(addend[at]);
-            out[at] = from_float<T>(sum);
+            if (addend != nullptr) sum += to_float(addend[j]);
+            out[j] = from_float<T>(sum);
         }
     }
 }
 
-// out [M, n] = epilogue(x [M, k] · w[row_begin .. row_begin + n]ᵀ + bias), arguments as in
-// nf4_linear_* without m, for k a multiple of 64 and blocks of at least 64 values. A block
-// computes 2 outputs (gated: 1) with 32..128 threads (a multiple of 32).
-#define NF4_GEMV_KERNEL(suffix, T, M)                                                               \
-    extern "C" __global__ void __launch_bounds__(NF4_GEMV_MAX_WARPS * 32) nf4_gemv_##suffix##_m##M( \
-        const T* __restrict__ x, const unsigned char* __restrict__ packed, const void* absmax,      \
-        const float* code2, const float* absmax2, const float* offset2, int nested,                \
-        unsigned nested_shift, unsigned block_shift, unsigned row_begin,                           \
-        const void* __restrict__ bias, int bias_kind, const T* __restrict__ addend, int act,       \
-        T* __restrict__ out, unsigned n, unsigned k) {                                             \
-        gemv_kernel<T, M, 2>(                                                                        \
-            x, packed, Scales{absmax, code2, absmax2, offset2, nested, nested_shift}, block_shift, \
-            row_begin, bias, bias_kind, addend, act, out, n, k);                                   \
+// out [1, n] = epilogue(x [1, k] · w[row_begin .. row_begin + n]ᵀ + bias), arguments as in
+// nf4_linear_* without m, for k a multiple of 64 and blocks of at least 64 values: one block of
+// 32..256 threads per tile of 16 outputs (gated: 8); NB groups of 512 k per warp and batch.
+#define NF4_GEMV_KERNEL(suffix, T, NB)                                                               \
+    extern "C" __global__ void __launch_bounds__(NF4_GEMV_TILE_WARPS * 32, 2) nf4_gemv_##suffix##_m1_g##NB( \
+        const T* __restrict__ x, const unsigned char* __restrict__ packed, const void* absmax,       \
+        const float* code2, const float* absmax2, const float* offset2, int nested,                 \
+        unsigned nested_shift, unsigned block_shift, unsigned row_begin,                            \
+        const void* __restrict__ bias, int bias_kind, const T* __restrict__ addend, int act,        \
+        T* __restrict__ out, unsigned n, unsigned k) {                                              \
+        gemv_kernel<T, NB>(x, packed, Scales{absmax, code2, absmax2, offset2, nested, nested_shift}, \
+                           block_shift, row_begin, bias, bias_kind, addend, act, out, n, k);        \
     }
 NF4_GEMV_KERNEL(f16, half_t, 1)
+NF4_GEMV_KERNEL(f16, half_t, 2)
 NF4_GEMV_KERNEL(bf16, bf16_t, 1)
+NF4_GEMV_KERNEL(bf16, bf16_t, 2)
 #undef NF4_GEMV_KERNEL

@@ -229,14 +229,20 @@ fn fused_product_matches_the_cpu_oracle() {
     }
 }
 
-/// (k, n, block size) for the decode GEMV: one chunk (one lane of eight busy), odd n, a step
-/// of four warps cut short, a Llama-width row (three warps), more than one step per warp with
-/// blocks spanning rows, and many blocks of a short row.
-const GEMV_SHAPES: [(usize, usize, usize); 6] = [
+/// (k, n, block size) for the decode GEMV, which gives each block a tile of 16 weight rows and
+/// splits k among its warps in groups of 512 (4 spans of 128, a 16-byte load per lane and row):
+/// one chunk (three lanes of four idle in the span), a tile of 5 of 16 rows, a span and a half,
+/// two and a half spans, a Llama-width row (six warps of one group), two groups and one chunk,
+/// blocks of 256 over eight groups and a chunk (warps of two groups), 16.5 groups of 4096-value
+/// blocks (warps of three groups: a batch of two, then one), and many tiles of a short row.
+const GEMV_SHAPES: [(usize, usize, usize); 9] = [
     (64, 1, 64),
     (64, 5, 64),
     (192, 67, 128),
+    (320, 16, 64),
     (3072, 37, 64),
+    (1088, 19, 64),
+    (4160, 21, 256),
     (8448, 9, 4096),
     (128, 4501, 64),
 ];
@@ -310,7 +316,7 @@ fn decode_gemv_epilogues_match_the_cpu_composition() {
         return;
     };
     let mut rng = TestRng::new("decode_gemv_epilogues_match_the_cpu_composition");
-    for (k, n) in [(64, 3), (3072, 67)] {
+    for (k, n) in [(64, 3), (1088, 13), (3072, 67)] {
         for activation in [
             OutputActivation::Identity,
             OutputActivation::Gelu,
@@ -318,6 +324,79 @@ fn decode_gemv_epilogues_match_the_cpu_composition() {
             OutputActivation::SiluGate,
         ] {
             check_epilogue(&device, &mut rng, (activation, k, n), &[1, 2, 3, 4]);
+        }
+    }
+}
+
+/// `linear_into` writes exactly what `linear` returns into a kept (poisoned) output, at one row
+/// and on the tensor cores, and refuses outputs of the wrong shape or dtype.
+#[test]
+fn products_into_kept_outputs_match_fresh_ones() {
+    let Some(device) = common::gpu_or_skip("products_into_kept_outputs_match_fresh_ones") else {
+        return;
+    };
+    let mut rng = TestRng::new("products_into_kept_outputs_match_fresh_ones");
+    let (k, n) = (1088, 37);
+    let blocks = nf4::quantize(&weights(&mut rng, (n + 2) * k), 64, true).unwrap();
+    let on_gpu = CudaNf4::new(&blocks, &device).unwrap();
+    let rows = 2..2 + n;
+    for dtype in HALF_DTYPES {
+        for m in [1, 5] {
+            let (x, _) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
+            let bias = common::upload(&rng.uniform(n, 1.0), &[n], DType::F32, &device);
+            let what = format!("{dtype} m {m}");
+            let fresh = cuda::nf4::linear(
+                &x,
+                &on_gpu,
+                k,
+                rows.clone(),
+                Some(&bias),
+                Epilogue::default(),
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let mut kept = common::upload(&vec![f32::NAN; m * n], &[m, n], dtype, &device);
+            cuda::nf4::linear_into(
+                &x,
+                &on_gpu,
+                k,
+                rows.clone(),
+                Some(&bias),
+                Epilogue::default(),
+                &mut kept,
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(
+                download_bits(&kept),
+                download_bits(&fresh),
+                "{what}: kept output differs"
+            );
+            let mut wrong_shape =
+                common::upload(&vec![0.0; m * (n + 1)], &[m, n + 1], dtype, &device);
+            assert!(matches!(
+                cuda::nf4::linear_into(
+                    &x,
+                    &on_gpu,
+                    k,
+                    rows.clone(),
+                    None,
+                    Epilogue::default(),
+                    &mut wrong_shape
+                ),
+                Err(Error::Shape { .. })
+            ));
+            let mut wrong_dtype = common::upload(&vec![0.0; m * n], &[m, n], DType::F32, &device);
+            assert!(
+                cuda::nf4::linear_into(
+                    &x,
+                    &on_gpu,
+                    k,
+                    rows.clone(),
+                    None,
+                    Epilogue::default(),
+                    &mut wrong_dtype
+                )
+                .is_err()
+            );
         }
     }
 }

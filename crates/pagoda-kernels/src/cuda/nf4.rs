@@ -1,19 +1,19 @@
 //! Launcher of `kernels/nf4.cu`: NF4 tensors ([`crate::cpu::nf4`]) on the device, decoded to
 //! a dense tensor ([`dequantize`], bit for bit what bitsandbytes' `dequantize_4bit` gives), or
-//! multiplied without leaving their packed form ([`linear`], for up to [`FUSED_MAX_ROWS`] rows of
-//! f16/bf16 activations, with [`crate::ops::Epilogue`] fused in: a GEMV for up to
-//! one row, tensor cores above).
+//! multiplied without leaving their packed form ([`linear`] and [`linear_into`], for up to
+//! [`FUSED_MAX_ROWS`] rows of f16/bf16 activations, with [`crate::ops::Epilogue`] fused in: a
+//! GEMV for one row, a persistent tiled kernel above, both on tensor cores).
 
 use std::ops::Range;
 
 use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
-use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
+use pagoda_tensor::cudarc::driver::{CudaViewMut, LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
 
 use super::registry::{KernelModule, function};
 use super::tensor_access::{
-    FLOAT_DTYPES, alloc_output, arg_u32, common_device, device_view, expect_dims, expect_dtype,
-    expect_same_dtype, into_tensor, kernel_name, launch_error,
+    FLOAT_DTYPES, alloc_output, arg_u32, common_device, device_view, device_view_mut, expect_dims,
+    expect_dtype, expect_same_dtype, into_tensor, kernel_name, launch_error,
 };
 use crate::cpu::nf4::{Nf4Blocks, Scales};
 use crate::error::checked_product;
@@ -24,16 +24,13 @@ use crate::{Error, Result};
 /// (see [`crate::ops::nf4_linear`]).
 pub const FUSED_MAX_ROWS: usize = 64;
 
-/// The most rows of activations the decode GEMV (`nf4_gemv_*`) takes; [`linear`] sends longer
-/// products to the tensor-core kernel, which measured faster at 4 rows (docs/kernels.md).
-const GEMV_MAX_ROWS: usize = 1;
-/// Warps per block of the GEMV at most (`NF4_GEMV_MAX_WARPS`), and the packed 4-byte words of
-/// a row one warp covers per step (32 lanes x `NF4_GEMV_LOADS / ROWS` words).
-const GEMV_MAX_WARPS: usize = 4;
-const GEMV_LOADS: usize = 8;
-
-/// Weight rows per block of the GEMV (`ROWS` of its instantiation in nf4.cu).
-const GEMV_ROWS_PER_BLOCK: usize = 2;
+/// Most warps per block of the one-row GEMV (`NF4_GEMV_TILE_WARPS`, its launch bound), k values
+/// per warp and group (`NF4_GEMV_GROUP`), and weight rows per block.
+const GEMV_MAX_WARPS: usize = 8;
+const GEMV_GROUP: usize = 512;
+const GEMV_TILE_ROWS: usize = 16;
+/// Groups a warp of the GEMV loads before it multiplies, at most (its kernels' `NB`).
+const GEMV_MAX_BATCH: usize = 2;
 
 /// Values per 64-value chunk of the product kernel, which needs whole chunks per row and at
 /// most one block scale per chunk.
@@ -49,6 +46,9 @@ const BLOCKS_PER_SM: usize = 2;
 /// Threads per block, and values per thread, of the decoder.
 const DEQUANT_THREADS: u32 = 256;
 const DEQUANT_PER_THREAD: usize = 8;
+
+/// The operation [`linear`] and [`linear_into`] report in errors.
+const LINEAR_OP: &str = "nf4_linear";
 
 /// `bias_kind` and `act` values of the product (as in gemv.cu).
 const BIAS_NONE: i32 = 0;
@@ -270,9 +270,11 @@ pub fn fused_linear_supported(dtype: DType, m: usize, k: usize, block_size: usiz
 }
 
 /// `epilogue(x [.., k] · w[rows]ᵀ + bias)` where `w` is viewed as `[len / k, k]` and `rows`
-/// picks consecutive weight rows, in one kernel that reads each packed weight once: up to
-/// one row of x a GEMV (f32 code values and products, the weights streamed with
-/// every lane's loads in flight at once), above that the tensor-core kernel.
+/// picks consecutive weight rows, in one kernel that reads each packed weight once and
+/// multiplies on tensor cores (code values rounded to x's dtype, exact products, f32
+/// accumulation and scaling): for one row of x a GEMV whose blocks each take 16 weight rows,
+/// its warps splitting k with all of a warp's loads in flight before it multiplies, above that
+/// a persistent kernel looping over tiles of rows.
 ///
 /// The output has x's leading dimensions and `rows.len()` columns, or half as many with
 /// [`OutputActivation::SiluGate`], where `rows` holds the gate rows then as many up rows. The
@@ -286,87 +288,172 @@ pub fn linear(
     bias: Option<&Tensor>,
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
-    const OP: &str = "nf4_linear";
-    let mut tensors = vec![("x", x), ("packed", &w.packed)];
-    tensors.extend(bias.map(|b| ("bias", b)));
-    tensors.extend(epilogue.addend.map(|a| ("addend", a)));
-    let device = common_device(OP, &tensors)?;
-    expect_dtype(OP, "x", x, &FLOAT_DTYPES)?;
-    let dtype = x.dtype();
-    let Some((&x_k, outer)) = x.dims().split_last() else {
-        return Err(Error::shape(OP, "x must have at least one dimension"));
-    };
-    let m: usize = outer.iter().product();
-    if x_k != k || !fused_linear_supported(dtype, m, k, w.block_size) {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "takes 1..={FUSED_MAX_ROWS} rows of f16/bf16 with k a multiple of {CHUNK} and \
-                 blocks of at least {CHUNK}; got x {:?} {dtype}, k = {k}, blocks of {}",
-                x.dims(),
-                w.block_size
-            ),
-        ));
-    }
-    if rows.is_empty() || rows.end > w.len / k {
-        return Err(Error::shape(
-            OP,
-            format!("weight rows {rows:?} of a [{}, {k}] tensor", w.len / k),
-        ));
-    }
-    let gated = epilogue.activation == OutputActivation::SiluGate;
-    if gated && !rows.len().is_multiple_of(2) {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "a gated product needs gate and up rows in equal number, got {}",
-                rows.len()
-            ),
-        ));
-    }
-    let n = if gated { rows.len() / 2 } else { rows.len() };
-    let mut dims = outer.to_vec();
-    dims.push(n);
-    let bias_kind = match bias {
-        None => BIAS_NONE,
-        Some(bias) => {
-            expect_dtype(OP, "bias", bias, &[dtype, DType::F32])?;
-            expect_dims(OP, "bias", bias, &[rows.len()])?;
-            if bias.dtype() == DType::F32 {
-                BIAS_F32
-            } else {
-                BIAS_SAME
-            }
+    let product = Product::check(x, w, k, rows, bias, epilogue)?;
+    let mut out = alloc_output(LINEAR_OP, &product.device, product.dtype, &product.dims)?;
+    product.launch(&mut out.slice_mut().as_view_mut())?;
+    into_tensor(out, &product.dims)
+}
+
+/// [`linear`] into `out`, a contiguous tensor of the output's shape and dtype on the same device
+/// that no other tensor shares (for callers that keep their outputs, such as a recorded decode
+/// step, and for timing the kernel without the output's allocation).
+pub fn linear_into(
+    x: &Tensor,
+    w: &CudaNf4,
+    k: usize,
+    rows: Range<usize>,
+    bias: Option<&Tensor>,
+    epilogue: Epilogue<'_>,
+    out: &mut Tensor,
+) -> Result<()> {
+    let product = Product::check(x, w, k, rows, bias, epilogue)?;
+    common_device(LINEAR_OP, &[("x", x), ("out", out)])?;
+    expect_same_dtype(LINEAR_OP, "out", out, "x", product.dtype)?;
+    expect_dims(LINEAR_OP, "out", out, &product.dims)?;
+    let mut view = device_view_mut(LINEAR_OP, "out", out)?;
+    product.launch(&mut view)
+}
+
+/// The checked operands of one product.
+struct Product<'a> {
+    x: &'a Tensor,
+    w: &'a CudaNf4,
+    bias: Option<&'a Tensor>,
+    addend: Option<&'a Tensor>,
+    device: CudaDevice,
+    dtype: DType,
+    /// Output dimensions: x's leading ones, then n.
+    dims: Vec<usize>,
+    m: usize,
+    n: usize,
+    k: usize,
+    first_row: usize,
+    bias_kind: i32,
+    activation: OutputActivation,
+}
+
+impl<'a> Product<'a> {
+    fn check(
+        x: &'a Tensor,
+        w: &'a CudaNf4,
+        k: usize,
+        rows: Range<usize>,
+        bias: Option<&'a Tensor>,
+        epilogue: Epilogue<'a>,
+    ) -> Result<Self> {
+        let mut tensors = vec![("x", x), ("packed", &w.packed)];
+        tensors.extend(bias.map(|b| ("bias", b)));
+        tensors.extend(epilogue.addend.map(|a| ("addend", a)));
+        let device = common_device(LINEAR_OP, &tensors)?;
+        expect_dtype(LINEAR_OP, "x", x, &FLOAT_DTYPES)?;
+        let dtype = x.dtype();
+        let Some((&x_k, outer)) = x.dims().split_last() else {
+            return Err(Error::shape(
+                LINEAR_OP,
+                "x must have at least one dimension",
+            ));
+        };
+        let m: usize = outer.iter().product();
+        if x_k != k || !fused_linear_supported(dtype, m, k, w.block_size) {
+            return Err(Error::shape(
+                LINEAR_OP,
+                format!(
+                    "takes 1..={FUSED_MAX_ROWS} rows of f16/bf16 with k a multiple of {CHUNK} and \
+                     blocks of at least {CHUNK}; got x {:?} {dtype}, k = {k}, blocks of {}",
+                    x.dims(),
+                    w.block_size
+                ),
+            ));
         }
-    };
-    if let Some(addend) = epilogue.addend {
-        expect_same_dtype(OP, "addend", addend, "x", dtype)?;
-        expect_dims(OP, "addend", addend, &dims)?;
-    }
-    // The kernel reads x in 8-byte pieces of each 128-byte row chunk.
-    if !(x.layout().offset() * dtype.size_in_bytes()).is_multiple_of(16) {
-        return Err(Error::shape(OP, "x must start 16-byte aligned"));
+        if rows.is_empty() || rows.end > w.len / k {
+            return Err(Error::shape(
+                LINEAR_OP,
+                format!("weight rows {rows:?} of a [{}, {k}] tensor", w.len / k),
+            ));
+        }
+        let gated = epilogue.activation == OutputActivation::SiluGate;
+        if gated && !rows.len().is_multiple_of(2) {
+            return Err(Error::shape(
+                LINEAR_OP,
+                format!(
+                    "a gated product needs gate and up rows in equal number, got {}",
+                    rows.len()
+                ),
+            ));
+        }
+        let n = if gated { rows.len() / 2 } else { rows.len() };
+        let mut dims = outer.to_vec();
+        dims.push(n);
+        let bias_kind = match bias {
+            None => BIAS_NONE,
+            Some(bias) => {
+                expect_dtype(LINEAR_OP, "bias", bias, &[dtype, DType::F32])?;
+                expect_dims(LINEAR_OP, "bias", bias, &[rows.len()])?;
+                if bias.dtype() == DType::F32 {
+                    BIAS_F32
+                } else {
+                    BIAS_SAME
+                }
+            }
+        };
+        if let Some(addend) = epilogue.addend {
+            expect_same_dtype(LINEAR_OP, "addend", addend, "x", dtype)?;
+            expect_dims(LINEAR_OP, "addend", addend, &dims)?;
+        }
+        // The kernels read x in 16-byte pieces.
+        if !(x.layout().offset() * dtype.size_in_bytes()).is_multiple_of(16) {
+            return Err(Error::shape(LINEAR_OP, "x must start 16-byte aligned"));
+        }
+        Ok(Product {
+            x,
+            w,
+            bias,
+            addend: epilogue.addend,
+            device,
+            dtype,
+            dims,
+            m,
+            n,
+            k,
+            first_row: rows.start,
+            bias_kind,
+            activation: epilogue.activation,
+        })
     }
 
-    let suffix = if dtype == DType::F16 { "f16" } else { "bf16" };
-    let (name, config) = if m <= GEMV_MAX_ROWS {
-        // One block per rows-per-block weight rows, with as many warps (up to the kernel's
-        // most) as whole steps cover k, so short rows do not leave warps idle.
-        let rows_per_block = GEMV_ROWS_PER_BLOCK;
-        let outputs_per_block = if gated {
-            rows_per_block / 2
+    /// The kernel and launch configuration for this product.
+    fn kernel(&self) -> Result<(String, LaunchConfig)> {
+        let suffix = if self.dtype == DType::F16 {
+            "f16"
         } else {
-            rows_per_block
+            "bf16"
         };
-        let step_words = 32 * GEMV_LOADS / rows_per_block;
-        let warps = (k / 8).div_ceil(step_words).clamp(1, GEMV_MAX_WARPS);
-        let config = LaunchConfig {
-            grid_dim: (arg_u32(OP, "blocks", n.div_ceil(outputs_per_block))?, 1, 1),
-            block_dim: (arg_u32(OP, "threads", 32 * warps)?, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        (format!("nf4_gemv_{suffix}_m{m}"), config)
-    } else {
+        let gated = self.activation == OutputActivation::SiluGate;
+        let (m, n, k) = (self.m, self.n, self.k);
+        if m == 1 {
+            // One block per tile of 16 weight rows (gated: 8 gate rows and their up rows); its
+            // warps split k in groups of 512 as evenly as the most warps allow, each loading up
+            // to two groups before it multiplies.
+            let outputs_per_tile = if gated {
+                GEMV_TILE_ROWS / 2
+            } else {
+                GEMV_TILE_ROWS
+            };
+            let groups = k.div_ceil(GEMV_GROUP);
+            let per_warp = groups.div_ceil(GEMV_MAX_WARPS);
+            let warps = groups.div_ceil(per_warp);
+            let batch = per_warp.min(GEMV_MAX_BATCH);
+            let config = LaunchConfig {
+                grid_dim: (
+                    arg_u32(LINEAR_OP, "blocks", n.div_ceil(outputs_per_tile))?,
+                    1,
+                    1,
+                ),
+                block_dim: (arg_u32(LINEAR_OP, "threads", 32 * warps)?, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            return Ok((format!("nf4_gemv_{suffix}_m1_g{batch}"), config));
+        }
         let n_tiles = m.div_ceil(8).next_power_of_two();
         let outputs_per_tile = if gated {
             ROWS_PER_TILE / 2
@@ -374,68 +461,78 @@ pub fn linear(
             ROWS_PER_TILE
         };
         let row_tiles = n.div_ceil(outputs_per_tile);
-        let sms = device
+        let sms = self
+            .device
             .context()
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| Error::cuda(OP, format!("querying the SM count: {e}")))?;
+            .map_err(|e| Error::cuda(LINEAR_OP, format!("querying the SM count: {e}")))?;
         let sms = usize::try_from(sms).unwrap_or(1).max(1);
         let blocks = row_tiles.min(sms * BLOCKS_PER_SM);
         let config = LaunchConfig {
-            grid_dim: (arg_u32(OP, "blocks", blocks)?, 1, 1),
+            grid_dim: (arg_u32(LINEAR_OP, "blocks", blocks)?, 1, 1),
             block_dim: (LINEAR_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        (format!("nf4_linear_{suffix}_m{n_tiles}"), config)
-    };
-    let kernel = function(&device, KernelModule::Nf4, &name)?;
-    let (row_begin, m_arg, n_arg, k_arg) = (
-        arg_u32(OP, "first row", rows.start)?,
-        arg_u32(OP, "m", m)?,
-        arg_u32(OP, "n", n)?,
-        arg_u32(OP, "k", k)?,
-    );
-    let x_view = device_view(OP, "x", x)?;
-    let packed = device_view(OP, "packed", &w.packed)?;
-    let scales = ScaleArgs::of(OP, w)?;
-    let bias_view = bias.map(|b| device_view(OP, "bias", b)).transpose()?;
-    let addend_view = epilogue
-        .addend
-        .map(|a| device_view(OP, "addend", a))
-        .transpose()?;
-    let act = act_code(epilogue.activation);
-    let null = 0u64;
-    let mut out = alloc_output(OP, &device, dtype, &dims)?;
-    let stream = device.stream();
-    let mut launch = stream.launch_builder(&kernel);
-    launch.arg(&x_view).arg(&packed);
-    scales.push(&mut launch, &null);
-    launch.arg(&row_begin);
-    match bias_view.as_ref() {
-        Some(bias) => launch.arg(bias),
-        None => launch.arg(&null),
-    };
-    launch.arg(&bias_kind);
-    match addend_view.as_ref() {
-        Some(addend) => launch.arg(addend),
-        None => launch.arg(&null),
-    };
-    launch.arg(&act).arg(out.slice_mut());
-    // The GEMV's row count is in its name.
-    if m > GEMV_MAX_ROWS {
-        launch.arg(&m_arg);
+        Ok((format!("nf4_linear_{suffix}_m{n_tiles}"), config))
     }
-    launch.arg(&n_arg).arg(&k_arg);
-    // SAFETY: the arguments follow nf4_linear_*'s signature (x, packed, absmax, code2, absmax2,
-    // offset2, nested, nested_shift, block_shift, row_begin, bias, bias_kind, addend, act, out,
-    // m, n, k), or nf4_gemv_*_m{m}'s, the same without m; x holds m x k elements of `dtype` starting 16-byte aligned, k is a multiple of 64
-    // so every weight row starts 32-byte aligned in `packed`, the weight rows read (row_begin
-    // .. row_begin + n, or + 2n when gated) lie inside the tensor, the scales cover its blocks
-    // (checked by `Nf4Blocks`), the bias holds one entry per row read of the kind bias_kind
-    // names (or is null and unread), the addend (or null) and out hold m x n elements of `dtype`,
-    // and the grid has at most one block of 256 threads (the kernel's launch bound) per tile of
-    // 16 outputs (gated: 8), each block looping over its tiles; m <= 8 * n_tiles, the kernel's
-    // row capacity. The GEMV gets one block of 32..=128 threads (its launch bound) per
-    // rows-per-block outputs (gated: half as many), the block size its name implies for m.
-    unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
-    into_tensor(out, &dims)
+
+    /// Runs the product into `out` (m x n elements of the product's dtype).
+    fn launch(&self, out: &mut CudaViewMut<'_, u8>) -> Result<()> {
+        let (name, config) = self.kernel()?;
+        let kernel = function(&self.device, KernelModule::Nf4, &name)?;
+        let gemv = name.starts_with("nf4_gemv");
+        let (row_begin, m_arg, n_arg, k_arg) = (
+            arg_u32(LINEAR_OP, "first row", self.first_row)?,
+            arg_u32(LINEAR_OP, "m", self.m)?,
+            arg_u32(LINEAR_OP, "n", self.n)?,
+            arg_u32(LINEAR_OP, "k", self.k)?,
+        );
+        let x_view = device_view(LINEAR_OP, "x", self.x)?;
+        let packed = device_view(LINEAR_OP, "packed", &self.w.packed)?;
+        let scales = ScaleArgs::of(LINEAR_OP, self.w)?;
+        let bias_view = self
+            .bias
+            .map(|b| device_view(LINEAR_OP, "bias", b))
+            .transpose()?;
+        let addend_view = self
+            .addend
+            .map(|a| device_view(LINEAR_OP, "addend", a))
+            .transpose()?;
+        let act = act_code(self.activation);
+        let null = 0u64;
+        let stream = self.device.stream();
+        let mut launch = stream.launch_builder(&kernel);
+        launch.arg(&x_view).arg(&packed);
+        scales.push(&mut launch, &null);
+        launch.arg(&row_begin);
+        match bias_view.as_ref() {
+            Some(bias) => launch.arg(bias),
+            None => launch.arg(&null),
+        };
+        launch.arg(&self.bias_kind);
+        match addend_view.as_ref() {
+            Some(addend) => launch.arg(addend),
+            None => launch.arg(&null),
+        };
+        launch.arg(&act).arg(out);
+        // The GEMV takes one row of x, named in the kernel.
+        if !gemv {
+            launch.arg(&m_arg);
+        }
+        launch.arg(&n_arg).arg(&k_arg);
+        // SAFETY: the arguments follow nf4_linear_*'s signature (x, packed, absmax, code2, absmax2,
+        // offset2, nested, nested_shift, block_shift, row_begin, bias, bias_kind, addend, act, out,
+        // m, n, k), or nf4_gemv_*'s, the same without m; x holds m x k elements of `dtype` starting
+        // 16-byte aligned, k is a multiple of 64 so every weight row starts 32-byte aligned in
+        // `packed`, the weight rows read (row_begin .. row_begin + n, or + 2n when gated) lie
+        // inside the tensor, the scales cover its blocks (checked by `Nf4Blocks`), the bias holds
+        // one entry per row read of the kind bias_kind names (or is null and unread), the addend
+        // (or null) and out hold m x n elements of `dtype`. nf4_linear_* gets at most one block of
+        // 256 threads (its launch bound) per tile of 16 outputs (gated: 8), each block looping
+        // over its tiles, and m <= 8 * n_tiles, its row capacity; the GEMV one block of
+        // 32..=256 threads (its launch bound) per tile of 16 outputs (gated: 8), its batch of
+        // groups in its name.
+        unsafe { launch.launch(config) }.map_err(|e| launch_error(LINEAR_OP, &name, e))?;
+        Ok(())
+    }
 }

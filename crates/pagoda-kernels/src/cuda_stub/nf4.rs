@@ -78,3 +78,17 @@ pub fn linear(
 ) -> Result<Tensor> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }
+
+/// The fused NF4 product into a given output on the GPU; always fails without the `cuda`
+/// feature.
+pub fn linear_into(
+    _x: &Tensor,
+    _w: &CudaNf4,
+    _k: usize,
+    _rows: Range<usize>,
+    _bias: Option<&Tensor>,
+    _epilogue: Epilogue<'_>,
+    _out: &mut Tensor,
+) -> Result<()> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
