@@ -4,42 +4,59 @@
 // block table. Grouped-query attention: query head h reads KV head h / (heads / kv_heads).
 //
 // Decode reads every key and value of the context once per step, and there is little arithmetic
-// per byte, so the kernel is built to stream K/V at the memory's rate:
+// per byte, so the kernels are built to stream K/V at the memory's rate. One thread block per
+// (query row, KV head, context split) serves all the query heads that share the KV head, so each
+// K/V row is read once per group; each sequence's context is cut into splits of near-equal
+// length (split_range), whose partial results paged_attention_combine merges (the
+// flash-decoding scheme; the host asks for splits when the (row, KV head) pairs alone cannot fill
+// the GPU). Two kernels compute a split:
 //
-// - One thread block per (query row, KV head, context split) serves all the query heads that
-//   share the KV head (up to GROUP of them, more in several blocks), so each K/V row is read once
-//   per group rather than once per query head.
-// - A warp splits its 32 lanes into segments of `lanes` lanes (the fewest powers of two whose
-//   16-byte chunks cover a head: 16 for 128 f16 dimensions), each segment streaming its own tokens
-//   with one 16-byte load per lane per row; the four warps of a block take interleaved steps of
-//   LOADS tokens per segment, and every lane issues all of a step's K and V loads before it uses
-//   any of them, then asks L2 to fetch the next step's rows, so two steps are in flight while one
-//   is computed. Block-table entries for the next step are fetched while the current one is
-//   computed, so the dependent lookup never stalls a step.
-// - The hot loop has no branches: tokens past the split's end load its first row again and are
-//   masked out of the softmax, chunks past the head load its last chunk (under a zero query),
-//   block lookups divide by multiplication, and the lanes of a segment sum their partial dot
-//   products in one loop over the exchanges, all of a step's scores at once.
-// - Each segment keeps its own running softmax statistics (max and sum in the log2 domain, f32),
-//   so nothing is synchronised while streaming: segments merge through shuffles at the end of the
-//   split, warps through shared memory, splits in paged_attention_combine (the flash-decoding
-//   scheme; the host asks for splits when the (row, KV head) pairs alone cannot fill the GPU).
+// - paged_attention_mma (16-bit K/V, heads of 64, 96 or 128 dimensions, 16-byte aligned pages):
+//   each warp takes tiles of 16 tokens and multiplies on the tensor cores, scores as S^T = K Q^T
+//   and outputs as O^T = V^T P^T (m16n8k16, up to 8 query heads as the n dimension). Every lane
+//   loads whole 16-byte chunks of two token rows, and the chunks' element order is chosen so that
+//   they are the MMA fragments as loaded: the dot product's dimensions may be visited in any order
+//   as long as Q's fragment uses the same one. V's fragments need tokens along the k dimension,
+//   which movmatrix transposes in registers, 8 x 8 elements at a time. A 16-token tile (8 KiB of
+//   K and V at 128 dimensions) takes a warp 261 instructions in the sm_90a build, where the
+//   CUDA-core kernel's f32 dot products and shuffle reductions take about 730 for the same bytes
+//   with groups of 4 heads; each lane asks L2 for the rows of the tile `prefetch_tiles` steps
+//   ahead.
+// - paged_attention_g<GROUP> (f32, other head sizes, misaligned pages): a warp splits its 32 lanes
+//   into segments of `lanes` lanes (the fewest powers of two whose 16-byte chunks cover a head),
+//   each segment streaming its own tokens with one 16-byte load per lane per row and f32 dot
+//   products reduced by shuffles; every lane issues all of a step's K and V loads before it uses
+//   any of them, then asks L2 to fetch the next step's rows. Chunks past the head load its last
+//   chunk (under a zero query).
 //
-// The batch layout is validated on the host when it is built; the kernel still never reads outside
+// In both, the hot loop has no branches: tokens past the split's end load its first row again and
+// are masked out of the softmax, and block lookups divide by multiplication. Running softmax
+// statistics are f32, in the log2 domain; nothing is synchronised while streaming: warps merge
+// through shared memory at the end of the split.
+//
+// The batch layout is validated on the host when it is built; the kernels still never read outside
 // the pages: a row outside every sequence's query span, or a block id outside the pages, makes the
 // row NaN.
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace {
 
+// Warps per block of paged_attention_g<GROUP> (WARPS in paged_attention.rs).
 constexpr int WARPS = 4;
 constexpr int MAX_HEAD_DIM = 256;
-// Splits hold a multiple of this many context tokens (SPLIT_GRANULE in paged_attention.rs).
-constexpr unsigned SPLIT_GRANULE = 32;
+// A split holds at least this many context tokens (MIN_SPLIT_TOKENS in paged_attention.rs): one
+// step of a block's warps, so that no warp of a split idles for want of tokens.
+constexpr unsigned MIN_SPLIT_TOKENS = 64;
 // The most splits a context is cut into (MAX_SPLITS in paged_attention.rs): the combining kernel
 // keeps one weight per split in shared memory.
 constexpr int MAX_SPLITS = 256;
+// Threads per block of paged_attention_combine (COMBINE_THREADS in paged_attention.rs).
+constexpr int COMBINE_THREADS = 256;
+// The most tiles ahead of its loads paged_attention_mma asks L2 for (MAX_PREFETCH_TILES in
+// paged_attention.rs).
+constexpr unsigned MAX_PREFETCH_TILES = 4;
 constexpr float LOG2E = 1.4426950408889634f;
 
 #define QUIET_NAN __int_as_float(0x7fc00000)
@@ -72,21 +89,35 @@ __device__ bool place_row(unsigned row, const unsigned* __restrict__ query_start
     return true;
 }
 
-// Context tokens per split of a sequence whose context is cut into (at most) num_splits splits.
-// Each sequence derives its own from its current length, so the grid - fixed by the host from the
-// longest context the batch can hold - serves every step of a replayed graph, and a short context
-// still spreads over the splits its length allows.
-__device__ __forceinline__ unsigned split_length(unsigned context, unsigned num_splits) {
-    const unsigned even = (context + num_splits - 1) / num_splits;
-    return max(SPLIT_GRANULE, (even + SPLIT_GRANULE - 1) / SPLIT_GRANULE * SPLIT_GRANULE);
+// The context tokens [begin, end) that split `split` of `num_splits` covers: the context is cut
+// into as many pieces as it has MIN_SPLIT_TOKENS tokens for (at most num_splits, at least one),
+// as even as whole tokens allow; the splits past them are empty (begin == end). Each sequence
+// derives its own from its current length, so the grid - fixed by the host from the longest
+// context the batch can hold - serves every step of a replayed graph.
+__device__ __forceinline__ void split_range(unsigned context, unsigned num_splits, unsigned split, unsigned* begin,
+                                            unsigned* end) {
+    const unsigned long long pieces = max(1u, min(num_splits, context / MIN_SPLIT_TOKENS));
+    *begin = static_cast<unsigned>(min(static_cast<unsigned long long>(split), pieces) * context / pieces);
+    *end = static_cast<unsigned>(min(static_cast<unsigned long long>(split) + 1, pieces) * context / pieces);
 }
 
-// Scratch layout per (row, head, split): max (log2 domain), sum, then head_dim weighted values.
-__device__ __forceinline__ unsigned long long scratch_offset(unsigned row, unsigned head, unsigned split,
-                                                             unsigned num_heads, unsigned num_splits,
-                                                             unsigned head_dim) {
-    return ((static_cast<unsigned long long>(row) * num_heads + head) * num_splits + split) * (head_dim + 2);
-}
+// The scratch of the splits, for rows x heads x splits: first every split's head_dim weighted
+// values, then every split's two statistics (max in the log2 domain, sum of weights), so that
+// each split's values start 16-byte aligned when head_dim is a multiple of 4.
+struct SplitScratch {
+    float* values;
+    float* stats;
+
+    __device__ SplitScratch(float* scratch, unsigned num_tokens, unsigned num_heads, unsigned num_splits,
+                            unsigned head_dim)
+        : values(scratch),
+          stats(scratch + static_cast<unsigned long long>(num_tokens) * num_heads * num_splits * head_dim) {}
+
+    __device__ __forceinline__ unsigned long long index(unsigned row, unsigned head, unsigned split,
+                                                        unsigned num_heads, unsigned num_splits) const {
+        return (static_cast<unsigned long long>(row) * num_heads + head) * num_splits + split;
+    }
+};
 
 // How a head of T is cut into 16-byte chunks and spread over a segment's lanes.
 template <typename T> struct HeadChunks {
@@ -222,26 +253,89 @@ struct Divisor {
     }
 };
 
-// Where a block's warps hand their statistics and values to each other at the end of a split: one
-// per group width, shared by both load paths of a kernel.
-template <int GROUP> struct MergeSpace {
-    float values[WARPS][GROUP][MAX_HEAD_DIM];
-    float max[WARPS][GROUP];
-    float sum[WARPS][GROUP];
+
+// Where a block's warps hand their statistics and values to each other at the end of a split.
+template <int GROUP, int NWARPS, int DIM> struct MergeSpace {
+    float values[NWARPS][GROUP][DIM];
+    float max[NWARPS][GROUP];
+    float sum[NWARPS][GROUP];
 };
 
-template <int GROUP> __device__ __forceinline__ MergeSpace<GROUP>& merge_space() {
-    __shared__ MergeSpace<GROUP> space;
+template <int GROUP, int NWARPS, int DIM> __device__ __forceinline__ MergeSpace<GROUP, NWARPS, DIM>& merge_space() {
+    __shared__ MergeSpace<GROUP, NWARPS, DIM> space;
     return space;
 }
 
+// Writes what a block has for a split that holds none of the row's context: statistics that give
+// it no weight in the merge (or, for a row outside every sequence, NaN), with several splits; a
+// NaN row with one split. Every block of a split launch writes its statistics, so the merge needs
+// no knowledge of which splits held tokens.
+template <typename T>
+__device__ void write_no_tokens(T* __restrict__ out, float* __restrict__ scratch, unsigned row, unsigned first_head,
+                                unsigned heads_here, unsigned num_tokens, unsigned num_heads, unsigned head_dim,
+                                unsigned split, unsigned num_splits, bool row_is_valid) {
+    if (num_splits == 1) {
+        // A valid row's only split always holds its first token; this row is outside every span.
+        T* out_row = out + (static_cast<unsigned long long>(row) * num_heads + first_head) * head_dim;
+        for (unsigned i = threadIdx.x; i < heads_here * head_dim; i += blockDim.x) {
+            out_row[i] = from_float<T>(QUIET_NAN);
+        }
+        return;
+    }
+    const SplitScratch parts(scratch, num_tokens, num_heads, num_splits, head_dim);
+    for (unsigned g = threadIdx.x; g < heads_here; g += blockDim.x) {
+        float* stats = parts.stats + 2 * parts.index(row, first_head + g, split, num_heads, num_splits);
+        stats[0] = row_is_valid ? NEG_INF : 0.0f;
+        stats[1] = row_is_valid ? 0.0f : QUIET_NAN;
+    }
+}
+
+// Merges the warps' statistics and values (in `merge`, complete after a barrier) and writes the
+// split's result: the output row itself with one split, else the split's values and statistics.
+template <typename T, int GROUP, int NWARPS, int DIM>
+__device__ void write_split(const MergeSpace<GROUP, NWARPS, DIM>& merge, bool is_broken, T* __restrict__ out,
+                            float* __restrict__ scratch, unsigned row, unsigned first_head, unsigned heads_here,
+                            unsigned num_tokens, unsigned num_heads, unsigned head_dim, unsigned split,
+                            unsigned num_splits) {
+    const SplitScratch parts(scratch, num_tokens, num_heads, num_splits, head_dim);
+    for (unsigned i = threadIdx.x; i < heads_here * head_dim; i += blockDim.x) {
+        const unsigned g = i / head_dim;
+        const unsigned d = i - g * head_dim;
+        float max = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) max = fmaxf(max, merge.max[w][g]);
+        float sum = 0.0f;
+        float value = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) {
+            const float weight = rescale(merge.max[w][g], max);
+            sum += merge.sum[w][g] * weight;
+            value += merge.values[w][g][d] * weight;
+        }
+        const unsigned head = first_head + g;
+        if (num_splits == 1) {
+            const float result = is_broken ? QUIET_NAN : value / sum;
+            out[(static_cast<unsigned long long>(row) * num_heads + head) * head_dim + d] = from_float<T>(result);
+        } else {
+            const unsigned long long at = parts.index(row, head, split, num_heads, num_splits);
+            parts.values[at * head_dim + d] = value;
+            if (d == 0) {
+                parts.stats[2 * at] = max;
+                parts.stats[2 * at + 1] = is_broken ? QUIET_NAN : sum;
+            }
+        }
+    }
+}
+
+// One split of a row for up to GROUP query heads of one KV head, on the CUDA cores: segments of
+// lanes stream their own tokens, f32 dot products summed by shuffles.
 template <typename T, int GROUP, bool VECTORIZED>
-__device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages,
-                                T* __restrict__ out, float* __restrict__ scratch,
-                                const unsigned* __restrict__ query_start, const unsigned* __restrict__ context_len,
-                                const unsigned* __restrict__ block_tables, unsigned num_seqs, unsigned max_blocks,
-                                unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned head_dim,
-                                unsigned block_size, unsigned num_blocks, float scale) {
+__device__ void paged_attention_fma(const T* __restrict__ q, const T* __restrict__ k_pages,
+                                    const T* __restrict__ v_pages, T* __restrict__ out, float* __restrict__ scratch,
+                                    const unsigned* __restrict__ query_start, const unsigned* __restrict__ context_len,
+                                    const unsigned* __restrict__ block_tables, unsigned num_seqs, unsigned max_blocks,
+                                    unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned head_dim,
+                                    unsigned block_size, unsigned num_blocks, float scale) {
     constexpr int VEC = HeadChunks<T>::VEC;
     constexpr int PER_LANE = HeadChunks<T>::PER_LANE;
     constexpr int ELEMS = HeadChunks<T>::ELEMS;
@@ -249,7 +343,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     // queries and accumulators take the registers.
     constexpr int LOADS = GROUP <= 4 ? 4 : 2;
 
-    MergeSpace<GROUP>& merge = merge_space<GROUP>();
+    MergeSpace<GROUP, WARPS, MAX_HEAD_DIM>& merge = merge_space<GROUP, WARPS, MAX_HEAD_DIM>();
 
     const unsigned lane = threadIdx.x & 31;
     const unsigned warp = threadIdx.x >> 5;
@@ -299,20 +393,19 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     for (unsigned row = blockIdx.x; row < num_tokens; row += gridDim.x) {
         RowPlace place;
         if (!place_row(row, query_start, context_len, num_seqs, &place)) {
-            // With several splits the combining kernel writes the NaN row.
-            if (num_splits == 1) {
-                T* out_row = out + (static_cast<unsigned long long>(row) * num_heads + first_head) * head_dim;
-                for (unsigned i = threadIdx.x; i < heads_here * head_dim; i += blockDim.x) {
-                    out_row[i] = from_float<T>(QUIET_NAN);
-                }
-            }
+            write_no_tokens(out, scratch, row, first_head, heads_here, num_tokens, num_heads, head_dim, split,
+                            num_splits, false);
             continue;
         }
-        const unsigned split_len = split_length(context_len[place.seq], num_splits);
-        const unsigned begin = split * split_len;
-        const unsigned end = min(begin + split_len, place.position + 1);
-        // A split past the row's position holds nothing; the combining kernel skips it.
-        if (begin >= end) continue;
+        unsigned begin;
+        unsigned end;
+        split_range(context_len[place.seq], num_splits, split, &begin, &end);
+        end = min(end, place.position + 1);
+        if (begin >= end) {
+            write_no_tokens(out, scratch, row, first_head, heads_here, num_tokens, num_heads, head_dim, split,
+                            num_splits, true);
+            continue;
+        }
         const unsigned* table = block_tables + static_cast<unsigned long long>(place.seq) * max_blocks;
 
         // The group's queries, pre-multiplied by scale * log2(e) so that scores are in the log2
@@ -467,79 +560,338 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
             }
         }
         const bool is_broken = __syncthreads_or(broken) != 0;
+        write_split<T, GROUP, WARPS, MAX_HEAD_DIM>(merge, is_broken, out, scratch, row, first_head, heads_here,
+                                                   num_tokens, num_heads, head_dim, split, num_splits);
+        // The shared statistics are overwritten by the next row.
+        __syncthreads();
+    }
+}
 
-        for (unsigned i = threadIdx.x; i < heads_here * head_dim; i += blockDim.x) {
-            const unsigned g = i / head_dim;
-            const unsigned d = i - g * head_dim;
-            float max = NEG_INF;
+// Word i (a compile-time constant once unrolled) of a 16-byte chunk.
+__device__ __forceinline__ unsigned word(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Transposes an 8 x 8 matrix of 16-bit elements held as MMA fragments are (lane 4 r + c holds
+// elements (r, 2c) and (r, 2c + 1), the first in the low half): the lane receives (2c, r) and
+// (2c + 1, r).
+__device__ __forceinline__ unsigned transpose8x8(unsigned x) {
+    unsigned y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+// One split of a row for up to 8 query heads of one KV head, on the tensor cores: K/V of a 16-bit
+// type T, heads of exactly 32 SLICES dimensions in rows that start 16-byte aligned.
+//
+// Lane (g, t) = (lane / 4, lane % 4) of a warp loads, for tokens g and g + 8 of a 16-token tile,
+// the head's 16-byte chunks 4 p + t (p < SLICES), for K and V alike. The chunk's four words are,
+// for K, the A fragments of two k-steps of S^T = K Q^T (m = token, k = dimension): the k-step of
+// words 0 and 1 has k columns 2t, 2t + 1, 2t + 8, 2t + 9 at the chunk's elements 0 .. 3, that of
+// words 2 and 3 at elements 4 .. 7; Q's B fragment (k = dimension, n = head g) takes the same
+// words of head g's chunk 4 p + t. The accumulators S^T hold, per lane, tokens g and g + 8 for
+// heads 2t and 2t + 1. For O^T = V^T P^T (m = dimension, k = token, n = head), word r of every
+// lane's V chunk forms an 8 x 8 matrix (token, dimension 8 (4 p + column / 2) + 2 r + column % 2)
+// whose transpose is a quarter of an A fragment: m row g stands for dimension
+// 8 (4 p + g / 2) + 2 r + g % 2. P, packed as the S^T accumulators lie, transposes into the B
+// fragment the same way.
+template <typename T, int SLICES, int NWARPS>
+__device__ void paged_attention_mma(const T* __restrict__ q, const T* __restrict__ k_pages,
+                                    const T* __restrict__ v_pages, T* __restrict__ out, float* __restrict__ scratch,
+                                    const unsigned* __restrict__ query_start, const unsigned* __restrict__ context_len,
+                                    const unsigned* __restrict__ block_tables, unsigned num_seqs, unsigned max_blocks,
+                                    unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned block_size,
+                                    unsigned num_blocks, float scale, unsigned prefetch_tiles) {
+    static_assert(sizeof(T) == 2, "the MMA kernel takes 16-bit K/V");
+    constexpr unsigned HEAD_DIM = 32 * SLICES;
+    constexpr unsigned VEC = 8;
+    // Query heads per block: the n dimension of the MMA.
+    constexpr unsigned HEADS = 8;
+    constexpr unsigned TILE = 16;
+
+    MergeSpace<HEADS, NWARPS, HEAD_DIM>& merge = merge_space<HEADS, NWARPS, HEAD_DIM>();
+
+    const unsigned lane = threadIdx.x & 31;
+    const unsigned warp = threadIdx.x >> 5;
+    const unsigned g = lane >> 2;
+    const unsigned t = lane & 3;
+    const unsigned group_size = num_heads / num_kv_heads;
+    const unsigned head_blocks = (group_size + HEADS - 1) / HEADS;
+    const unsigned kv_head = blockIdx.y / head_blocks;
+    const unsigned first_head = kv_head * group_size + (blockIdx.y % head_blocks) * HEADS;
+    const unsigned heads_here = min(HEADS, (kv_head + 1) * group_size - first_head);
+    const unsigned split = blockIdx.z;
+    const unsigned num_splits = gridDim.z;
+
+    // This lane's first chunk of the KV head's row in slot 0; chunk 4 p + t is 64 p bytes further,
+    // a token's row a row offset further.
+    const unsigned long long lane_first = static_cast<unsigned long long>(kv_head) * HEAD_DIM + t * VEC;
+    const char* k_lane = reinterpret_cast<const char*>(k_pages + lane_first);
+    const char* v_lane = reinterpret_cast<const char*>(v_pages + lane_first);
+    const unsigned row_bytes = num_kv_heads * HEAD_DIM * static_cast<unsigned>(sizeof(T));
+    // The L2 prefetch: lane (g, t) takes token g + 8 (t % 2) of a tile, of K for t < 2 and of V
+    // otherwise, and asks for the lines of the row's first and last byte (a row of 128, 192 or
+    // 256 bytes at a multiple of its length spans at most two 128-byte lines).
+    const char* prefetch_row = reinterpret_cast<const char*>((t < 2 ? k_pages : v_pages) +
+                                                             static_cast<unsigned long long>(kv_head) * HEAD_DIM);
+    const unsigned prefetch_token = g + 8 * (t & 1);
+    constexpr unsigned ROW_LAST_BYTE = HEAD_DIM * sizeof(T) - 1;
+    const Divisor block_divisor(block_size);
+    const unsigned stride = NWARPS * TILE;
+    const float log2_scale = scale * LOG2E;
+
+    for (unsigned row = blockIdx.x; row < num_tokens; row += gridDim.x) {
+        RowPlace place;
+        if (!place_row(row, query_start, context_len, num_seqs, &place)) {
+            write_no_tokens(out, scratch, row, first_head, heads_here, num_tokens, num_heads, HEAD_DIM, split,
+                            num_splits, false);
+            continue;
+        }
+        unsigned begin;
+        unsigned end;
+        split_range(context_len[place.seq], num_splits, split, &begin, &end);
+        end = min(end, place.position + 1);
+        if (begin >= end) {
+            write_no_tokens(out, scratch, row, first_head, heads_here, num_tokens, num_heads, HEAD_DIM, split,
+                            num_splits, true);
+            continue;
+        }
+        const unsigned* table = block_tables + static_cast<unsigned long long>(place.seq) * max_blocks;
+
+        // Head g's chunks as Q's B fragments (zero for heads past the block's). Scores are scaled
+        // in f32 afterwards, so Q enters the MMA exactly as stored.
+        uint4 query[SLICES];
+        const T* q_head = q + (static_cast<unsigned long long>(row) * num_heads + first_head + g) * HEAD_DIM + t * VEC;
 #pragma unroll
-            for (int w = 0; w < WARPS; ++w) max = fmaxf(max, merge.max[w][g]);
-            float sum = 0.0f;
-            float value = 0.0f;
+        for (int p = 0; p < SLICES; ++p) {
+            query[p] = make_uint4(0u, 0u, 0u, 0u);
+            if (g < heads_here) query[p] = load_chunk<T, false>(q_head + 32 * p, VEC);
+        }
+        // O^T accumulators: m-tile (p, pair) holds dimensions of words 2 pair (rows g) and
+        // 2 pair + 1 (rows g + 8), heads 2t and 2t + 1.
+        float acc[2 * SLICES][4];
 #pragma unroll
-            for (int w = 0; w < WARPS; ++w) {
-                const float weight = rescale(merge.max[w][g], max);
-                sum += merge.sum[w][g] * weight;
-                value += merge.values[w][g][d] * weight;
+        for (int m = 0; m < 2 * SLICES; ++m) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[m][i] = 0.0f;
+        }
+        // Heads 2t and 2t + 1: the running max (the same in every lane of the head) and this
+        // lane's share of the running sum (its tokens g and g + 8).
+        float run_max[2] = {NEG_INF, NEG_INF};
+        float run_sum[2] = {0.0f, 0.0f};
+
+        // Byte offset of a context token's row (that of slot 0 for a block id outside the pages,
+        // which makes the result NaN); tokens past the split's end read its first row, already in
+        // flight or in cache, and are masked out of the softmax.
+        bool broken = false;
+        auto row_offset = [&](unsigned token) {
+            token = token < end ? token : begin;
+            const unsigned index = block_divisor.quotient(token);
+            const unsigned block = table[index];
+            broken |= block >= num_blocks;
+            const unsigned slot = block < num_blocks ? block * block_size + (token - index * block_size) : 0u;
+            return static_cast<unsigned long long>(slot) * row_bytes;
+        };
+
+        // Stream this warp's tiles of the split. The loop bounds depend on the warp only, so every
+        // lane reaches the shuffles and the warp-wide MMAs.
+        unsigned tile = begin + warp * TILE;
+        unsigned long long offset_lo = row_offset(tile + g);
+        unsigned long long offset_hi = row_offset(tile + 8 + g);
+        // The first tiles' prefetches, their lookups issued together.
+#pragma unroll
+        for (unsigned ahead = 0; ahead < MAX_PREFETCH_TILES; ++ahead) {
+            if (ahead < prefetch_tiles) {
+                const unsigned long long at = row_offset(tile + ahead * stride + prefetch_token);
+                prefetch_l2(prefetch_row + at);
+                prefetch_l2(prefetch_row + at + ROW_LAST_BYTE);
             }
-            const unsigned head = first_head + g;
-            if (num_splits == 1) {
-                const float result = is_broken ? QUIET_NAN : value / sum;
-                out[(static_cast<unsigned long long>(row) * num_heads + head) * head_dim + d] = from_float<T>(result);
-            } else {
-                float* part_out = scratch + scratch_offset(row, head, split, num_heads, num_splits, head_dim);
-                part_out[2 + d] = value;
-                if (d == 0) {
-                    part_out[0] = max;
-                    part_out[1] = is_broken ? QUIET_NAN : sum;
+        }
+        unsigned long long prefetch_offset = row_offset(tile + prefetch_tiles * stride + prefetch_token);
+        for (; tile < end; tile += stride) {
+            uint4 keys[2][SLICES];
+            uint4 values[2][SLICES];
+#pragma unroll
+            for (int p = 0; p < SLICES; ++p) {
+                keys[0][p] = load_stream(k_lane + offset_lo + 64 * p);
+                keys[1][p] = load_stream(k_lane + offset_hi + 64 * p);
+            }
+#pragma unroll
+            for (int p = 0; p < SLICES; ++p) {
+                values[0][p] = load_stream(v_lane + offset_lo + 64 * p);
+                values[1][p] = load_stream(v_lane + offset_hi + 64 * p);
+            }
+            prefetch_l2(prefetch_row + prefetch_offset);
+            prefetch_l2(prefetch_row + prefetch_offset + ROW_LAST_BYTE);
+            // The lookups for the next tile and the next prefetch, while this tile computes.
+            const bool valid_lo = tile + g < end;
+            const bool valid_hi = tile + 8 + g < end;
+            offset_lo = row_offset(tile + stride + g);
+            offset_hi = row_offset(tile + stride + 8 + g);
+            prefetch_offset = row_offset(tile + (prefetch_tiles + 1) * stride + prefetch_token);
+
+            // S^T = K Q^T; each chunk's two k-steps go to two accumulators, halving the chain of
+            // dependent MMAs.
+            float s_even[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            float s_odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int p = 0; p < SLICES; ++p) {
+                const unsigned first[4] = {keys[0][p].x, keys[1][p].x, keys[0][p].y, keys[1][p].y};
+                mma_16816<T>(s_even, first, query[p].x, query[p].y);
+                const unsigned second[4] = {keys[0][p].z, keys[1][p].z, keys[0][p].w, keys[1][p].w};
+                mma_16816<T>(s_odd, second, query[p].z, query[p].w);
+            }
+            // Scores in the log2 domain: [0], [1] token g, heads 2t, 2t + 1; [2], [3] token g + 8.
+            float score[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const bool valid = i < 2 ? valid_lo : valid_hi;
+                score[i] = valid ? (s_even[i] + s_odd[i]) * log2_scale : NEG_INF;
+            }
+            float correction[2];
+            float base[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                float tile_max = fmaxf(score[e], score[2 + e]);
+#pragma unroll
+                for (int offset = 4; offset < 32; offset <<= 1) {
+                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+                }
+                const float new_max = fmaxf(run_max[e], tile_max);
+                // A head that has seen no token yet keeps a max of -inf; exponents relative to 0
+                // then give the 0 weights its (masked) scores and empty history deserve.
+                base[e] = new_max == NEG_INF ? 0.0f : new_max;
+                correction[e] = fast_exp2(run_max[e] - base[e]);
+                run_max[e] = new_max;
+            }
+            float weight[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) weight[i] = fast_exp2(score[i] - base[i & 1]);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) run_sum[e] = run_sum[e] * correction[e] + weight[e] + weight[2 + e];
+#pragma unroll
+            for (int m = 0; m < 2 * SLICES; ++m) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[m][i] *= correction[i & 1];
+            }
+            // P^T as B fragments: tokens 2t, 2t + 1 (and 8 more) of head g.
+            const unsigned p_lo = transpose8x8(pack2<T>(weight[0], weight[1]));
+            const unsigned p_hi = transpose8x8(pack2<T>(weight[2], weight[3]));
+#pragma unroll
+            for (int p = 0; p < SLICES; ++p) {
+#pragma unroll
+                for (int pair = 0; pair < 2; ++pair) {
+                    const unsigned a[4] = {transpose8x8(word(values[0][p], 2 * pair)),
+                                           transpose8x8(word(values[0][p], 2 * pair + 1)),
+                                           transpose8x8(word(values[1][p], 2 * pair)),
+                                           transpose8x8(word(values[1][p], 2 * pair + 1))};
+                    mma_16816<T>(acc[2 * p + pair], a, p_lo, p_hi);
                 }
             }
         }
+
+        // The sums over the head's lanes, then each warp's statistics and values to the block.
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+#pragma unroll
+            for (int offset = 4; offset < 32; offset <<= 1) {
+                run_sum[e] += __shfl_xor_sync(0xffffffffu, run_sum[e], offset);
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < SLICES; ++p) {
+#pragma unroll
+            for (int pair = 0; pair < 2; ++pair) {
+                const unsigned dim = 8 * (4 * p + g / 2) + 4 * pair + (g & 1);
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const unsigned head = 2 * t + e;
+                    merge.values[warp][head][dim] = acc[2 * p + pair][e];
+                    merge.values[warp][head][dim + 2] = acc[2 * p + pair][2 + e];
+                }
+            }
+        }
+        if (g == 0) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                merge.max[warp][2 * t + e] = run_max[e];
+                merge.sum[warp][2 * t + e] = run_sum[e];
+            }
+        }
+        const bool is_broken = __syncthreads_or(broken) != 0;
+        write_split<T, HEADS, NWARPS, HEAD_DIM>(merge, is_broken, out, scratch, row, first_head, heads_here,
+                                                num_tokens, num_heads, HEAD_DIM, split, num_splits);
         // The shared statistics are overwritten by the next row.
         __syncthreads();
     }
 }
 
 // Merges the splits of one (row, head): every split's values scaled by exp2(its max - the overall
-// max), divided by the equally scaled sum of the splits' sums.
-template <typename T>
-__device__ void paged_attention_combine(const float* __restrict__ scratch, T* __restrict__ out,
-                                        const unsigned* __restrict__ query_start,
-                                        const unsigned* __restrict__ context_len, unsigned num_seqs,
-                                        unsigned num_tokens, unsigned num_heads, unsigned head_dim,
-                                        unsigned num_splits) {
+// max), divided by the equally scaled sum of the splits' sums. Splits that held no token have a
+// max of -inf and weigh nothing; their values, never written, are not used (a select, not a
+// product, so unwritten memory cannot leak in). V consecutive dimensions per thread (16-byte loads
+// for V = 4), the block's threads spread over the splits so that all of a row's loads are in
+// flight at once.
+template <typename T, int V>
+__device__ void paged_attention_combine(const float* __restrict__ scratch, T* __restrict__ out, unsigned num_tokens,
+                                        unsigned num_heads, unsigned head_dim, unsigned num_splits) {
     __shared__ float weights[MAX_SPLITS];
+    __shared__ float partial[COMBINE_THREADS * V];
     const unsigned head = blockIdx.y;
+    const unsigned lanes = (head_dim + V - 1) / V;
+    const unsigned groups = max(1u, COMBINE_THREADS / lanes);
+    const unsigned lane = threadIdx.x % lanes;
+    const unsigned group = threadIdx.x / lanes;
+    const SplitScratch parts(const_cast<float*>(scratch), num_tokens, num_heads, num_splits, head_dim);
     for (unsigned row = blockIdx.x; row < num_tokens; row += gridDim.x) {
-        RowPlace place;
-        T* out_row = out + (static_cast<unsigned long long>(row) * num_heads + head) * head_dim;
-        if (!place_row(row, query_start, context_len, num_seqs, &place)) {
-            for (unsigned d = threadIdx.x; d < head_dim; d += blockDim.x) out_row[d] = from_float<T>(QUIET_NAN);
-            continue;
-        }
-        // Only the splits that start at or before the row's position were written; the first
-        // always was, so the overall max is finite.
-        const unsigned split_len = split_length(context_len[place.seq], num_splits);
-        const unsigned used = min(place.position / split_len + 1, num_splits);
-        const float* parts = scratch + scratch_offset(row, head, 0, num_heads, num_splits, head_dim);
-        const unsigned stride = head_dim + 2;
+        const unsigned long long first = parts.index(row, head, 0, num_heads, num_splits);
+        const float* stats = parts.stats + 2 * first;
         float max = NEG_INF;
-        for (unsigned s = threadIdx.x; s < used; s += blockDim.x) max = fmaxf(max, parts[s * stride]);
+        for (unsigned s = threadIdx.x; s < num_splits; s += blockDim.x) max = fmaxf(max, stats[2 * s]);
         max = block_max(max);
         float sum = 0.0f;
-        for (unsigned s = threadIdx.x; s < used; s += blockDim.x) {
-            const float weight = exp2f(parts[s * stride] - max);
+        for (unsigned s = threadIdx.x; s < num_splits; s += blockDim.x) {
+            const float split_max = stats[2 * s];
+            const float weight = split_max == NEG_INF ? 0.0f : exp2f(split_max - max);
             weights[s] = weight;
-            sum += parts[s * stride + 1] * weight;
+            sum += stats[2 * s + 1] * weight;
         }
         // block_sum synchronises the block after every weight is written.
         const float inv_sum = 1.0f / block_sum(sum);
-        for (unsigned d = threadIdx.x; d < head_dim; d += blockDim.x) {
-            float value = 0.0f;
-            for (unsigned s = 0; s < used; ++s) value += parts[s * stride + 2 + d] * weights[s];
-            out_row[d] = from_float<T>(value * inv_sum);
+        float value[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) value[i] = 0.0f;
+        if (group < groups && lane * V < head_dim) {
+            const float* values = parts.values + first * head_dim + lane * V;
+#pragma unroll 4
+            for (unsigned s = group; s < num_splits; s += groups) {
+                const float weight = weights[s];
+                float part[V];
+                if constexpr (V == 4) {
+                    const float4 four =
+                        *reinterpret_cast<const float4*>(values + static_cast<unsigned long long>(s) * head_dim);
+                    part[0] = four.x;
+                    part[1] = four.y;
+                    part[2] = four.z;
+                    part[3] = four.w;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < V; ++i) part[i] = values[static_cast<unsigned long long>(s) * head_dim + i];
+                }
+#pragma unroll
+                for (int i = 0; i < V; ++i) value[i] += weight != 0.0f ? part[i] * weight : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < V; ++i) partial[group * head_dim + lane * V + i] = value[i];
         }
-        // The weights are overwritten by the next row.
+        __syncthreads();
+        T* out_row = out + (static_cast<unsigned long long>(row) * num_heads + head) * head_dim;
+        for (unsigned d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float total = 0.0f;
+            for (unsigned grp = 0; grp < groups; ++grp) total += partial[grp * head_dim + d];
+            out_row[d] = from_float<T>(total * inv_sum);
+        }
+        // The weights and partial sums are overwritten by the next row.
         __syncthreads();
     }
 }
@@ -550,12 +902,14 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
 // head_dim]; scratch f32 [num_tokens, num_heads, num_splits, head_dim + 2] (unused with one split);
 // query_start [num_seqs + 1] (cumulative, query_start[num_seqs] = num_tokens); context_len
 // [num_seqs]; block_tables [num_seqs, max_blocks]. Grid (rows, num_kv_heads * ceil(group / GROUP),
-// num_splits <= MAX_SPLITS), WARPS warps per block; head_dim <= 256; each sequence cuts its
-// context into num_splits splits of split_length() tokens. `_g<GROUP>` serves up to GROUP query
-// heads per KV head in one block.
-// Blocks each SM must be able to hold, which caps the registers a thread may use: four (16 warps,
-// 128 registers) for 16-bit groups of up to 3 heads, three for groups of 4, whose queries and
-// accumulators would spill at 128; no cap for f32 and groups of 8, which hold twice the values.
+// num_splits <= MAX_SPLITS); each sequence cuts its context into num_splits splits by
+// split_range().
+//
+// paged_attention_g<GROUP>: WARPS warps per block, head_dim <= 256, up to GROUP query heads per KV
+// head in one block. Blocks each SM must be able to hold, which caps the registers a thread may
+// use: four (16 warps, 128 registers) for 16-bit groups of up to 3 heads, three for groups of 4,
+// whose queries and accumulators would spill at 128; no cap for f32 and groups of 8, which hold
+// twice the values.
 #define MIN_BLOCKS(T, GROUP) (sizeof(T) == 4 ? 1 : (GROUP) <= 3 ? 4 : (GROUP) == 4 ? 3 : 1)
 
 #define PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, GROUP)                                                              \
@@ -567,14 +921,30 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
         unsigned block_size, unsigned num_blocks, float scale) {                                                     \
         /* 16-byte loads (and L2 prefetches) when the rows allow them, element loads otherwise. */                  \
         if (head_dim % (16 / sizeof(T)) == 0 && is_aligned16(k_pages) && is_aligned16(v_pages)) {                   \
-            paged_attention<T, GROUP, true>(q, k_pages, v_pages, out, scratch, query_start, context_len,             \
-                                            block_tables, num_seqs, max_blocks, num_tokens, num_heads, num_kv_heads, \
-                                            head_dim, block_size, num_blocks, scale);                                \
+            paged_attention_fma<T, GROUP, true>(q, k_pages, v_pages, out, scratch, query_start, context_len,         \
+                                                block_tables, num_seqs, max_blocks, num_tokens, num_heads,           \
+                                                num_kv_heads, head_dim, block_size, num_blocks, scale);              \
         } else {                                                                                                     \
-            paged_attention<T, GROUP, false>(q, k_pages, v_pages, out, scratch, query_start, context_len,            \
-                                             block_tables, num_seqs, max_blocks, num_tokens, num_heads,              \
-                                             num_kv_heads, head_dim, block_size, num_blocks, scale);                 \
+            paged_attention_fma<T, GROUP, false>(q, k_pages, v_pages, out, scratch, query_start, context_len,        \
+                                                 block_tables, num_seqs, max_blocks, num_tokens, num_heads,          \
+                                                 num_kv_heads, head_dim, block_size, num_blocks, scale);             \
         }                                                                                                            \
+    }
+
+// paged_attention_mma_d<DIM>_w<NWARPS>_b<MIN>: 16-bit K/V, head_dim == DIM, pages 16-byte aligned,
+// NWARPS warps per block, up to 8 query heads per KV head in one block, prefetch_tiles <=
+// MAX_PREFETCH_TILES.
+#define PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, DIM, NWARPS, MIN)                                                      \
+    extern "C" __global__ void __launch_bounds__(NWARPS * 32, MIN)                                                   \
+        paged_attention_mma_d##DIM##_w##NWARPS##_b##MIN##_##SUFFIX(                                                  \
+            const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages,                   \
+            T* __restrict__ out, float* __restrict__ scratch, const unsigned* __restrict__ query_start,              \
+            const unsigned* __restrict__ context_len, const unsigned* __restrict__ block_tables, unsigned num_seqs,  \
+            unsigned max_blocks, unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads,                     \
+            unsigned block_size, unsigned num_blocks, float scale, unsigned prefetch_tiles) {                        \
+        paged_attention_mma<T, (DIM) / 32, NWARPS>(q, k_pages, v_pages, out, scratch, query_start, context_len,      \
+                                                   block_tables, num_seqs, max_blocks, num_tokens, num_heads,        \
+                                                   num_kv_heads, block_size, num_blocks, scale, prefetch_tiles);     \
     }
 
 #define PAGODA_PAGED_ATTENTION_KERNELS(SUFFIX, T)                                                                     \
@@ -583,13 +953,27 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
     PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 3)                                                                       \
     PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 4)                                                                       \
     PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 8)                                                                       \
-    /* Grid (rows, num_heads), any block size that is a multiple of 32. */                                           \
-    extern "C" __global__ void paged_attention_combine_##SUFFIX(                                                     \
-        const float* __restrict__ scratch, T* __restrict__ out, const unsigned* __restrict__ query_start,            \
-        const unsigned* __restrict__ context_len, unsigned num_seqs, unsigned num_tokens, unsigned num_heads,        \
+    /* Grid (rows, num_heads), COMBINE_THREADS threads. */                                                           \
+    extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) paged_attention_combine_##SUFFIX(                  \
+        const float* __restrict__ scratch, T* __restrict__ out, unsigned num_tokens, unsigned num_heads,             \
         unsigned head_dim, unsigned num_splits) {                                                                    \
-        paged_attention_combine<T>(scratch, out, query_start, context_len, num_seqs, num_tokens, num_heads,          \
-                                   head_dim, num_splits);                                                            \
+        if (head_dim % 4 == 0) {                                                                                     \
+            paged_attention_combine<T, 4>(scratch, out, num_tokens, num_heads, head_dim, num_splits);                \
+        } else {                                                                                                     \
+            paged_attention_combine<T, 1>(scratch, out, num_tokens, num_heads, head_dim, num_splits);                \
+        }                                                                                                            \
     }
 
 PAGODA_FOR_EACH_FLOAT(PAGODA_PAGED_ATTENTION_KERNELS)
+
+// The forms compiled: for 128 dimensions, four warps with registers capped for four blocks per SM
+// (the default) or three, and eight warps capped for two; one form for 64 and 96.
+#define PAGODA_PAGED_ATTENTION_MMA_FORMS(SUFFIX, T)                                                                   \
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 64, 4, 3)                                                                  \
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 96, 4, 3)                                                                  \
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 128, 4, 4)                                                                 \
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 128, 4, 3)                                                                 \
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 128, 8, 2)
+
+PAGODA_PAGED_ATTENTION_MMA_FORMS(f16, half_t)
+PAGODA_PAGED_ATTENTION_MMA_FORMS(bf16, bf16_t)

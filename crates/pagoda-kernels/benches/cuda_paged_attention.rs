@@ -11,8 +11,10 @@
 //!
 //! After criterion's report a summary prints, per shape, the median time per call, GB/s (10^9
 //! bytes) and the fraction of the copy bandwidth, also as one JSON line each (`{"bench":
-//! "pagoda_decode", ...}`) for the peer script to compare; then the same call with every split
-//! count from 1 to the most the kernel takes, each checked against the default's output.
+//! "pagoda_decode", ...}`) for the peer script to compare; then the same call with other split
+//! counts, each checked against the default's output. With `PAGODA_DECODE_SWEEP=full` the sweep
+//! also crosses every compiled form of the split kernel with every L2 prefetch depth, and lists
+//! each shape's fastest choices last.
 
 mod common;
 
@@ -23,7 +25,8 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cuda;
 use pagoda_kernels::cuda::paged_attention::{
-    DeviceBatchLayout, MAX_SPLITS, default_num_splits, paged_attention, paged_attention_with_splits,
+    DecodeVariant, DeviceBatchLayout, MAX_PREFETCH_TILES, MAX_SPLITS, default_num_splits,
+    paged_attention, paged_attention_variant,
 };
 use pagoda_tensor::{CudaDevice, Tensor};
 
@@ -134,13 +137,13 @@ impl Inputs {
         }
     }
 
-    /// One call on the next copy of the pages, with `splits` splits or the default.
-    fn run(&mut self, splits: Option<usize>) -> Tensor {
+    /// One call on the next copy of the pages, as `variant` says or the default.
+    fn run(&mut self, variant: Option<&DecodeVariant>) -> Tensor {
         self.next = (self.next + 1) % self.pages.len();
         let (k, v) = &self.pages[self.next];
-        match splits {
-            Some(splits) => {
-                paged_attention_with_splits(&self.q, &self.layout, &self.params, k, v, splits)
+        match variant {
+            Some(variant) => {
+                paged_attention_variant(&self.q, &self.layout, &self.params, k, v, variant)
             }
             None => paged_attention(&self.q, &self.layout, &self.params, k, v),
         }
@@ -203,58 +206,145 @@ fn json_line(shape: &Shape, seconds: f64, copy_rate: f64, splits: usize) -> Stri
     )
 }
 
-/// The per-shape table, each line also as JSON; then every split count of each shape.
+/// One variant's median time, checked against the default's output: the time and a note
+/// (`MISMATCH` when the outputs differ).
+fn measure(
+    device: &CudaDevice,
+    inputs: &mut Inputs,
+    reference: &Tensor,
+    variant: &DecodeVariant,
+) -> (f64, Option<String>) {
+    let difference = relative_difference(&inputs.run(Some(variant)), reference);
+    let time = median_seconds(device, RUNS, 10, || drop(inputs.run(Some(variant))));
+    let note = (difference >= 1e-2).then(|| format!("MISMATCH {difference:.1e}"));
+    (time, note)
+}
+
+/// Split counts the sweep tries for a shape: powers of two up to the most the context has 64-token
+/// pieces for, and the default; with `full`, also the counts that give every one of 132 SMs (an
+/// H100's, an H200's) 1 to 6 blocks. Shapes whose rows alone fill the GPU try no more than 8.
+fn sweep_splits(shape: &Shape, default: usize, full: bool) -> Vec<usize> {
+    let max_splits = (shape.context / 64).min(MAX_SPLITS);
+    let blocks_per_split = shape.batch * shape.kv_heads;
+    let mut counts: Vec<usize> = (0..usize::BITS)
+        .map(|p| 1usize << p)
+        .take_while(|&s| s <= max_splits)
+        .chain([default])
+        .collect();
+    if full {
+        counts.extend(
+            (1..=6)
+                .map(|per_sm: usize| (132 * per_sm).div_ceil(blocks_per_split))
+                .filter(|&s| s <= max_splits),
+        );
+    }
+    if blocks_per_split >= 132 {
+        counts.retain(|&s| s <= 8 || s == default);
+        counts.push(3);
+    } else if full {
+        counts.retain(|&s| s >= 8 || s == default);
+    }
+    counts.sort_unstable();
+    counts.dedup();
+    counts
+}
+
+/// The per-shape table, each line also as JSON; then the sweep of each shape.
 fn summary(device: &CudaDevice, inputs: &mut [Inputs]) {
+    let full = std::env::var("PAGODA_DECODE_SWEEP").is_ok_and(|v| v == "full");
     let copy_rate = cuda::memory::copy_bandwidth(device, COPY_BYTES, RUNS).expect("copy") / 1e9;
     println!(
         "\npaged decode attention f16, block_size {BLOCK_SIZE}, shuffled pages (median of {RUNS} \
          samples of 10 calls; bytes = K/V read)"
     );
     println!("device-to-device copy: {copy_rate:.0} GB/s (read + write)");
-    println!(
-        "{:>26} {:>7} {:>10} {:>9} {:>8} {:>10}",
-        "shape", "splits", "us", "GB/s", "of copy", "check"
-    );
     let mut json = Vec::new();
+    let mut best_lines = Vec::new();
     for (shape, inputs) in SHAPES.iter().zip(inputs.iter_mut()) {
         let default = inputs.default_splits();
         let reference = inputs.run(None);
         let base = median_seconds(device, RUNS, 10, || drop(inputs.run(None)));
         json.push(json_line(shape, base, copy_rate, default));
-        // Powers of two up to the most splits the context has 32-token pieces for, and the
-        // default.
-        let max_splits = (shape.context / 32).min(MAX_SPLITS);
-        let mut counts: Vec<usize> = (0..usize::BITS)
-            .map(|p| 1usize << p)
-            .take_while(|&s| s <= max_splits)
-            .chain([default])
-            .collect();
-        counts.sort_unstable();
-        counts.dedup();
-        for splits in counts {
-            let (time, check) = if splits == default {
-                (base, "default".to_owned())
-            } else {
-                let difference = relative_difference(&inputs.run(Some(splits)), &reference);
-                let time = median_seconds(device, RUNS, 10, || drop(inputs.run(Some(splits))));
-                let check = if difference < 1e-2 {
-                    format!("{:.2}x", base / time)
-                } else {
-                    format!("MISMATCH {difference:.1e}")
-                };
-                (time, check)
-            };
-            let rate = shape.kv_bytes() as f64 / time / 1e9;
-            println!(
-                "{:>26} {:>7} {:>10.1} {:>9.0} {:>7.1}% {:>10}",
-                shape.label(),
-                splits,
-                time * 1e6,
-                rate,
-                100.0 * rate / copy_rate,
-                check
-            );
+        let rate = |time: f64| shape.kv_bytes() as f64 / time / 1e9;
+        println!(
+            "{}: default ({default} splits) {:.1} us, {:.0} GB/s, {:.1}% of copy",
+            shape.label(),
+            base * 1e6,
+            rate(base),
+            100.0 * rate(base) / copy_rate
+        );
+        let splits = sweep_splits(shape, default, full);
+        let kernels: Vec<Option<&str>> = if full {
+            vec![
+                None,
+                Some("mma_w4_b4"),
+                Some("mma_w4_b3"),
+                Some("mma_w8_b2"),
+                Some("fma"),
+            ]
+        } else {
+            vec![None]
+        };
+        let depths: Vec<Option<u32>> = if full {
+            (0..=MAX_PREFETCH_TILES).map(Some).collect()
+        } else {
+            vec![None]
+        };
+        println!(
+            "{:>10} {:>8} | us per call at splits {splits:?} (* = different output)",
+            "kernel", "prefetch"
+        );
+        let mut results = Vec::new();
+        for &kernel in &kernels {
+            for &depth in &depths {
+                // The CUDA-core kernel has no prefetch depth to vary.
+                if kernel == Some("fma") && depth.is_some_and(|d| d > 0) {
+                    continue;
+                }
+                let mut cells = Vec::new();
+                for &count in &splits {
+                    let variant = DecodeVariant {
+                        num_splits: Some(count),
+                        prefetch_tiles: depth,
+                        kernel: kernel.map(str::to_owned),
+                    };
+                    let (time, note) = measure(device, inputs, &reference, &variant);
+                    cells.push(format!(
+                        "{:.1}{}",
+                        time * 1e6,
+                        if note.is_some() { "*" } else { "" }
+                    ));
+                    if let Some(note) = &note {
+                        println!("  {note}: {variant:?}");
+                    } else {
+                        results.push((time, kernel.unwrap_or("default"), depth, count));
+                    }
+                }
+                println!(
+                    "{:>10} {:>8} | {}",
+                    kernel.unwrap_or("default"),
+                    depth.map_or("default".to_owned(), |d| d.to_string()),
+                    cells.join(" ")
+                );
+            }
         }
+        results.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (time, kernel, depth, count) in results.iter().take(8) {
+            best_lines.push(format!(
+                "{:>26} {kernel:>10} prefetch {:>7} splits {count:>3}: {:>6.1} us {:>5.0} GB/s \
+                 {:>5.1}% of copy ({:.2}x default)",
+                shape.label(),
+                depth.map_or("default".to_owned(), |d| d.to_string()),
+                time * 1e6,
+                rate(*time),
+                100.0 * rate(*time) / copy_rate,
+                base / time
+            ));
+        }
+    }
+    println!("\nfastest choices (copy {copy_rate:.0} GB/s):");
+    for line in best_lines {
+        println!("{line}");
     }
     println!();
     for line in json {

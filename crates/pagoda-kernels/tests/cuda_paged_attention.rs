@@ -1,24 +1,27 @@
 //! CUDA paged attention against the CPU oracle: ragged batches mixing decode, prefill and chunked
-//! prefill rows, every group width the kernel has (1, 2, 3, 4 and 8 query heads per KV head,
+//! prefill rows, every group width the kernels have (1, 2, 3, 4 and 8 query heads per KV head,
 //! multi-query with one KV head, groups wider than a block), scattered non-monotonic block ids,
 //! contexts that are not a multiple of the block size, a single token, decode batches of a real
-//! model's shape, every split count from 1 to the most, and 32k-token contexts. Outputs come from
-//! memory poisoned with NaN first.
+//! model's shape, split counts from 1 to the most, 32k-token contexts, both split kernels (tensor
+//! cores for 16-bit heads of 64, 96 and 128 dimensions, CUDA cores otherwise, and for pages that
+//! are not 16-byte aligned), each compiled form of the tensor-core kernel at every L2 prefetch
+//! depth. Outputs come from memory poisoned with NaN first.
 #![cfg(feature = "cuda")]
 
 mod common;
 
 use common::{
     FLOAT_DTYPES, ScatteredTables, TestRng, assert_close, download, gpu_or_skip, poison_pool,
-    random_tensor,
+    random_tensor, upload,
 };
 use pagoda_kernels::cpu::attention::{AttentionParams, SequenceSpan};
 use pagoda_kernels::cpu::kv_write::PageGeometry;
 use pagoda_kernels::cuda::paged_attention::{
-    DeviceBatchLayout, MAX_SPLITS, default_num_splits, paged_attention, paged_attention_with_splits,
+    DecodeVariant, DeviceBatchLayout, MAX_PREFETCH_TILES, MAX_SPLITS, default_num_splits,
+    paged_attention, paged_attention_variant, paged_attention_with_splits,
 };
 use pagoda_kernels::{Error, cpu};
-use pagoda_tensor::{CudaDevice, DType};
+use pagoda_tensor::{CudaDevice, DType, Tensor};
 
 /// A batch: per sequence `(query_len, context_len)`, and how K/V pages are cut.
 struct Case<'a> {
@@ -40,6 +43,23 @@ fn run_with_splits(
     case: &Case<'_>,
     dtype: DType,
     splits: Option<usize>,
+) {
+    let variant = DecodeVariant {
+        num_splits: splits,
+        ..DecodeVariant::default()
+    };
+    run_variant(device, rng, case, dtype, &variant, false);
+}
+
+/// [`run`] as `variant` says, with the pages at an odd element offset in their storage (so not
+/// 16-byte aligned) when `misaligned`.
+fn run_variant(
+    device: &CudaDevice,
+    rng: &mut TestRng,
+    case: &Case<'_>,
+    dtype: DType,
+    variant: &DecodeVariant,
+    misaligned: bool,
 ) {
     let Case {
         seqs,
@@ -69,6 +89,14 @@ fn run_with_splits(
     let (q, q_values) = random_tensor(rng, &[num_tokens, num_heads, head_dim], dtype, 4.0, device);
     let (k_pages, k_values) = random_tensor(rng, &page_dims, dtype, 1.0, device);
     let (v_pages, v_values) = random_tensor(rng, &page_dims, dtype, 1.0, device);
+    let (k_pages, v_pages) = if misaligned {
+        (
+            offset_by_one(&k_values, &page_dims, dtype, device),
+            offset_by_one(&v_values, &page_dims, dtype, device),
+        )
+    } else {
+        (k_pages, v_pages)
+    };
     let params = AttentionParams {
         num_heads,
         num_kv_heads,
@@ -94,7 +122,7 @@ fn run_with_splits(
         ),
         (seqs.len(), num_tokens, max_blocks)
     );
-    let splits = match splits {
+    let splits = match variant.num_splits {
         Some(splits) => splits,
         None => default_num_splits(&q, &layout, &params, &k_pages, &v_pages).unwrap(),
     };
@@ -103,8 +131,11 @@ fn run_with_splits(
         device,
         num_tokens * num_heads * (splits * (head_dim + 2) + head_dim) * 4,
     );
-    let out =
-        paged_attention_with_splits(&q, &layout, &params, &k_pages, &v_pages, splits).unwrap();
+    let variant = DecodeVariant {
+        num_splits: Some(splits),
+        ..variant.clone()
+    };
+    let out = paged_attention_variant(&q, &layout, &params, &k_pages, &v_pages, &variant).unwrap();
     assert_eq!(
         (out.dims(), out.dtype()),
         (&[num_tokens, num_heads, head_dim][..], dtype)
@@ -132,10 +163,20 @@ fn run_with_splits(
     )
     .unwrap();
     let what = format!(
-        "{dtype} heads {num_heads}/{num_kv_heads} dim {head_dim} block {block_size} splits {splits} \
-         seqs {seqs:?}"
+        "{dtype} heads {num_heads}/{num_kv_heads} dim {head_dim} block {block_size} {variant:?} \
+         misaligned {misaligned} seqs {seqs:?}"
     );
     assert_close(&what, &download(&out), &expected, dtype);
+}
+
+/// `values` as a tensor of `dims` whose storage holds one element more before them: a contiguous
+/// view at an element offset of 1, never 16-byte aligned.
+fn offset_by_one(values: &[f32], dims: &[usize], dtype: DType, device: &CudaDevice) -> Tensor {
+    let padded = [&[0.5], values].concat();
+    upload(&padded, &[padded.len()], dtype, device)
+        .narrow(0, 1, values.len())
+        .and_then(|t| t.reshape(dims.to_vec()))
+        .unwrap_or_else(|e| panic!("viewing {dims:?} at an offset: {e}"))
 }
 
 #[test]
@@ -362,6 +403,115 @@ fn a_32k_token_decode_shaped_like_the_benchmark() {
             },
             dtype,
         );
+    }
+}
+
+#[test]
+fn every_tensor_core_form_and_prefetch_depth_matches_the_cpu() {
+    let Some(device) = gpu_or_skip("paged_attention_every_form") else {
+        return;
+    };
+    let mut rng = TestRng::new("paged_attention_every_form");
+    // Decode rows of ragged lengths (one shorter than a tile, one not a multiple of a block's
+    // step) and a prompt chunk, cut into splits some of which hold nothing.
+    let seqs = [(1, 1), (1, 700), (1, 2049), (1, 17), (3, 300)];
+    for kernel in ["mma_w4_b4", "mma_w4_b3", "mma_w8_b2", "fma"] {
+        for prefetch in 0..=MAX_PREFETCH_TILES {
+            for (dtype, splits) in [(DType::F16, 1), (DType::BF16, 9)] {
+                let variant = DecodeVariant {
+                    num_splits: Some(splits),
+                    prefetch_tiles: Some(prefetch),
+                    kernel: Some(kernel.to_owned()),
+                };
+                run_variant(
+                    &device,
+                    &mut rng,
+                    &Case {
+                        seqs: &seqs,
+                        num_heads: 32,
+                        num_kv_heads: 8,
+                        head_dim: 128,
+                        block_size: 16,
+                    },
+                    dtype,
+                    &variant,
+                    false,
+                );
+            }
+        }
+    }
+    // Heads of 64 and 96 dimensions have one form each, here with blocks of an odd size and
+    // groups of 3; other forms are refused.
+    for head_dim in [64, 96] {
+        for prefetch in [0, MAX_PREFETCH_TILES] {
+            let variant = DecodeVariant {
+                num_splits: Some(4),
+                prefetch_tiles: Some(prefetch),
+                kernel: Some("mma_w4_b3".to_owned()),
+            };
+            run_variant(
+                &device,
+                &mut rng,
+                &Case {
+                    seqs: &seqs,
+                    num_heads: 6,
+                    num_kv_heads: 2,
+                    head_dim,
+                    block_size: 7,
+                },
+                DType::BF16,
+                &variant,
+                false,
+            );
+        }
+        let variant = DecodeVariant {
+            kernel: Some("mma_w8_b2".to_owned()),
+            ..DecodeVariant::default()
+        };
+        let layout = DeviceBatchLayout::new(&[0, 1], &[5], &[0], 1, 16, 1, &device).unwrap();
+        let params = AttentionParams {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim,
+            scale: 0.3,
+        };
+        let (q, _) = random_tensor(&mut rng, &[1, 2, head_dim], DType::F16, 1.0, &device);
+        let (pages, _) = random_tensor(&mut rng, &[1, 16, 1, head_dim], DType::F16, 1.0, &device);
+        assert!(
+            paged_attention_variant(&q, &layout, &params, &pages, &pages, &variant).is_err(),
+            "head_dim {head_dim}"
+        );
+    }
+}
+
+#[test]
+fn misaligned_pages_take_the_cuda_cores() {
+    let Some(device) = gpu_or_skip("paged_attention_misaligned_pages") else {
+        return;
+    };
+    let mut rng = TestRng::new("paged_attention_misaligned_pages");
+    let seqs = [(1, 300), (1, 33), (2, 90)];
+    for dtype in [DType::F16, DType::BF16] {
+        for splits in [1, 5] {
+            let variant = DecodeVariant {
+                num_splits: Some(splits),
+                ..DecodeVariant::default()
+            };
+            run_variant(
+                &device,
+                &mut rng,
+                &Case {
+                    seqs: &seqs,
+                    num_heads: 8,
+                    num_kv_heads: 2,
+                    head_dim: 128,
+                    block_size: 16,
+                },
+                dtype,
+                &variant,
+                true,
+            );
+        }
     }
 }
 

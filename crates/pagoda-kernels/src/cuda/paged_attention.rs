@@ -4,16 +4,17 @@
 //! flash kernel does not take), with grouped-query attention and head dimensions up to 256,
 //! softmax statistics in f32.
 //!
-//! Decode streams every key and value of each context once per step, so the kernel is built to
+//! Decode streams every key and value of each context once per step, so the kernels are built to
 //! read them at the memory's rate: one thread block per (query row, KV head, context split) serves
-//! all the query heads that share the KV head, so each K/V row is read once per group; warps read
-//! rows with 16-byte loads, several rows in flight per lane. When the (row, KV head) pairs alone
-//! cannot fill the GPU the context is cut into splits whose partial results a second kernel
-//! merges (the flash-decoding scheme).
+//! all the query heads that share the KV head, so each K/V row is read once per group. 16-bit
+//! K/V with heads of 64, 96 or 128 dimensions take the tensor-core kernel, which leaves the SMs
+//! little but loads to issue; f32 and other head sizes a CUDA-core kernel. When the (row, KV
+//! head) pairs alone cannot fill the GPU, each context is cut into splits whose partial results a
+//! second kernel merges (the flash-decoding scheme).
 
 use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
 use pagoda_tensor::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
-use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
+use pagoda_tensor::{CudaDevice, DType, Device, Storage, Tensor};
 
 use super::registry::{KernelModule, function};
 use super::tensor_access::{
@@ -30,15 +31,26 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// merge keeps one weight per split in shared memory.
 pub const MAX_SPLITS: usize = 256;
 
-/// Warps per thread block; must equal `WARPS` in paged_attention.cu.
+/// Warps per thread block of the CUDA-core kernels; must equal `WARPS` in paged_attention.cu.
 const WARPS: u32 = 4;
 
-/// Threads per block of the kernel that merges a row's splits (it loops over the head dimensions).
-const COMBINE_THREADS: u32 = 128;
+/// Threads per block of the kernel that merges a row's splits; must equal `COMBINE_THREADS` in
+/// paged_attention.cu.
+const COMBINE_THREADS: u32 = 256;
 
-/// Splits hold a multiple of this many context tokens (`SPLIT_GRANULE` in paged_attention.cu), so
-/// a split is never shorter than one step of a block's warps over a 128-dimension f16 head.
-const SPLIT_GRANULE: usize = 32;
+/// A split holds at least this many context tokens (`MIN_SPLIT_TOKENS` in paged_attention.cu):
+/// one step of a block's warps.
+const MIN_SPLIT_TOKENS: usize = 64;
+
+/// The most tiles ahead of its loads the tensor-core kernel asks L2 for; must equal
+/// `MAX_PREFETCH_TILES` in paged_attention.cu.
+pub const MAX_PREFETCH_TILES: u32 = 4;
+
+/// Tiles ahead of its loads the tensor-core kernel asks L2 for by default: the next tile, as the
+/// CUDA-core kernel does. Every warp of the GPU then has one tile (8 KiB of K/V) waiting in L2,
+/// about 17 MB with four blocks of four warps on each of 132 SMs, a third of an H100's L2;
+/// deeper prefetches would hold more of it, lines not yet read alongside those already read.
+const PREFETCH_TILES: u32 = 1;
 
 /// Where each sequence of a flat batch keeps its query rows and its context, on the device.
 ///
@@ -317,22 +329,66 @@ pub fn paged_attention_with_splits(
     num_splits: usize,
 ) -> Result<Tensor> {
     let plan = Plan::new(q, layout, params, k_pages, v_pages)?;
-    if !(1..=MAX_SPLITS).contains(&num_splits) {
-        return Err(Error::shape(
-            "paged_attention",
-            format!("num_splits must be 1 to {MAX_SPLITS}, got {num_splits}"),
-        ));
+    check_splits(num_splits)?;
+    plan.launch(q, layout, params, k_pages, v_pages, num_splits)
+}
+
+/// A choice [`paged_attention_variant`] makes differently from [`paged_attention`], for the
+/// benchmark that compares them; `None` keeps the default.
+#[doc(hidden)]
+#[derive(Clone, Debug, Default)]
+pub struct DecodeVariant {
+    /// Splits per context (1 to [`MAX_SPLITS`]).
+    pub num_splits: Option<usize>,
+    /// Tiles ahead of its loads the tensor-core kernel asks L2 for (0 to
+    /// [`MAX_PREFETCH_TILES`]).
+    pub prefetch_tiles: Option<u32>,
+    /// The split kernel: `"fma"` for the CUDA-core kernel, `"mma_w<warps>_b<blocks>"` for a
+    /// compiled form of the tensor-core one (for 128 dimensions `"mma_w4_b4"`, the default,
+    /// `"mma_w4_b3"` and `"mma_w8_b2"`; for 64 and 96 `"mma_w4_b3"`).
+    pub kernel: Option<String>,
+}
+
+/// [`paged_attention`] as `variant` says: the same result up to rounding.
+#[doc(hidden)]
+pub fn paged_attention_variant(
+    q: &Tensor,
+    layout: &DeviceBatchLayout,
+    params: &AttentionParams,
+    k_pages: &Tensor,
+    v_pages: &Tensor,
+    variant: &DecodeVariant,
+) -> Result<Tensor> {
+    let mut plan = Plan::new(q, layout, params, k_pages, v_pages)?;
+    if let Some(kernel) = &variant.kernel {
+        plan.select(q, params, kernel)?;
     }
+    if let Some(tiles) = variant.prefetch_tiles {
+        if tiles > MAX_PREFETCH_TILES {
+            return Err(Error::shape(
+                Plan::OP,
+                format!("prefetch_tiles must be at most {MAX_PREFETCH_TILES}, got {tiles}"),
+            ));
+        }
+        plan.prefetch_tiles = tiles;
+    }
+    let num_splits = match variant.num_splits {
+        Some(splits) => {
+            check_splits(splits)?;
+            splits
+        }
+        None => plan.default_num_splits(layout)?,
+    };
     plan.launch(q, layout, params, k_pages, v_pages, num_splits)
 }
 
 /// How many splits [`paged_attention`] cuts each context of this batch into on this GPU.
 ///
-/// Enough that the thread blocks fill whole waves of the GPU's resident blocks (at least 90% of
-/// the slots of the last wave busy), with no more than a context of the table's capacity has
-/// [`SPLIT_GRANULE`]-token pieces; one split when the (row, KV head) pairs alone fill the GPU
-/// (prefill). The kernels derive each sequence's split length from its own context, so the
-/// count depends only on the batch's shape and the GPU: a recorded graph replays it at every
+/// One split when the (row, KV head) pairs alone fill every block slot of the GPU (prefill);
+/// otherwise enough splits that their blocks fill at least 90% of the slots, spread as evenly
+/// over the SMs as a count up to twice that allows, and no more than a context of the table's
+/// capacity has 64-token pieces. The kernels cut each sequence's context from its own length, so
+/// the count depends only on the batch's shape and the GPU: a recorded graph replays it at every
 /// context length.
 pub fn default_num_splits(
     q: &Tensor,
@@ -344,15 +400,83 @@ pub fn default_num_splits(
     Plan::new(q, layout, params, k_pages, v_pages)?.default_num_splits(layout)
 }
 
+fn check_splits(num_splits: usize) -> Result<()> {
+    if !(1..=MAX_SPLITS).contains(&num_splits) {
+        return Err(Error::shape(
+            Plan::OP,
+            format!("num_splits must be 1 to {MAX_SPLITS}, got {num_splits}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The kernel that computes a call's splits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SplitKernel {
+    /// `paged_attention_mma_d<head_dim>_w<warps>_b<min_blocks>`: 16-bit K/V on the tensor cores,
+    /// up to 8 query heads per block.
+    Mma {
+        head_dim: usize,
+        warps: u32,
+        min_blocks: u32,
+    },
+    /// `paged_attention_g<width>`: f32 dot products on the CUDA cores, up to `width` query heads
+    /// per block.
+    Fma { width: usize },
+}
+
+impl SplitKernel {
+    /// The tensor-core kernel's default form: four warps, registers capped for four blocks per
+    /// SM (three for heads of 64 and 96 dimensions, whose forms take no cap).
+    fn mma(head_dim: usize) -> SplitKernel {
+        let (warps, min_blocks) = if head_dim == 128 { (4, 4) } else { (4, 3) };
+        SplitKernel::Mma {
+            head_dim,
+            warps,
+            min_blocks,
+        }
+    }
+
+    /// The kernel's name without its dtype suffix.
+    fn base_name(self) -> String {
+        match self {
+            SplitKernel::Mma {
+                head_dim,
+                warps,
+                min_blocks,
+            } => format!("paged_attention_mma_d{head_dim}_w{warps}_b{min_blocks}"),
+            SplitKernel::Fma { width } => format!("paged_attention_g{width}"),
+        }
+    }
+
+    /// Query heads one block serves.
+    fn heads_per_block(self) -> usize {
+        match self {
+            SplitKernel::Mma { .. } => 8,
+            SplitKernel::Fma { width } => width,
+        }
+    }
+
+    fn threads(self) -> u32 {
+        match self {
+            SplitKernel::Mma { warps, .. } => warps * 32,
+            SplitKernel::Fma { .. } => WARPS * 32,
+        }
+    }
+}
+
 /// A checked call: its device, and the kernel and grid for its group of query heads.
 struct Plan {
     device: CudaDevice,
+    kind: SplitKernel,
     kernel: CudaFunction,
     name: String,
     /// Thread blocks per context split: query rows x KV heads x blocks per KV head.
     blocks_per_split: usize,
     /// The grid's y dimension: KV heads x blocks per KV head.
     head_blocks: u32,
+    /// Tiles ahead the tensor-core kernel prefetches.
+    prefetch_tiles: u32,
 }
 
 impl Plan {
@@ -378,28 +502,79 @@ impl Plan {
                 format!("head_dim {head_dim} exceeds the kernel's {MAX_HEAD_DIM}"),
             ));
         }
-        let group = num_heads / num_kv_heads;
-        let width = group_width(group);
-        let head_blocks = num_kv_heads * group.div_ceil(width);
         // Blocks per row (and the merge's heads) index the grid's y dimension, at most 65535.
         if num_heads > 65535 {
             return Err(Error::shape(
                 Self::OP,
-                format!(
-                    "{num_heads} heads over {num_kv_heads} KV heads take {head_blocks} blocks per row, \
-                     more than the grid's 65535"
-                ),
+                format!("{num_heads} heads exceed the grid's 65535 blocks per row"),
             ));
         }
-        let name = kernel_name(Self::OP, &format!("paged_attention_g{width}"), q.dtype())?;
+        let group = num_heads / num_kv_heads;
+        let kind = if takes_tensor_cores(q.dtype(), head_dim)
+            && is_aligned16(k_pages)
+            && is_aligned16(v_pages)
+        {
+            SplitKernel::mma(head_dim)
+        } else {
+            SplitKernel::Fma {
+                width: group_width(group),
+            }
+        };
+        Self::with_kernel(device, q, layout.num_tokens, params, kind)
+    }
+
+    /// The plan of a call that runs `kind`.
+    fn with_kernel(
+        device: CudaDevice,
+        q: &Tensor,
+        num_tokens: usize,
+        params: &AttentionParams,
+        kind: SplitKernel,
+    ) -> Result<Self> {
+        let group = params.num_heads / params.num_kv_heads;
+        let head_blocks = params.num_kv_heads * group.div_ceil(kind.heads_per_block());
+        let name = kernel_name(Self::OP, &kind.base_name(), q.dtype())?;
         let kernel = function(&device, KernelModule::PagedAttention, &name)?;
         Ok(Plan {
             device,
+            kind,
             kernel,
             name,
-            blocks_per_split: layout.num_tokens.saturating_mul(head_blocks),
+            blocks_per_split: num_tokens.saturating_mul(head_blocks),
+            // At most num_heads <= 65535 (checked in `new`).
             head_blocks: head_blocks as u32,
+            prefetch_tiles: PREFETCH_TILES,
         })
+    }
+
+    /// Switches to the kernel a [`DecodeVariant`] names.
+    fn select(&mut self, q: &Tensor, params: &AttentionParams, kernel: &str) -> Result<()> {
+        let group = params.num_heads / params.num_kv_heads;
+        let kind = if kernel == "fma" {
+            SplitKernel::Fma {
+                width: group_width(group),
+            }
+        } else {
+            let form = kernel
+                .strip_prefix("mma_w")
+                .and_then(|rest| rest.split_once("_b"))
+                .and_then(|(w, b)| Some((w.parse().ok()?, b.parse().ok()?)));
+            let (Some((warps, min_blocks)), SplitKernel::Mma { head_dim, .. }) = (form, self.kind)
+            else {
+                return Err(Error::shape(
+                    Self::OP,
+                    format!("no kernel {kernel:?} for this call ({:?})", self.kind),
+                ));
+            };
+            SplitKernel::Mma {
+                head_dim,
+                warps,
+                min_blocks,
+            }
+        };
+        let num_tokens = self.blocks_per_split / self.head_blocks.max(1) as usize;
+        *self = Self::with_kernel(self.device.clone(), q, num_tokens, params, kind)?;
+        Ok(())
     }
 
     /// [`default_num_splits`] for this call.
@@ -415,8 +590,11 @@ impl Plan {
             .context()
             .bind_to_thread()
             .and_then(|()| {
-                self.kernel
-                    .occupancy_max_active_blocks_per_multiprocessor(WARPS * 32, 0, None)
+                self.kernel.occupancy_max_active_blocks_per_multiprocessor(
+                    self.kind.threads(),
+                    0,
+                    None,
+                )
             })
             .map_err(|e| {
                 Error::cuda(
@@ -424,11 +602,11 @@ impl Plan {
                     format!("querying the occupancy of {}: {e}", self.name),
                 )
             })?;
-        let resident = usize::try_from(sms).unwrap_or(1).max(1) * (per_sm as usize).max(1);
         Ok(split_count(
             self.blocks_per_split,
             layout.max_blocks_per_seq * layout.block_size,
-            resident,
+            usize::try_from(sms).unwrap_or(1).max(1),
+            (per_sm as usize).max(1),
         ))
     }
 
@@ -461,16 +639,14 @@ impl Plan {
             [1, 1, 1, 1]
         };
         let mut scratch = alloc_output(OP, &self.device, DType::F32, &scratch_dims)?;
-        let args = [
-            arg_u32(OP, "num_seqs", layout.num_seqs)?,
-            arg_u32(OP, "max_blocks_per_seq", layout.max_blocks_per_seq)?,
-            arg_u32(OP, "num_tokens", num_tokens)?,
-            arg_u32(OP, "num_heads", num_heads)?,
-            arg_u32(OP, "num_kv_heads", num_kv_heads)?,
-            head_dim as u32,
-            arg_u32(OP, "block_size", layout.block_size)?,
-            arg_u32(OP, "num_blocks", layout.num_blocks)?,
-        ];
+        let num_seqs = arg_u32(OP, "num_seqs", layout.num_seqs)?;
+        let max_blocks = arg_u32(OP, "max_blocks_per_seq", layout.max_blocks_per_seq)?;
+        let rows = arg_u32(OP, "num_tokens", num_tokens)?;
+        let heads = arg_u32(OP, "num_heads", num_heads)?;
+        let kv_heads = arg_u32(OP, "num_kv_heads", num_kv_heads)?;
+        let head_dim_arg = head_dim as u32;
+        let block_size = arg_u32(OP, "block_size", layout.block_size)?;
+        let num_blocks = arg_u32(OP, "num_blocks", layout.num_blocks)?;
         let num_splits_arg = num_splits as u32;
         let (q_view, k_view, v_view) = (
             device_view(OP, "q", q)?,
@@ -481,10 +657,10 @@ impl Plan {
         let context_len = device_view(OP, "context_len", &layout.context_len)?;
         let block_tables = device_view(OP, "block_tables", &layout.block_tables)?;
         // Rows index the grid's x dimension; the kernels loop over rows past its limit.
-        let row_blocks = args[2].min(i32::MAX as u32);
+        let row_blocks = rows.min(i32::MAX as u32);
         let config = LaunchConfig {
             grid_dim: (row_blocks, self.head_blocks, num_splits_arg),
-            block_dim: (WARPS * 32, 1, 1),
+            block_dim: (self.kind.threads(), 1, 1),
             shared_mem_bytes: 0,
         };
         let stream = self.device.stream();
@@ -497,26 +673,38 @@ impl Plan {
             .arg(scratch.slice_mut())
             .arg(&query_start)
             .arg(&context_len)
-            .arg(&block_tables);
-        for arg in &args {
-            launch.arg(arg);
+            .arg(&block_tables)
+            .arg(&num_seqs)
+            .arg(&max_blocks)
+            .arg(&rows)
+            .arg(&heads)
+            .arg(&kv_heads);
+        // The tensor-core kernels have head_dim in their name and take the prefetch depth.
+        let is_mma = matches!(self.kind, SplitKernel::Mma { .. });
+        if !is_mma {
+            launch.arg(&head_dim_arg);
         }
-        launch.arg(&scale);
-        // SAFETY: the arguments follow paged_attention_g<N>'s signature in paged_attention.cu (q,
-        // k_pages, v_pages, out, scratch, query_start, context_len, block_tables, num_seqs,
-        // max_blocks, num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks,
-        // scale); every buffer has the shape checked in `Plan::new` in the kernel name's dtype
-        // (metadata u32, scratch f32 [num_tokens, num_heads, num_splits, head_dim + 2] whenever
-        // num_splits > 1), the layout was validated against these pages when it was built,
-        // head_dim <= 256, num_splits <= MAX_SPLITS, the block has WARPS warps and the grid's y
-        // dimension covers every KV head's blocks of the kernel's group width; the kernel sizes
-        // each sequence's splits to cover its context.
+        launch.arg(&block_size).arg(&num_blocks).arg(&scale);
+        if is_mma {
+            launch.arg(&self.prefetch_tiles);
+        }
+        // SAFETY: the arguments follow the kernel's signature in paged_attention.cu (q, k_pages,
+        // v_pages, out, scratch, query_start, context_len, block_tables, num_seqs, max_blocks,
+        // num_tokens, num_heads, num_kv_heads, head_dim (CUDA-core kernels only), block_size,
+        // num_blocks, scale, prefetch_tiles (tensor-core kernels only)); every buffer has the
+        // shape checked in `Plan::new` in the kernel name's dtype (metadata u32, scratch f32
+        // [num_tokens, num_heads, num_splits, head_dim + 2] whenever num_splits > 1), the layout
+        // was validated against these pages when it was built, head_dim <= 256 (and equal to a
+        // tensor-core kernel's, whose pages are 16-byte aligned), num_splits <= MAX_SPLITS,
+        // prefetch_tiles <= MAX_PREFETCH_TILES, the block has the kernel's warps and the grid's y
+        // dimension covers every KV head's blocks of the kernel's heads per block; the kernel
+        // sizes each sequence's splits to cover its context.
         unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &self.name, e))?;
         if num_splits > 1 {
             let combine_name = kernel_name(OP, "paged_attention_combine", q.dtype())?;
             let combine = function(&self.device, KernelModule::PagedAttention, &combine_name)?;
             let config = LaunchConfig {
-                grid_dim: (row_blocks, num_heads as u32, 1),
+                grid_dim: (row_blocks, heads, 1),
                 block_dim: (COMBINE_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -524,20 +712,36 @@ impl Plan {
             launch
                 .arg(scratch.slice())
                 .arg(out.slice_mut())
-                .arg(&query_start)
-                .arg(&context_len)
-                .arg(&args[0])
-                .arg(&args[2])
-                .arg(&args[3])
-                .arg(&args[5])
+                .arg(&rows)
+                .arg(&heads)
+                .arg(&head_dim_arg)
                 .arg(&num_splits_arg);
             // SAFETY: the arguments follow paged_attention_combine's signature (scratch, out,
-            // query_start, context_len, num_seqs, num_tokens, num_heads, head_dim, num_splits);
-            // the scratch was filled by the launch above on the same stream for every split at or
-            // before each row's position, which is all the merge reads; num_heads <= 65535.
+            // num_tokens, num_heads, head_dim, num_splits); the launch above, on the same stream,
+            // wrote every split's statistics for every (row, head), and the values of every
+            // split whose statistics give it weight, which is all the merge reads;
+            // num_heads <= 65535.
             unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &combine_name, e))?;
         }
         into_tensor(out, &dims)
+    }
+}
+
+/// Whether a call's dtype and head size fit the tensor-core kernel (which also needs its pages
+/// 16-byte aligned): 16-bit K/V, heads of 64, 96 or 128 dimensions.
+fn takes_tensor_cores(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16) && matches!(head_dim, 64 | 96 | 128)
+}
+
+/// Whether a CUDA tensor's first element is 16-byte aligned (its storage's address plus its
+/// offset); false on the host.
+fn is_aligned16(tensor: &Tensor) -> bool {
+    match tensor.storage() {
+        Storage::Cuda(storage) => {
+            let offset = tensor.layout().offset() * tensor.dtype().size_in_bytes();
+            (storage.address() + offset as u64).is_multiple_of(16)
+        }
+        Storage::Cpu(_) => false,
     }
 }
 
@@ -595,37 +799,44 @@ pub(crate) fn check_attention(
 }
 
 /// How many splits to cut each context into, given the thread blocks one split takes, the
-/// longest context the block tables hold (`capacity` tokens) and the blocks the GPU keeps
-/// resident at once: the fewest splits whose blocks fill whole waves to at least 90% (so no wave
-/// runs mostly empty), or all the splits the capacity allows when even those do not fill one
-/// wave. Splits hold at least [`SPLIT_GRANULE`] tokens and number at most [`MAX_SPLITS`].
-fn split_count(blocks_per_split: usize, capacity: usize, resident: usize) -> usize {
-    let max_splits = capacity.div_ceil(SPLIT_GRANULE).clamp(1, MAX_SPLITS);
-    let (blocks_per_split, resident) = (blocks_per_split.max(1), resident.max(1));
-    if blocks_per_split.saturating_mul(max_splits) <= resident {
-        return max_splits;
+/// longest context the block tables hold (`capacity` tokens), the GPU's SMs and the blocks each
+/// holds at once: one when the rows alone fill every resident slot (prefill); otherwise, from the
+/// fewest splits whose blocks fill 90% of the slots up to twice as many, the count that loads
+/// the SMs most evenly (the blocks over the most any SM runs times the SMs), fewer splits
+/// winning unless more are over a point more even. No more than the capacity has
+/// [`MIN_SPLIT_TOKENS`]-token pieces, nor [`MAX_SPLITS`].
+fn split_count(blocks_per_split: usize, capacity: usize, sms: usize, per_sm: usize) -> usize {
+    let max_splits = (capacity / MIN_SPLIT_TOKENS).clamp(1, MAX_SPLITS);
+    let (blocks_per_split, sms) = (blocks_per_split.max(1), sms.max(1));
+    let resident = sms * per_sm.max(1);
+    if blocks_per_split >= resident {
+        return 1;
     }
-    let fill = |splits: usize| {
+    let balance = |splits: usize| {
         let blocks = blocks_per_split * splits;
-        blocks as f64 / (blocks.div_ceil(resident) * resident) as f64
+        blocks as f64 / (blocks.div_ceil(sms) * sms) as f64
     };
-    (1..=max_splits)
-        .find(|&splits| fill(splits) >= 0.9)
-        .unwrap_or_else(|| {
-            (1..=max_splits)
-                .max_by(|&a, &b| fill(a).total_cmp(&fill(b)))
-                .unwrap_or(1)
-        })
+    let fill = (resident * 9)
+        .div_ceil(blocks_per_split * 10)
+        .min(max_splits);
+    let mut best = fill;
+    for splits in fill..=(2 * fill).min(max_splits) {
+        if balance(splits) > balance(best) + 0.01 {
+            best = splits;
+        }
+    }
+    best
 }
 
-/// Context tokens per split for a context of `context` tokens cut into `num_splits`: the same
-/// rule as `split_length` in paged_attention.cu.
+/// The context tokens `[begin, end)` split `split` of `num_splits` covers: the same rule as
+/// `split_range` in paged_attention.cu.
 #[cfg(test)]
-fn split_length(context: usize, num_splits: usize) -> usize {
-    context
-        .div_ceil(num_splits)
-        .next_multiple_of(SPLIT_GRANULE)
-        .max(SPLIT_GRANULE)
+fn split_range(context: usize, num_splits: usize, split: usize) -> (usize, usize) {
+    let pieces = num_splits.min(context / MIN_SPLIT_TOKENS).max(1);
+    (
+        split.min(pieces) * context / pieces,
+        (split + 1).min(pieces) * context / pieces,
+    )
 }
 
 #[cfg(test)]
@@ -633,60 +844,95 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splits_cover_the_context_and_fill_the_gpu() {
-        // An H100 with four blocks resident per SM.
-        let resident = 132 * 4;
+    fn splits_fill_and_balance_the_gpu() {
+        // An H100: 132 SMs, four blocks resident per SM.
+        let (sms, per_sm) = (132, 4);
+        let balance = |blocks: usize| blocks as f64 / (blocks.div_ceil(sms) * sms) as f64;
         for blocks in [1, 8, 24, 96, 511, 512, 528, 600, 4096] {
-            for capacity in [16, 32, 4096, 32768, 1 << 20] {
-                let splits = split_count(blocks, capacity, resident);
-                assert!((1..=MAX_SPLITS).contains(&splits), "{blocks} {capacity}");
-                assert!(
-                    splits <= capacity.div_ceil(SPLIT_GRANULE),
-                    "{blocks} {capacity}"
-                );
-                // Either every split the capacity allows, or the fewest that fill their waves.
-                let max_splits = capacity.div_ceil(SPLIT_GRANULE).min(MAX_SPLITS);
-                let fills = |s: usize| {
-                    let launched = blocks * s;
-                    launched * 10 >= launched.div_ceil(resident) * resident * 9
-                };
-                if splits < max_splits {
-                    assert!(fills(splits), "{blocks} {capacity}: {splits} splits");
+            for capacity in [16, 64, 4096, 32768, 1 << 20] {
+                let splits = split_count(blocks, capacity, sms, per_sm);
+                let max_splits = (capacity / MIN_SPLIT_TOKENS).clamp(1, MAX_SPLITS);
+                assert!((1..=max_splits).contains(&splits), "{blocks} {capacity}");
+                if blocks >= sms * per_sm {
+                    assert_eq!(splits, 1, "{blocks} {capacity}");
+                } else if splits < max_splits {
+                    // 90% of the slots busy, and no count up to twice the fewest that fill them
+                    // is over a point more even.
+                    let launched = blocks * splits;
                     assert!(
-                        (1..splits).all(|s| !fills(s)),
-                        "{blocks} {capacity}: fewer than {splits} splits fill the GPU"
+                        launched * 10 >= sms * per_sm * 9,
+                        "{blocks} {capacity}: {splits}"
                     );
-                }
-                for context in [1, 31, 32, 33, 190, 4096, 32768] {
-                    if context > capacity {
-                        continue;
+                    let fewest = (1..)
+                        .find(|&s| blocks * s * 10 >= sms * per_sm * 9)
+                        .unwrap();
+                    for other in fewest..=(2 * fewest).min(max_splits) {
+                        assert!(
+                            balance(blocks * other) <= balance(launched) + 0.01 + 1e-9,
+                            "{blocks} {capacity}: {other} splits are more even than {splits}"
+                        );
                     }
-                    let len = split_length(context, splits);
-                    assert!(len.is_multiple_of(SPLIT_GRANULE), "{blocks} {context}");
-                    assert!(
-                        splits * len >= context,
-                        "{blocks} {context}: {splits} x {len}"
-                    );
                 }
             }
         }
-        // Prefill-sized batches and B64 x 8 KV heads fill the GPU without splitting.
-        assert_eq!(split_count(4096, 32768, resident), 1);
-        assert_eq!(split_count(512, 2048, resident), 1);
-        // 600 blocks would leave a second wave nearly empty: four splits make 2400 blocks, 4.5
-        // waves at 91%.
-        assert_eq!(split_count(600, 2048, resident), 4);
-        // One sequence of 32k tokens over 8 KV heads: 60 splits of 576 tokens fill one wave.
-        assert_eq!(split_count(8, 32768, resident), 60);
-        assert_eq!(split_length(32768, 60), 576);
-        // A short table cannot be split further than its 32-token pieces.
-        assert_eq!(split_count(8, 64, resident), 2);
-        assert_eq!(split_count(1, 1 << 20, resident), MAX_SPLITS);
+        // Prefill-sized batches fill the GPU without splitting; B64 x 8 KV heads (512 blocks,
+        // 3.9 per SM) is as even unsplit as split in two.
+        assert_eq!(split_count(4096, 32768, sms, per_sm), 1);
+        assert_eq!(split_count(512, 2048, sms, per_sm), 1);
+        // One sequence of 32k tokens over 8 KV heads: 66 splits, four blocks on every SM.
+        assert_eq!(split_count(8, 32768, sms, per_sm), 66);
+        // Two blocks per SM: 33 splits.
+        assert_eq!(split_count(8, 32768, sms, 2), 33);
+        // A short table cannot be split further than its 64-token pieces.
+        assert_eq!(split_count(8, 128, sms, per_sm), 2);
+        assert_eq!(split_count(1, 1 << 20, sms, per_sm), MAX_SPLITS);
+    }
+
+    #[test]
+    fn split_ranges_tile_the_context() {
+        for context in [1, 31, 63, 64, 65, 190, 1000, 4096, 32768, 32769] {
+            for splits in [1, 2, 7, 33, 64, 66, MAX_SPLITS] {
+                let mut next = 0;
+                let mut longest = 0;
+                let mut shortest = usize::MAX;
+                for split in 0..splits {
+                    let (begin, end) = split_range(context, splits, split);
+                    assert_eq!(begin, next.min(context), "{context} {splits} {split}");
+                    assert!(end >= begin);
+                    next = end;
+                    if end > begin {
+                        longest = longest.max(end - begin);
+                        shortest = shortest.min(end - begin);
+                    }
+                }
+                assert_eq!(next, context, "{context} {splits}");
+                // Non-empty splits differ by at most a token and hold a full step unless the
+                // context is shorter than one.
+                assert!(longest - shortest <= 1, "{context} {splits}");
+                assert!(
+                    shortest >= MIN_SPLIT_TOKENS.min(context),
+                    "{context} {splits}"
+                );
+            }
+        }
     }
 
     #[test]
     fn groups_map_to_the_compiled_widths() {
         let widths: Vec<usize> = (1..=12).map(group_width).collect();
         assert_eq!(widths, [1, 2, 3, 4, 8, 8, 8, 8, 8, 8, 8, 8]);
+    }
+
+    #[test]
+    fn tensor_cores_take_16_bit_heads_of_64_96_and_128() {
+        for dtype in [DType::F16, DType::BF16] {
+            for head_dim in [64, 96, 128] {
+                assert!(takes_tensor_cores(dtype, head_dim));
+            }
+            for head_dim in [3, 32, 40, 80, 112, 256] {
+                assert!(!takes_tensor_cores(dtype, head_dim));
+            }
+        }
+        assert!(!takes_tensor_cores(DType::F32, 128));
     }
 }
