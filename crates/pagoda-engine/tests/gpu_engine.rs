@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::sync::Mutex;
+
 use pagoda_engine::{
     Completion, DType, Device, Engine, EngineBuilder, FinishReason, Prompt, SamplingParams,
 };
@@ -14,6 +16,11 @@ use support::{prompt, tiny_gpt_neox, tiny_llama};
 /// KV memory of each engine: tests run side by side, and an engine left to size its cache from
 /// the free memory would take 90% of it.
 const KV_BYTES: usize = 256 << 20;
+
+/// Held by each test while it runs engines. Every engine on a GPU enqueues on that device's one
+/// stream, and an engine recording a decode graph captures the stream: another engine's work
+/// enqueued meanwhile (from the test running beside it) would break the capture.
+static ONE_GPU_TEST_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn gpu_or_skip(test: &str) -> bool {
     if pagoda_tensor::CudaDevice::get(0).is_ok() {
@@ -41,7 +48,11 @@ fn mixed_requests(count: u64, vocab: u32) -> Vec<(Vec<u32>, SamplingParams)> {
         .collect()
 }
 
-fn run_together(engine: &mut Engine, requests: &[(Vec<u32>, SamplingParams)]) -> Vec<Completion> {
+fn run_together(
+    what: &str,
+    engine: &mut Engine,
+    requests: &[(Vec<u32>, SamplingParams)],
+) -> Vec<Completion> {
     let ids: Vec<_> = requests
         .iter()
         .map(|(ids, params)| {
@@ -52,7 +63,10 @@ fn run_together(engine: &mut Engine, requests: &[(Vec<u32>, SamplingParams)]) ->
         .collect();
     let mut completions: Vec<Completion> = ids.iter().map(|&id| Completion::new(id)).collect();
     while engine.has_unfinished() {
-        for output in engine.step().expect("step") {
+        let outputs = engine
+            .step()
+            .unwrap_or_else(|e| panic!("{what}: a step failed: {e}"));
+        for output in outputs {
             let at = ids
                 .iter()
                 .position(|&id| id == output.id)
@@ -78,6 +92,9 @@ fn graph_replays_match_eager_steps() {
     if !gpu_or_skip("graph_replays_match_eager_steps") {
         return;
     }
+    let _gpu = ONE_GPU_TEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // At most 8 sequences decode at once, so every product of a step takes the same kernels
     // whether it is replayed at its bucket's padded size or launched at its own.
     for (name, builder, vocab) in [
@@ -96,7 +113,8 @@ fn graph_replays_match_eager_steps() {
                     .cuda_graphs(graphs)
                     .build()
                     .expect("engine");
-                let done = run_together(&mut engine, &requests);
+                let what = format!("{name} {dtype} graphs {graphs}");
+                let done = run_together(&what, &mut engine, &requests);
                 assert_complete(&format!("{name} {dtype} graphs {graphs}"), &requests, &done);
                 let metrics = engine.metrics();
                 assert_eq!(metrics.kv_usage, 0.0, "{name} {dtype}: every block is back");
@@ -123,6 +141,9 @@ fn sixty_four_requests_at_once_complete_as_they_do_alone() {
     if !gpu_or_skip("sixty_four_requests_at_once_complete_as_they_do_alone") {
         return;
     }
+    let _gpu = ONE_GPU_TEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for (name, builder, vocab) in [
         ("tiny-llama", tiny_llama as fn() -> EngineBuilder, 320),
         ("tiny-gpt-neox", tiny_gpt_neox as fn() -> EngineBuilder, 256),
@@ -137,9 +158,9 @@ fn sixty_four_requests_at_once_complete_as_they_do_alone() {
             .expect("engine");
         let alone: Vec<Completion> = requests
             .iter()
-            .flat_map(|request| run_together(&mut engine, std::slice::from_ref(request)))
+            .flat_map(|request| run_together(name, &mut engine, std::slice::from_ref(request)))
             .collect();
-        let together = run_together(&mut engine, &requests);
+        let together = run_together(name, &mut engine, &requests);
         assert_complete(&format!("{name} alone"), &requests, &alone);
         assert_complete(&format!("{name} together"), &requests, &together);
         assert_eq!(
