@@ -156,6 +156,10 @@ impl EngineBuilder {
     }
 
     /// Whether decode steps on a GPU replay recorded CUDA graphs (on by default).
+    ///
+    /// Every engine on one GPU enqueues its work on that device's single stream, and recording
+    /// a graph captures that stream: engines that share a GPU within one process must not step
+    /// at the same time while graphs are on (step them from one thread, or turn graphs off).
     pub fn cuda_graphs(mut self, on: bool) -> Self {
         self.cuda_graphs = on;
         self
