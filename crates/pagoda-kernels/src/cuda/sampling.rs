@@ -127,15 +127,7 @@ pub fn sample(logits: &Tensor, params: &DeviceSamplingParams, uniforms: &Tensor)
     )?;
     expect_dtype(OP, "uniforms", uniforms, &[DType::F32])?;
     expect_dims(OP, "uniforms", uniforms, &[rows.rows])?;
-    if params.rows != rows.rows {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "params are for {} rows, logits have {}",
-                params.rows, rows.rows
-            ),
-        ));
-    }
+    rows.expect_settings(OP, "params", params.rows)?;
     let mut out = alloc_output(OP, &rows.device, DType::U32, &[rows.rows])?;
     if rows.rows == 0 {
         return into_tensor(out, &[rows.rows]);
@@ -276,15 +268,7 @@ pub fn apply_penalties(logits: &Tensor, penalties: &DevicePenalties) -> Result<T
     const OP: &str = "apply_penalties";
     let rows = Rows::check(OP, logits)?;
     common_device(OP, &[("logits", logits), ("penalties", &penalties.offsets)])?;
-    if penalties.rows != rows.rows {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "penalties are for {} rows, logits have {}",
-                penalties.rows, rows.rows
-            ),
-        ));
-    }
+    rows.expect_settings(OP, "penalties", penalties.rows)?;
     let dims = [rows.rows, rows.vocab];
     let mut out = alloc_output(OP, &rows.device, DType::F32, &dims)?;
     if rows.rows == 0 {
@@ -438,6 +422,20 @@ impl Rows {
             rows,
             vocab,
         })
+    }
+
+    /// Checks that per-row settings (`what`) cover exactly these rows.
+    fn expect_settings(&self, op: &'static str, what: &str, settings_rows: usize) -> Result<()> {
+        if settings_rows == self.rows {
+            return Ok(());
+        }
+        Err(Error::shape(
+            op,
+            format!(
+                "{what} are for {settings_rows} rows, logits have {}",
+                self.rows
+            ),
+        ))
     }
 
     /// One block per row, with a grid-stride loop past the grid's limit.
