@@ -61,8 +61,7 @@ pub fn linear_with_epilogue(
     epilogue: Epilogue<'_>,
 ) -> Result<Tensor> {
     let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::DECODE_MAX_ROWS).contains(&rows)
-    {
+    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::DECODE_MAX_ROWS).contains(&rows) {
         let _timer = OpTimer::start("linear", x.device());
         return cuda::gemm::linear_with_epilogue(x, w, bias, epilogue);
     }
@@ -110,8 +109,7 @@ pub fn linear_pair(
     addend: Option<&Tensor>,
 ) -> Result<Tensor> {
     let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::DECODE_MAX_ROWS).contains(&rows)
-    {
+    if matches!(x.device(), Device::Cuda(_)) && (1..=cuda::gemm::DECODE_MAX_ROWS).contains(&rows) {
         let _timer = OpTimer::start("linear", x.device());
         return cuda::gemm::linear_pair((x, w, bias), (x2, w2, bias2), addend);
     }
