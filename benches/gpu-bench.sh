@@ -90,7 +90,7 @@ fi
 # grows; HF continuous batching (generate_batch) on the same workload.
 for m in pythia-2.8b llama-3.2-3b; do
   want w2 && run 240 "$bundle/bin/pagoda" bench throughput --model "$models/$m" --device cuda --dtype f16 \
-    --batch-sizes 1,8,32,64,128,256 --prompt-len 128 --new-tokens 256
+    --batch-sizes 1,8,32,64,128,256 --prompt-len 128 --new-tokens 256 --plots "${OUT:-/tmp}/w2-$m"
 done
 if want w2; then
   for m in pythia-2.8b llama-3.2-3b; do
