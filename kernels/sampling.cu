@@ -385,14 +385,17 @@ __device__ void penalise_rows(const T* __restrict__ logits, float* __restrict__ 
         const float pres = presence[r];
         const float freq = frequency[r];
         for (unsigned e = offsets[r] + threadIdx.x; e < offsets[r + 1]; e += blockDim.x) {
-            float logit = dst[tokens[e]];
+            const unsigned token = tokens[e];
+            // The launcher checks the entries against this vocabulary; never write past the row.
+            if (token >= vocab) continue;
+            float logit = dst[token];
             if (rep != 1.0f) logit = logit > 0.0f ? __fdiv_rn(logit, rep) : __fmul_rn(logit, rep);
             const unsigned count = counts[e];
             if (count > 0) {
                 logit = __fsub_rn(logit, __fmul_rn(freq, static_cast<float>(count)));
                 logit = __fsub_rn(logit, pres);
             }
-            dst[tokens[e]] = logit;
+            dst[token] = logit;
         }
         __syncthreads();
     }
@@ -409,13 +412,26 @@ __device__ __forceinline__ bool ranks_after(float value, unsigned index, float p
 
 // Logprobs (cpu::sampling::logprobs) of row rows[q] at tokens[q]: the log-sum-exp in f64, then the
 // top_n most likely tokens, one block-wide argmax pass each over the tokens ranked after the last
-// one found. A row with no number above -inf gets NaN everywhere, for the caller to report.
+// one found. A row with no number above -inf gets NaN everywhere, for the caller to report. The
+// indices come from device memory the launcher cannot check, so a row index at or past
+// `logit_rows` gets NaN logprobs and NO_TOKEN ids, and a token at or past `vocab` a NaN `chosen`,
+// instead of a read outside the logits.
 template <typename T>
 __device__ void logprob_rows(const T* __restrict__ logits, const unsigned* __restrict__ rows,
                              const unsigned* __restrict__ tokens, float* __restrict__ chosen,
                              unsigned* __restrict__ top_ids, float* __restrict__ top_logprobs,
-                             unsigned long long count, long long vocab, unsigned top_n) {
+                             unsigned long long count, unsigned long long logit_rows, long long vocab,
+                             unsigned top_n) {
+    const float nan = __int_as_float(0x7fffffff);
     for (unsigned long long q = blockIdx.x; q < count; q += gridDim.x) {
+        if (rows[q] >= logit_rows) {
+            if (threadIdx.x == 0) chosen[q] = nan;
+            for (unsigned n = threadIdx.x; n < top_n; n += blockDim.x) {
+                top_ids[q * top_n + n] = NO_TOKEN;
+                top_logprobs[q * top_n + n] = nan;
+            }
+            continue;
+        }
         const T* row = logits + static_cast<unsigned long long>(rows[q]) * vocab;
         Best best{NEG_INF, NO_TOKEN};
         unsigned long long infinite = 0;
@@ -435,12 +451,15 @@ __device__ void logprob_rows(const T* __restrict__ logits, const unsigned* __res
         const bool none = best.value == NEG_INF;
         const double log_sum_exp = infinite > 0 ? 0.0 : max + log(sum);
         auto logprob = [=](float logit) -> float {
-            if (none) return __int_as_float(0x7fffffff);
+            if (none) return nan;
             logit = ranked(logit);
             if (infinite == 0) return static_cast<float>(static_cast<double>(logit) - log_sum_exp);
             return logit == POS_INF ? static_cast<float>(-log(static_cast<double>(infinite))) : NEG_INF;
         };
-        if (threadIdx.x == 0) chosen[q] = logprob(to_float(row[tokens[q]]));
+        if (threadIdx.x == 0) {
+            const unsigned token = tokens[q];
+            chosen[q] = token < vocab ? logprob(to_float(row[token])) : nan;
+        }
         Best previous{POS_INF, 0};
         for (unsigned n = 0; n < top_n; ++n) {
             Best next{NEG_INF, NO_TOKEN};
@@ -466,8 +485,8 @@ __device__ void logprob_rows(const T* __restrict__ logits, const unsigned* __res
 
 // penalties_*: logits [rows, vocab] -> out [rows, vocab] f32, with per-row repetition, presence and
 // frequency penalties over the entries offsets[r] .. offsets[r + 1] of (tokens, counts).
-// logprobs_*: for each q < count, row rows[q] at token tokens[q] -> chosen[q], and its top_n most
-// likely tokens -> top_ids / top_logprobs [count, top_n]. One block per row (grid-stride).
+// logprobs_*: for each q < count, row rows[q] (of logit_rows) at token tokens[q] -> chosen[q], and its
+// top_n most likely tokens -> top_ids / top_logprobs [count, top_n]. One block per row (grid-stride).
 #define PAGODA_LOGITS_KERNELS(SUFFIX, T)                                                                         \
     extern "C" __global__ void __launch_bounds__(1024)                                                           \
         penalties_##SUFFIX(const T* __restrict__ logits, float* __restrict__ out,                                \
@@ -481,8 +500,9 @@ __device__ void logprob_rows(const T* __restrict__ logits, const unsigned* __res
         logprobs_##SUFFIX(const T* __restrict__ logits, const unsigned* __restrict__ rows,                       \
                           const unsigned* __restrict__ tokens, float* __restrict__ chosen,                       \
                           unsigned* __restrict__ top_ids, float* __restrict__ top_logprobs,                      \
-                          unsigned long long count, long long vocab, unsigned top_n) {                           \
-        logprob_rows<T>(logits, rows, tokens, chosen, top_ids, top_logprobs, count, vocab, top_n);               \
+                          unsigned long long count, unsigned long long logit_rows, long long vocab,              \
+                          unsigned top_n) {                                                                      \
+        logprob_rows<T>(logits, rows, tokens, chosen, top_ids, top_logprobs, count, logit_rows, vocab, top_n);   \
     }
 
 PAGODA_FOR_EACH_FLOAT(PAGODA_LOGITS_KERNELS)
@@ -501,7 +521,7 @@ PAGODA_FOR_EACH_FLOAT(PAGODA_LOGITS_KERNELS)
         sample_##SUFFIX(const T* __restrict__ logits, const float* __restrict__ temperature,                     \
                         const unsigned* __restrict__ top_k, const float* __restrict__ top_p,                     \
                         const float* __restrict__ min_p, const float* __restrict__ uniform,                      \
-                        unsigned* __restrict__ out, unsigned long long rows, long long vocab) {                   \
+                        unsigned* __restrict__ out, unsigned long long rows, long long vocab) {                  \
         sample_rows<T>(logits, temperature, top_k, top_p, min_p, uniform, out, rows, vocab);                     \
     }
 

@@ -382,12 +382,24 @@ fn bad_inputs_are_errors() {
     );
 }
 
-/// Random (prompt, output) token lists over `vocab`, with repeats.
+/// Random (prompt, output) token lists over `vocab`. The prompt repeats a token and the output
+/// repeats tokens of its own and of the prompt, so that every kind of entry (prompt only, output
+/// only, both, several occurrences) turns up even in a large vocabulary; the output may be empty.
 fn sequence(rng: &mut TestRng, vocab: usize) -> (Vec<u32>, Vec<u32>) {
     let prompt_len = rng.below(1, 30)[0] as usize + 1;
+    let mut prompt = rng.below(prompt_len, vocab as u32);
+    prompt.push(prompt[0]);
     let output_len = rng.below(1, 30)[0] as usize;
-    let draw = |rng: &mut TestRng, n: usize| rng.below(n, vocab as u32);
-    (draw(rng, prompt_len), draw(rng, output_len))
+    let mut output = Vec::new();
+    for (i, token) in rng.below(output_len, vocab as u32).into_iter().enumerate() {
+        output.push(token);
+        match i % 3 {
+            0 => output.push(prompt[i % prompt.len()]),
+            1 => output.push(token),
+            _ => {}
+        }
+    }
+    (prompt, output)
 }
 
 #[test]
@@ -529,5 +541,156 @@ fn logprobs_match_the_cpu() {
     assert!(matches!(
         logprobs(&tensor, &rows, &rows, 21),
         Err(Error::InvalidSampling(_))
+    ));
+}
+
+#[test]
+fn penalties_that_touch_nothing_and_mismatched_shapes() {
+    let Some(device) = gpu_or_skip("penalties_that_touch_nothing") else {
+        return;
+    };
+    let mut rng = TestRng::new("penalties_that_touch_nothing");
+    let (rows, vocab) = (3, 67);
+    let repetition = Penalties {
+        repetition: 1.5,
+        ..Penalties::none()
+    };
+    let prompt = [1u32, 5, 5];
+    let output = [5u32, 66];
+    // Off everywhere, or on with nothing to act on (presence needs an output): nothing to patch.
+    let idle: [(Penalties, &[u32], &[u32]); 3] = [
+        (Penalties::none(), &prompt, &output),
+        (
+            Penalties {
+                presence: 1.0,
+                ..Penalties::none()
+            },
+            &prompt,
+            &[],
+        ),
+        (repetition, &[], &[]),
+    ];
+    let penalties = DevicePenalties::new(&idle, vocab, &device).unwrap();
+    assert!(!penalties.any());
+    for dtype in FLOAT_DTYPES {
+        let values = logits(&mut rng, rows, vocab, dtype, false);
+        common::poison_pool(&device, rows * vocab * 4);
+        let out = apply_penalties(&upload(&values, &[rows, vocab], dtype, &device), &penalties)
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&out),
+            bits(&values),
+            "{dtype}: a copy, converted to f32"
+        );
+    }
+
+    let active: [(Penalties, &[u32], &[u32]); 3] =
+        [idle[0], idle[1], (repetition, &prompt, &output)];
+    let penalties = DevicePenalties::new(&active, vocab, &device).unwrap();
+    assert!(penalties.any());
+    assert_eq!(penalties.rows(), rows);
+    // Logits of another vocabulary could be written outside their rows: refused.
+    let narrower = upload(&vec![0.0; rows * 60], &[rows, 60], DType::F32, &device);
+    assert!(matches!(
+        apply_penalties(&narrower, &penalties),
+        Err(Error::Shape { .. })
+    ));
+    let fewer_rows = upload(&vec![0.0; 2 * vocab], &[2, vocab], DType::F32, &device);
+    assert!(matches!(
+        apply_penalties(&fewer_rows, &penalties),
+        Err(Error::Shape { .. })
+    ));
+    // Out-of-range tokens are refused in the prompt and in the output, even for rows whose
+    // penalties are off; invalid penalties are refused too.
+    for bad in [
+        [(repetition, &[0u32, 67][..], &[][..])],
+        [(Penalties::none(), &[0u32][..], &[3, 1000][..])],
+        [(
+            Penalties {
+                frequency: 2.5,
+                ..Penalties::none()
+            },
+            &[0u32][..],
+            &[][..],
+        )],
+    ] {
+        assert!(matches!(
+            DevicePenalties::new(&bad, vocab, &device),
+            Err(Error::InvalidSampling(_))
+        ));
+    }
+}
+
+#[test]
+fn logprobs_of_rows_and_tokens_out_of_range() {
+    let Some(device) = gpu_or_skip("logprobs_out_of_range") else {
+        return;
+    };
+    let nan = f32::NAN;
+    let values = [
+        [1.0, 2.0, 3.0, 0.5, 2.0],
+        [nan, f32::NEG_INFINITY, nan, f32::NEG_INFINITY, nan],
+    ];
+    let flat: Vec<f32> = values.iter().flatten().copied().collect();
+    let tensor = upload(&flat, &[2, 5], DType::F32, &device);
+    let top_n = 3;
+    // Valid; a token past the vocabulary; a row past the logits; a row without a number.
+    let rows = [0u32, 0, 2, 1];
+    let asked = [3u32, 5, 0, 0];
+    common::poison_pool(&device, 1 << 16);
+    let found = logprobs(
+        &tensor,
+        &common::upload_u32(&rows, &device),
+        &common::upload_u32(&asked, &device),
+        top_n,
+    )
+    .unwrap();
+    let chosen = found.chosen.to_vec::<f32>().unwrap();
+    let ids = found.top_ids.to_vec::<u32>().unwrap();
+    let top = found.top_logprobs.to_vec::<f32>().unwrap();
+    let expected = cpu::sampling::logprobs(&values[0], 3, top_n).unwrap();
+    assert!((chosen[0] - expected.logprob).abs() <= 1e-6);
+    for q in [0, 1] {
+        for (n, &(id, logprob)) in expected.top.iter().enumerate() {
+            assert_eq!(ids[q * top_n + n], id, "query {q} place {n}");
+            assert!((top[q * top_n + n] - logprob).abs() <= 1e-6);
+        }
+    }
+    assert!(
+        chosen[1].is_nan(),
+        "token past the vocabulary: {}",
+        chosen[1]
+    );
+    assert!(chosen[2].is_nan(), "row past the logits: {}", chosen[2]);
+    assert_eq!(&ids[2 * top_n..3 * top_n], [NO_TOKEN; 3]);
+    assert!(top[2 * top_n..3 * top_n].iter().all(|l| l.is_nan()));
+    // Where the CPU fails (no logit above -inf), the GPU reports NaN.
+    assert!(cpu::sampling::logprobs(&values[1], 0, top_n).is_err());
+    assert!(chosen[3].is_nan());
+    assert!(top[3 * top_n..].iter().all(|l| l.is_nan()));
+
+    // No rows asked for, and ids of the wrong dtype.
+    let none = logprobs(
+        &tensor,
+        &common::upload_u32(&[], &device),
+        &common::upload_u32(&[], &device),
+        top_n,
+    )
+    .unwrap();
+    assert_eq!(none.chosen.dims(), [0]);
+    assert_eq!(none.top_ids.dims(), [0, top_n]);
+    let float_rows = upload(&[0.0], &[1], DType::F32, &device);
+    let one = common::upload_u32(&[0], &device);
+    assert!(matches!(
+        logprobs(&tensor, &float_rows, &one, 1),
+        Err(Error::DType { .. })
+    ));
+    let two = common::upload_u32(&[0, 1], &device);
+    assert!(matches!(
+        logprobs(&tensor, &one, &two, 1),
+        Err(Error::Shape { .. })
     ));
 }

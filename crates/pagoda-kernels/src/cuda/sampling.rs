@@ -176,6 +176,8 @@ pub struct DevicePenalties {
     /// Occurrences of the token in the output (0: in the prompt only).
     counts: Tensor,
     rows: usize,
+    /// The vocabulary the tokens were checked against; the logits must have as many columns.
+    vocab: usize,
     any: bool,
 }
 
@@ -246,6 +248,7 @@ impl DevicePenalties {
             tokens: upload_u32(tokens)?,
             counts: upload_u32(counts)?,
             rows: rows.len(),
+            vocab,
             any,
         })
     }
@@ -269,6 +272,16 @@ pub fn apply_penalties(logits: &Tensor, penalties: &DevicePenalties) -> Result<T
     let rows = Rows::check(OP, logits)?;
     common_device(OP, &[("logits", logits), ("penalties", &penalties.offsets)])?;
     rows.expect_settings(OP, "penalties", penalties.rows)?;
+    // The kernel writes at the entries' token ids, which were checked against this vocabulary.
+    if penalties.vocab != rows.vocab {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "penalties are for a vocabulary of {}, logits have {}",
+                penalties.vocab, rows.vocab
+            ),
+        ));
+    }
     let dims = [rows.rows, rows.vocab];
     let mut out = alloc_output(OP, &rows.device, DType::F32, &dims)?;
     if rows.rows == 0 {
@@ -300,7 +313,8 @@ pub fn apply_penalties(logits: &Tensor, penalties: &DevicePenalties) -> Result<T
     // SAFETY: the arguments follow penalties' signature in sampling.cu (logits, out, repetition,
     // presence, frequency, offsets, tokens, counts, rows, vocab); logits and out hold rows x vocab
     // elements (out f32), the per-row tensors `rows` values, offsets rows + 1 ascending bounds
-    // into tokens and counts, every token below vocab (checked in DevicePenalties::new).
+    // into tokens and counts, every token below vocab (checked in DevicePenalties::new against
+    // the vocabulary compared with the logits' above).
     unsafe { launch.launch(rows.config(ARGMAX_THREADS)) }
         .map_err(|e| launch_error(OP, &name, e))?;
     into_tensor(out, &dims)
@@ -309,7 +323,7 @@ pub fn apply_penalties(logits: &Tensor, penalties: &DevicePenalties) -> Result<T
 /// What [`logprobs`] found, on the device, one row per requested row.
 pub struct DeviceLogprobs {
     /// F32 `[r]`: the log-probability of the asked token; NaN when the row has no logit above
-    /// `-inf` (where the CPU's `logprobs` fails).
+    /// `-inf` (where the CPU's `logprobs` fails) or the row or token is out of range.
     pub chosen: Tensor,
     /// U32 `[r, top_n]`: the most likely tokens, most likely first (ties by lowest id);
     /// [`NO_TOKEN`] past the vocabulary's end.
@@ -321,8 +335,10 @@ pub struct DeviceLogprobs {
 /// For each `i`, the log-softmax of row `rows[i]` of `logits` (`[rows, vocab]`, f32, f16 or
 /// bf16) at token `tokens[i]`, and the row's `top_n` (at most [`MAX_TOP_LOGPROBS`]) most likely
 /// tokens, as [`crate::cpu::sampling::logprobs`] computes them (f64 log-sum-exp, NaN counted as
-/// `-inf`). `rows` and `tokens` are U32 `[r]` on the device, their values below the logits' rows
-/// and vocabulary (the caller's to ensure: the kernel cannot report them).
+/// `-inf`). `rows` and `tokens` are U32 `[r]` on the device; their values cannot be checked on
+/// the host without a copy back, so the kernel reads nothing outside the logits instead: a row
+/// index past the logits' rows gets NaN logprobs and [`NO_TOKEN`] ids, a token past the
+/// vocabulary a NaN `chosen`.
 pub fn logprobs(
     logits: &Tensor,
     rows: &Tensor,
@@ -358,7 +374,12 @@ pub fn logprobs(
         let logits_view = device_view(OP, "logits", logits)?;
         let rows_view = device_view(OP, "rows", rows)?;
         let tokens_view = device_view(OP, "tokens", tokens)?;
-        let (requested, vocab, n) = (count as u64, shape.vocab as i64, top_n as u32);
+        let (requested, logit_rows, vocab, n) = (
+            count as u64,
+            shape.rows as u64,
+            shape.vocab as i64,
+            top_n as u32,
+        );
         let stream = shape.device.stream();
         let mut launch = stream.launch_builder(&kernel);
         launch
@@ -369,6 +390,7 @@ pub fn logprobs(
             .arg(top_ids.slice_mut())
             .arg(top_logprobs.slice_mut())
             .arg(&requested)
+            .arg(&logit_rows)
             .arg(&vocab)
             .arg(&n);
         let config = LaunchConfig {
@@ -377,9 +399,9 @@ pub fn logprobs(
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments follow logprobs' signature in sampling.cu (logits, rows, tokens,
-        // chosen, top_ids, top_logprobs, count, vocab, top_n); logits holds shape.rows x vocab
-        // elements, rows and tokens `count` u32 values that the caller keeps in range, chosen
-        // `count` f32 and the top tensors count x top_n values.
+        // chosen, top_ids, top_logprobs, count, logit_rows, vocab, top_n); logits holds
+        // logit_rows x vocab elements, rows and tokens `count` u32 values (the kernel skips those
+        // out of range), chosen `count` f32 and the top tensors count x top_n values.
         unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &name, e))?;
     }
     Ok(DeviceLogprobs {
