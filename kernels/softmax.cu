@@ -137,6 +137,44 @@ __device__ __forceinline__ uint4 load_word_or_pad(const T* __restrict__ row, lon
     return word;
 }
 
+// Rewrites each 16-bit pair of the words with an exact multiply by one. ptxas cannot fold it, so
+// the next pass converts the words to f32 again instead of keeping the previous pass's floats
+// alive: those are twice the registers of the words and spilled at 64 values per thread.
+template <typename T>
+__device__ __forceinline__ unsigned refresh_pair(unsigned pair);
+
+template <>
+__device__ __forceinline__ unsigned refresh_pair<half_t>(unsigned pair) {
+    unsigned out;
+    asm volatile("mul.rn.f16x2 %0, %1, %2;" : "=r"(out) : "r"(pair), "r"(0x3C003C00u));
+    return out;
+}
+
+template <>
+__device__ __forceinline__ unsigned refresh_pair<bf16_t>(unsigned pair) {
+    unsigned out;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mul.rn.bf16x2 %0, %1, %2;" : "=r"(out) : "r"(pair), "r"(0x3F803F80u));
+#else
+    // No bf16 multiply before sm_90: x * 1 + (-0) is x for every x, -0 included.
+    asm volatile("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(out) : "r"(pair), "r"(0x3F803F80u), "r"(0x80008000u));
+#endif
+    return out;
+}
+
+template <typename T, int WORDS>
+__device__ __forceinline__ void refresh_words(uint4 (&words)[WORDS]) {
+    if constexpr (sizeof(T) == 2) {
+#pragma unroll
+        for (int j = 0; j < WORDS; ++j) {
+            words[j].x = refresh_pair<T>(words[j].x);
+            words[j].y = refresh_pair<T>(words[j].y);
+            words[j].z = refresh_pair<T>(words[j].z);
+            words[j].w = refresh_pair<T>(words[j].w);
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void unpack_word(const uint4& word, float (&out)[Pack<T>::N]) {
     const T* elements = reinterpret_cast<const T*>(&word);
@@ -194,6 +232,7 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
                 max = fmaxf(max, v[e]);
             }
         }
+        refresh_words<T>(words);
         max = block_max(max);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         if (CLUSTER > 1) {
@@ -218,6 +257,7 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
                 sum += expf(v[e] - max);
             }
         }
+        refresh_words<T>(words);
         sum = block_sum(sum);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         if (CLUSTER > 1) {
