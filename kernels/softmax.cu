@@ -59,6 +59,19 @@ __device__ __forceinline__ float exp_shifted(float x, float max) {
     return x == NEG_INF ? 0.0f : expf(x - max);
 }
 
+// exp(x - max) as 2^(x log2(e) - max log2(e)): one FFMA and one MUFU.EX2 where expf takes about
+// eight instructions, which the held forms, short of neither bandwidth nor registers, feel.
+// `shift` is max * log2(e), rounded once per row: its rounding scales every value of the row
+// alike and cancels in the division by the sum. The FFMA rounds once, at the result, whose
+// magnitude is |x - max| log2(e); ex2.approx is accurate to 2 ulp and flushes results below
+// 2^-126 to zero. -inf gives 0; a max of -inf (an all -inf row) or +inf gives NaN, as expf does.
+__device__ __forceinline__ float exp_from_max(float x, float shift) {
+    constexpr float LOG2E = 1.4426950408889634f;
+    float out;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(out) : "f"(fmaf(x, LOG2E, -shift)));
+    return out;
+}
+
 // Merges a running (max, sum of exp(x - max)) with another: both sums are rescaled to the larger max.
 // Commutative, so every lane of a butterfly reduction ends with the same result.
 __device__ __forceinline__ void merge_online(float& max, float& sum, float other_max, float other_sum) {
@@ -247,6 +260,7 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
         }
 #endif
 
+        const float shift = max * 1.4426950408889634f;
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < WORDS; ++j) {
@@ -254,7 +268,7 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
             unpack_word<T>(words[j], v);
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                sum += expf(v[e] - max);
+                sum += exp_from_max(v[e], shift);
             }
         }
         refresh_words<T>(words);
@@ -280,7 +294,7 @@ __device__ __forceinline__ void softmax_in_registers(const T* __restrict__ x, T*
             unpack_word<T>(words[j], v);
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                v[e] = expf(v[e] - max) * inv_sum;
+                v[e] = exp_from_max(v[e], shift) * inv_sum;
             }
             const long long base = start + (static_cast<long long>(j) * blockDim.x + threadIdx.x) * V;
             store_or_clip<T, V>(y_row, base, end, aligned, v);

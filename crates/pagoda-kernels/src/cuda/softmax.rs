@@ -92,9 +92,9 @@ impl SoftmaxForm {
 /// while it fits, with the most values per thread that still leaves 128 threads or more: more
 /// values per thread put more loads in flight per instruction, and small blocks keep more
 /// blocks, at different phases, on each multiprocessor (4096 columns: 32 values per thread,
-/// 128 threads, 100% of the copy bandwidth; 8 values, 512 threads, 82%). Rows too long for one
+/// 128 threads, 100% of the copy bandwidth; 8 values, 512 threads, 91%). Rows too long for one
 /// block take the widest cluster at 64 values per thread, the smallest blocks (128256 columns:
-/// 8 blocks of 251 threads, 63%; 2 blocks of 1002, 48%).
+/// 8 blocks of 251 threads, 68%; 2 blocks of 1002, 41%).
 pub fn choose_form(cols: usize, dtype: DType, clusters: bool) -> SoftmaxForm {
     let element_size = dtype.size_in_bytes();
     let threads = |form: SoftmaxForm| form.geometry(cols, element_size).map(|(_, t)| t);
