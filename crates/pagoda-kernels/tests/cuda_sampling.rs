@@ -469,6 +469,29 @@ fn penalties_match_the_cpu_bit_for_bit() {
     ));
 }
 
+/// `logprobs` of (row, token) queries over `logits`, downloaded: (the chosen tokens' logprobs,
+/// the top ids, the top logprobs), the tops `top_n` per query.
+fn logprobs_on_host(
+    device: &CudaDevice,
+    logits: &Tensor,
+    rows: &[u32],
+    tokens: &[u32],
+    top_n: usize,
+) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
+    let found = logprobs(
+        logits,
+        &common::upload_u32(rows, device),
+        &common::upload_u32(tokens, device),
+        top_n,
+    )
+    .unwrap();
+    (
+        found.chosen.to_vec::<f32>().unwrap(),
+        found.top_ids.to_vec::<u32>().unwrap(),
+        found.top_logprobs.to_vec::<f32>().unwrap(),
+    )
+}
+
 #[test]
 fn logprobs_match_the_cpu() {
     let Some(device) = gpu_or_skip("logprobs_match_the_cpu") else {
@@ -498,16 +521,7 @@ fn logprobs_match_the_cpu() {
             let asked = rng.below(picked.len(), vocab as u32);
             for top_n in [0, 1, 5, 20] {
                 common::poison_pool(&device, 1 << 20);
-                let found = logprobs(
-                    &tensor,
-                    &common::upload_u32(&picked, &device),
-                    &common::upload_u32(&asked, &device),
-                    top_n,
-                )
-                .unwrap();
-                let chosen = found.chosen.to_vec::<f32>().unwrap();
-                let ids = found.top_ids.to_vec::<u32>().unwrap();
-                let top = found.top_logprobs.to_vec::<f32>().unwrap();
+                let (chosen, ids, top) = logprobs_on_host(&device, &tensor, &picked, &asked, top_n);
                 for (q, (&row, &token)) in picked.iter().zip(&asked).enumerate() {
                     let row_values = &values[row as usize * vocab..(row as usize + 1) * vocab];
                     let expected = cpu::sampling::logprobs(row_values, token, top_n).unwrap();
@@ -641,16 +655,7 @@ fn logprobs_of_rows_and_tokens_out_of_range() {
     let rows = [0u32, 0, 2, 1];
     let asked = [3u32, 5, 0, 0];
     common::poison_pool(&device, 1 << 16);
-    let found = logprobs(
-        &tensor,
-        &common::upload_u32(&rows, &device),
-        &common::upload_u32(&asked, &device),
-        top_n,
-    )
-    .unwrap();
-    let chosen = found.chosen.to_vec::<f32>().unwrap();
-    let ids = found.top_ids.to_vec::<u32>().unwrap();
-    let top = found.top_logprobs.to_vec::<f32>().unwrap();
+    let (chosen, ids, top) = logprobs_on_host(&device, &tensor, &rows, &asked, top_n);
     let expected = cpu::sampling::logprobs(&values[0], 3, top_n).unwrap();
     assert!((chosen[0] - expected.logprob).abs() <= 1e-6);
     for q in [0, 1] {
