@@ -9,6 +9,11 @@
 //! call and TFLOP/s, also as one JSON line each (`{"bench": "pagoda_flash", ...}`) for the peer
 //! script to compare, and every compiled tile shape of the head dimension, each checked against
 //! the default shape's output; the other head dimensions (64, 96, 256) join that comparison.
+//!
+//! `PAGODA_FLASH_MMA_SYNC=1` leaves the warpgroup-MMA (sm_90a) shapes out, defaults included, as
+//! on a GPU without them: the bench of the `mma.sync` kernel alone. `PAGODA_FLASH_SWEEP=short`
+//! narrows the comparison to the BENCH.md shapes and, beside each default, the `mma.sync`
+//! kernel's default (the kernel before wgmma), for a quick confirmation run.
 
 mod common;
 
@@ -19,7 +24,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cuda::flash_attention::{
     TILE_SHAPES, TileShape, default_tile_shape, flash_attention_prefill,
-    flash_attention_prefill_with,
+    flash_attention_prefill_with, sm90a_available,
 };
 use pagoda_kernels::cuda::paged_attention::DeviceBatchLayout;
 use pagoda_tensor::{CudaDevice, Tensor};
@@ -185,7 +190,15 @@ impl Inputs {
     }
 }
 
+/// Whether the bench runs the warpgroup-MMA shapes: where the device has them, unless
+/// `PAGODA_FLASH_MMA_SYNC` is set.
+fn use_wgmma(device: &CudaDevice) -> bool {
+    sm90a_available(device).expect("reading the device's architecture")
+        && std::env::var_os("PAGODA_FLASH_MMA_SYNC").is_none()
+}
+
 fn bench(c: &mut Criterion, device: &CudaDevice) {
+    let wgmma = use_wgmma(device);
     let mut group = c.benchmark_group("cuda_flash_attention_f16");
     group
         .sample_size(10)
@@ -193,9 +206,10 @@ fn bench(c: &mut Criterion, device: &CudaDevice) {
         .measurement_time(Duration::from_secs(2));
     for shape in SHAPES {
         let inputs = Inputs::new(&shape, device);
+        let tiles = default_tile_shape(shape.head_dim, wgmma);
         group.throughput(Throughput::Elements(shape.flops() as u64));
         group.bench_function(BenchmarkId::new("prefill", shape.label()), |b| {
-            b.iter_custom(|iters| time_gpu(device, iters, || drop(black_box(inputs.run(None)))))
+            b.iter_custom(|iters| time_gpu(device, iters, || drop(black_box(inputs.run(tiles)))))
         });
     }
     group.finish();
@@ -237,8 +251,12 @@ fn json_line(shape: &Shape, seconds: f64) -> String {
     )
 }
 
-/// The per-shape table, each line also as JSON; then every tile shape of each head dimension.
+/// The per-shape table, each default's line also as JSON (printed as soon as it is measured, so
+/// that a run cut short still leaves the peer script something to compare); every tile shape of
+/// each head dimension, or with `PAGODA_FLASH_SWEEP=short` only the `mma.sync` default beside the
+/// default.
 fn summary(device: &CudaDevice) {
+    let short = std::env::var("PAGODA_FLASH_SWEEP").is_ok_and(|v| v == "short");
     println!(
         "\nflash attention prefill f16, block_size {BLOCK_SIZE}, shuffled pages (median of 11 samples of 5 calls)"
     );
@@ -246,17 +264,26 @@ fn summary(device: &CudaDevice) {
         "{:>28} {:>26} {:>10} {:>9} {:>10}",
         "shape", "tiles", "ms", "TFLOP/s", "vs default"
     );
-    let mut json = Vec::new();
+    let wgmma = use_wgmma(device);
     let shapes = SHAPES.iter().map(|s| (s, true));
-    for (shape, reported) in shapes.chain(SWEEP_ONLY.iter().map(|s| (s, false))) {
+    let sweep_only: &[Shape] = if short { &[] } else { &SWEEP_ONLY };
+    for (shape, reported) in shapes.chain(sweep_only.iter().map(|s| (s, false))) {
         let inputs = Inputs::new(shape, device);
-        let default = default_tile_shape(shape.head_dim).expect("a default tile shape");
-        let reference = inputs.run(None);
-        let base = seconds(device, &inputs, None);
+        let default = default_tile_shape(shape.head_dim, wgmma).expect("a default tile shape");
+        let reference = inputs.run(Some(default));
+        let base = seconds(device, &inputs, Some(default));
         if reported {
-            json.push(json_line(shape, base));
+            println!("{}", json_line(shape, base));
         }
-        for &tiles in TILE_SHAPES.iter().filter(|t| t.head_dim == shape.head_dim) {
+        let previous = default_tile_shape(shape.head_dim, false);
+        let runnable = |t: &&TileShape| wgmma || !t.schedule.needs_sm90a();
+        let wanted = |t: &&TileShape| !short || **t == default || Some(**t) == previous;
+        for &tiles in TILE_SHAPES
+            .iter()
+            .filter(|t| t.head_dim == shape.head_dim)
+            .filter(runnable)
+            .filter(wanted)
+        {
             let time = if tiles == default {
                 base
             } else {
@@ -284,10 +311,6 @@ fn summary(device: &CudaDevice) {
                 check
             );
         }
-    }
-    println!();
-    for line in json {
-        println!("{line}");
     }
 }
 

@@ -5,14 +5,18 @@
 //! K/V tile the kernel loads.
 //!
 //! f16 and bf16, head dimensions 64, 80, 96, 128 and 256 ([`supports`]); for anything else (f32,
-//! other head sizes) [`super::paged_attention::paged_attention`] computes the same function.
+//! other head sizes) [`super::paged_attention::paged_attention`] computes the same function. On
+//! Hopper (an `sm_90a` build, [`sm90a_available`]) the head dimensions with a warpgroup-MMA tile
+//! shape (128) use it; everywhere else the `mma.sync` kernel runs.
+
+use std::sync::{Mutex, PoisonError};
 
 use pagoda_tensor::cudarc::driver::sys::CUfunction_attribute;
 use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
-use pagoda_tensor::{DType, Tensor};
+use pagoda_tensor::{CudaDevice, DType, Tensor};
 
 use super::paged_attention::{DeviceBatchLayout, check_attention};
-use super::registry::{KernelModule, function};
+use super::registry::{KernelModule, Target, function};
 use super::tensor_access::{
     alloc_output, arg_u32, device_view, into_tensor, kernel_name, launch_error,
 };
@@ -26,8 +30,8 @@ const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
 /// of `16 * m_reps` rows) and walks the keys in tiles of `block_n`.
 ///
 /// Every shape in [`TILE_SHAPES`] is compiled into the module; [`flash_attention_prefill`] uses
-/// the first one listed for the head dimension, and [`flash_attention_prefill_with`] any of them
-/// (for benchmarks comparing them).
+/// the first one listed for the head dimension that the device runs ([`default_tile_shape`]),
+/// and [`flash_attention_prefill_with`] any of them (for benchmarks comparing them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TileShape {
     /// The head dimension the shape is compiled for.
@@ -55,6 +59,9 @@ pub enum Schedule {
     /// The next tile's score MMAs are also issued before this tile's softmax, so that the
     /// exponentials overlap them (two score tiles in registers).
     Pipelined,
+    /// Warpgroup MMAs (sm_90a) from swizzled shared-memory tiles, each tile's score and value
+    /// products issued and waited for in turn; `warps` is a multiple of 4 and `m_reps` 1.
+    Wgmma,
 }
 
 impl Schedule {
@@ -64,7 +71,13 @@ impl Schedule {
             Schedule::LoadsFirst => "",
             Schedule::LoadsLate => "l",
             Schedule::Pipelined => "p",
+            Schedule::Wgmma => "g",
         }
+    }
+
+    /// Whether the schedule runs on warpgroup MMAs, which only an `sm_90a` build has.
+    pub fn needs_sm90a(self) -> bool {
+        matches!(self, Schedule::Wgmma)
     }
 }
 
@@ -79,10 +92,17 @@ impl TileShape {
         32 * self.warps
     }
 
-    /// Dynamic shared memory per block: the Q tile and two stages of K and V tiles, each row
-    /// padded by 8 elements (16 bytes), as flash_attention.cu lays them out.
+    /// Dynamic shared memory per block: the Q tile and two stages of K and V tiles, as
+    /// flash_attention.cu lays them out: each row padded by 8 elements (16 bytes) for `mma.sync`;
+    /// unpadded and swizzled for wgmma, plus 1024 bytes to align the tiles to the swizzle's
+    /// 1024-byte pattern.
     pub fn shared_bytes(&self) -> usize {
-        (self.block_m() + 4 * self.block_n) * (self.head_dim + 8) * 2
+        let rows = self.block_m() + 4 * self.block_n;
+        if self.schedule.needs_sm90a() {
+            rows * self.head_dim * 2 + 1024
+        } else {
+            rows * (self.head_dim + 8) * 2
+        }
     }
 
     /// The kernel's name without its dtype suffix, as PAGODA_FLASH_ATTENTION_SHAPE spells it.
@@ -115,15 +135,23 @@ const fn shape(
 }
 
 /// Every tile shape flash_attention.cu instantiates (its PAGODA_FLASH_ATTENTION_SHAPE lines),
-/// the default for each head dimension first. Two blocks of 4 warps of 32 rows fit an SM (about
-/// 100 KB of shared memory and up to 255 registers a thread each); at head_dim 256 the
-/// accumulators of 32 rows would not fit in registers, so warps hold 16.
+/// for each head dimension the default first: the first wgmma shape where the device has
+/// warpgroup MMAs, else the first `mma.sync` shape.
 ///
-/// The defaults are the fastest of each head dimension's shapes in benches/cuda_flash_attention.rs
-/// on an H100 (f16, causal, 4096-token prompts): where the schedules came within the run-to-run
-/// spread of 3% the plain one stays (64, 80, 128); the pipelined schedule gained 7% at 96 in two
-/// runs, the late loads 9% at 256.
+/// `mma.sync`: two blocks of 4 warps of 32 rows fit an SM (about 100 KB of shared memory and up
+/// to 255 registers a thread each); at head_dim 256 the accumulators of 32 rows would not fit in
+/// registers, so warps hold 16. The defaults are the fastest of each head dimension's shapes in
+/// benches/cuda_flash_attention.rs on an H100 (f16, causal, 4096-token prompts): where the
+/// schedules came within the run-to-run spread of 3% the plain one stays (64, 80, 128); the
+/// pipelined schedule gained 7% at 96 in two runs, the late loads 9% at 256.
+///
+/// wgmma (head_dim 128 on sm_90a): two warpgroups of 64 rows and 64-key tiles, two blocks an SM.
+/// On an H100 (f16, one job) it ran 452 TFLOP/s at B4 H32 S4096 causal against 295 for the
+/// `mma.sync` default (465 against 320 non-causal, 464 against 317 at B1 S16384), ahead of
+/// 128-key tiles (408, one block an SM) and of one warpgroup a block (370). The head_dim 64
+/// shape is compiled and tested but not yet measured, so `mma.sync` stays the default there.
 pub const TILE_SHAPES: &[TileShape] = &[
+    shape(128, 1, 8, 64, Schedule::Wgmma),
     shape(64, 2, 4, 64, Schedule::LoadsFirst),
     shape(80, 2, 4, 64, Schedule::LoadsFirst),
     shape(96, 2, 4, 32, Schedule::Pipelined),
@@ -136,16 +164,46 @@ pub const TILE_SHAPES: &[TileShape] = &[
     shape(128, 2, 4, 64, Schedule::LoadsLate),
     shape(256, 1, 4, 32, Schedule::LoadsFirst),
     shape(256, 1, 4, 32, Schedule::Pipelined),
+    shape(128, 1, 8, 128, Schedule::Wgmma),
+    shape(128, 1, 4, 64, Schedule::Wgmma),
+    shape(64, 1, 8, 64, Schedule::Wgmma),
 ];
 
-/// The tile shape [`flash_attention_prefill`] uses for `head_dim`, if the kernel has one.
-pub fn default_tile_shape(head_dim: usize) -> Option<TileShape> {
-    TILE_SHAPES.iter().copied().find(|s| s.head_dim == head_dim)
+/// The tile shape [`flash_attention_prefill`] uses for `head_dim`, if the kernel has one: the
+/// first listed in [`TILE_SHAPES`] among those a device runs (all with `sm90a`, see
+/// [`sm90a_available`]; else those without warpgroup MMAs).
+pub fn default_tile_shape(head_dim: usize, sm90a: bool) -> Option<TileShape> {
+    TILE_SHAPES
+        .iter()
+        .copied()
+        .find(|s| s.head_dim == head_dim && (sm90a || !s.schedule.needs_sm90a()))
 }
 
 /// Whether the flash kernel handles `dtype` at `head_dim` (f16 or bf16; 64, 80, 96, 128 or 256).
 pub fn supports(dtype: DType, head_dim: usize) -> bool {
-    DTYPES.contains(&dtype) && default_tile_shape(head_dim).is_some()
+    DTYPES.contains(&dtype) && default_tile_shape(head_dim, false).is_some()
+}
+
+/// Whether `device`'s kernels are built for `sm_90a` (a Hopper GPU of compute capability 9.0 and
+/// an NVRTC that emits its machine code), which the wgmma tile shapes need. Cached per device.
+pub fn sm90a_available(device: &CudaDevice) -> Result<bool> {
+    static KNOWN: Mutex<Vec<Option<bool>>> = Mutex::new(Vec::new());
+    let ordinal = device.ordinal();
+    // A poisoned lock only means another thread panicked; the table itself stays valid.
+    if let Some(&Some(known)) = KNOWN
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(ordinal)
+    {
+        return Ok(known);
+    }
+    let available = Target::for_device(device)?.arch() == "sm_90a";
+    let mut known = KNOWN.lock().unwrap_or_else(PoisonError::into_inner);
+    if known.len() <= ordinal {
+        known.resize(ordinal + 1, None);
+    }
+    known[ordinal] = Some(available);
+    Ok(available)
 }
 
 /// Attention of every query row of `q` (`[num_tokens, num_heads, head_dim]`, f16 or bf16) over
@@ -170,12 +228,11 @@ pub fn flash_attention_prefill(
     v_pages: &Tensor,
     causal: bool,
 ) -> Result<Tensor> {
-    let shape = default_tile_shape(params.head_dim).ok_or_else(|| unsupported_head_dim(params))?;
-    flash_attention_prefill_with(q, layout, params, k_pages, v_pages, causal, shape)
+    launch(q, layout, params, k_pages, v_pages, causal, None)
 }
 
 /// [`flash_attention_prefill`] with a chosen tile shape, one of [`TILE_SHAPES`] for the head
-/// dimension (an [`Error::InvalidParameter`] otherwise).
+/// dimension that the device runs (an [`Error::InvalidParameter`] otherwise).
 pub fn flash_attention_prefill_with(
     q: &Tensor,
     layout: &DeviceBatchLayout,
@@ -185,6 +242,19 @@ pub fn flash_attention_prefill_with(
     causal: bool,
     shape: TileShape,
 ) -> Result<Tensor> {
+    launch(q, layout, params, k_pages, v_pages, causal, Some(shape))
+}
+
+/// Both entry points: `shape`, or the device's default for the head dimension.
+fn launch(
+    q: &Tensor,
+    layout: &DeviceBatchLayout,
+    params: &AttentionParams,
+    k_pages: &Tensor,
+    v_pages: &Tensor,
+    causal: bool,
+    shape: Option<TileShape>,
+) -> Result<Tensor> {
     const OP: &str = "flash_attention_prefill";
     let device = check_attention(OP, q, layout, params, k_pages, v_pages, &DTYPES)?;
     let AttentionParams {
@@ -193,13 +263,23 @@ pub fn flash_attention_prefill_with(
         head_dim,
         scale,
     } = *params;
-    if default_tile_shape(head_dim).is_none() {
-        return Err(unsupported_head_dim(params));
-    }
+    let sm90a = sm90a_available(&device)?;
+    let default =
+        default_tile_shape(head_dim, sm90a).ok_or_else(|| unsupported_head_dim(params))?;
+    let shape = shape.unwrap_or(default);
     if !TILE_SHAPES.contains(&shape) || shape.head_dim != head_dim {
         return Err(Error::InvalidParameter {
             op: OP,
             message: format!("{shape:?} is not a compiled tile shape for head_dim {head_dim}"),
+        });
+    }
+    if shape.schedule.needs_sm90a() && !sm90a {
+        return Err(Error::InvalidParameter {
+            op: OP,
+            message: format!(
+                "{shape:?} needs warpgroup MMAs (an sm_90a build), which cuda:{} lacks",
+                device.ordinal()
+            ),
         });
     }
     // The kernel keeps the running max unscaled and scales it on use, which orders scores
@@ -438,8 +518,11 @@ mod tests {
     #[test]
     fn every_head_dim_has_a_default_and_shapes_fit() {
         for head_dim in [64, 80, 96, 128, 256] {
-            let shape = default_tile_shape(head_dim).unwrap();
-            assert_eq!(shape.head_dim, head_dim);
+            for sm90a in [false, true] {
+                let shape = default_tile_shape(head_dim, sm90a).unwrap();
+                assert_eq!(shape.head_dim, head_dim);
+                assert!(sm90a || !shape.schedule.needs_sm90a(), "{shape:?}");
+            }
             assert!(supports(DType::F16, head_dim) && supports(DType::BF16, head_dim));
         }
         for head_dim in [0, 8, 32, 72, 112, 192, 512] {
@@ -453,6 +536,13 @@ mod tests {
                 "{shape:?}"
             );
             assert!(shape.threads() % shape.block_n == 0 || (shape.head_dim / 8) % 8 == 0);
+            if shape.schedule.needs_sm90a() {
+                // Whole warpgroups of 16-row warps; the wgmma N sizes instantiated; heads of
+                // whole 64-column swizzle blocks.
+                assert!(shape.m_reps == 1 && shape.warps % 4 == 0, "{shape:?}");
+                assert!(matches!(shape.block_n, 64 | 128), "{shape:?}");
+                assert!(shape.head_dim % 64 == 0, "{shape:?}");
+            }
             // Within the 227 KB of shared memory a Hopper block may use.
             assert!(shape.shared_bytes() <= 227 * 1024, "{shape:?}");
         }
@@ -460,6 +550,11 @@ mod tests {
             shape(128, 2, 4, 64, Schedule::LoadsFirst).shared_bytes(),
             (128 + 256) * 136 * 2,
             "Q tile + two stages of K and V"
+        );
+        assert_eq!(
+            shape(128, 1, 8, 128, Schedule::Wgmma).shared_bytes(),
+            (128 + 512) * 128 * 2 + 1024,
+            "unpadded swizzled tiles, 1024-byte aligned"
         );
     }
 }

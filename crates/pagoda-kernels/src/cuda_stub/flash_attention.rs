@@ -1,7 +1,7 @@
 //! Without the `cuda` feature: the signatures of `cuda::flash_attention`, failing with
 //! [`pagoda_tensor::Error::CudaNotCompiled`]; no dtype or head dimension is supported.
 
-use pagoda_tensor::{DType, Tensor};
+use pagoda_tensor::{CudaDevice, DType, Tensor};
 
 use crate::cpu::attention::AttentionParams;
 use crate::cuda::paged_attention::DeviceBatchLayout;
@@ -31,14 +31,28 @@ pub enum Schedule {
     LoadsLate,
     /// The next tile's score MMAs before this tile's softmax.
     Pipelined,
+    /// Warpgroup MMAs (sm_90a).
+    Wgmma,
+}
+
+impl Schedule {
+    /// Whether the schedule runs on warpgroup MMAs, which only an `sm_90a` build has.
+    pub fn needs_sm90a(self) -> bool {
+        matches!(self, Schedule::Wgmma)
+    }
 }
 
 /// No kernel is compiled without the `cuda` feature.
 pub const TILE_SHAPES: &[TileShape] = &[];
 
 /// Always `None` without the `cuda` feature.
-pub fn default_tile_shape(_head_dim: usize) -> Option<TileShape> {
+pub fn default_tile_shape(_head_dim: usize, _sm90a: bool) -> Option<TileShape> {
     None
+}
+
+/// Always fails without the `cuda` feature.
+pub fn sm90a_available(_device: &CudaDevice) -> Result<bool> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }
 
 /// Always false without the `cuda` feature.
