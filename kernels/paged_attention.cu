@@ -18,10 +18,12 @@
 //   they are the MMA fragments as loaded: the dot product's dimensions may be visited in any order
 //   as long as Q's fragment uses the same one. V's fragments need tokens along the k dimension,
 //   which movmatrix transposes in registers, 8 x 8 elements at a time. A 16-token tile (8 KiB of
-//   K and V at 128 dimensions) takes a warp 261 instructions in the sm_90a build, where the
+//   K and V at 128 dimensions) takes a warp about 270 instructions in the sm_90a build, where the
 //   CUDA-core kernel's f32 dot products and shuffle reductions take about 730 for the same bytes
 //   with groups of 4 heads; each lane asks L2 for the rows of the tile `prefetch_tiles` steps
-//   ahead.
+//   ahead of its loads. The pipelined forms (PIPELINED) keep two tiles in registers and issue a
+//   tile's loads a tile before its arithmetic: a launch of few rows, whose warps are too few to
+//   hide L2's latency once per tile, keeps two tiles per warp in flight.
 // - paged_attention_g<GROUP> (f32, other head sizes, misaligned pages): a warp splits its 32 lanes
 //   into segments of `lanes` lanes (the fewest powers of two whose 16-byte chunks cover a head),
 //   each segment streaming its own tokens with one 16-byte load per lane per row and f32 dot
@@ -64,6 +66,7 @@ constexpr float LOG2E = 1.4426950408889634f;
 // Where a query row sits: its sequence and position, or false for a row outside every span.
 struct RowPlace {
     unsigned seq;
+    unsigned context;
     unsigned position;
 };
 
@@ -85,6 +88,7 @@ __device__ bool place_row(unsigned row, const unsigned* __restrict__ query_start
     const unsigned context = context_len[lo];
     if (row < q_begin || row >= q_end || q_end - q_begin > context) return false;
     place->seq = lo;
+    place->context = context;
     place->position = context - (q_end - q_begin) + (row - q_begin);
     return true;
 }
@@ -117,6 +121,53 @@ struct SplitScratch {
                                                         unsigned num_heads, unsigned num_splits) const {
         return (static_cast<unsigned long long>(row) * num_heads + head) * num_splits + split;
     }
+};
+
+// The query heads a block serves (`heads_here` heads from `first_head`, all of KV head
+// `kv_head`'s group) and its split, with the launch's sizes: what every write of the block's
+// results needs.
+struct BlockTask {
+    unsigned kv_head;
+    unsigned first_head;
+    unsigned heads_here;
+    unsigned split;
+    unsigned num_splits;
+    unsigned num_tokens;
+    unsigned num_heads;
+    unsigned head_dim;
+
+    // Grid (rows, num_kv_heads * blocks per KV head, num_splits): blockIdx.y picks the KV head and
+    // which `per_block` heads of its group, blockIdx.z the split.
+    __device__ BlockTask(unsigned per_block, unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads,
+                         unsigned head_dim) {
+        const unsigned group_size = num_heads / num_kv_heads;
+        const unsigned head_blocks = (group_size + per_block - 1) / per_block;
+        kv_head = blockIdx.y / head_blocks;
+        first_head = kv_head * group_size + (blockIdx.y % head_blocks) * per_block;
+        heads_here = min(per_block, (kv_head + 1) * group_size - first_head);
+        split = blockIdx.z;
+        num_splits = gridDim.z;
+        this->num_tokens = num_tokens;
+        this->num_heads = num_heads;
+        this->head_dim = head_dim;
+    }
+};
+
+// Where the batch's query rows and contexts are (DeviceBatchLayout in paged_attention.rs).
+struct BatchLayout {
+    const unsigned* __restrict__ query_start;
+    const unsigned* __restrict__ context_len;
+    const unsigned* __restrict__ block_tables;
+    unsigned num_seqs;
+    unsigned max_blocks;
+};
+
+// The part of a row's context a block streams: its sequence's block table and the tokens
+// [begin, end) of its split that the row may attend to.
+struct SplitWork {
+    const unsigned* __restrict__ table;
+    unsigned begin;
+    unsigned end;
 };
 
 // How a head of T is cut into 16-byte chunks and spread over a segment's lanes.
@@ -271,34 +322,54 @@ template <int GROUP, int NWARPS, int DIM> __device__ __forceinline__ MergeSpace<
 // NaN row with one split. Every block of a split launch writes its statistics, so the merge needs
 // no knowledge of which splits held tokens.
 template <typename T>
-__device__ void write_no_tokens(T* __restrict__ out, float* __restrict__ scratch, unsigned row, unsigned first_head,
-                                unsigned heads_here, unsigned num_tokens, unsigned num_heads, unsigned head_dim,
-                                unsigned split, unsigned num_splits, bool row_is_valid) {
-    if (num_splits == 1) {
+__device__ void write_no_tokens(T* __restrict__ out, float* __restrict__ scratch, unsigned row, const BlockTask& task,
+                                bool row_is_valid) {
+    if (task.num_splits == 1) {
         // A valid row's only split always holds its first token; this row is outside every span.
-        T* out_row = out + (static_cast<unsigned long long>(row) * num_heads + first_head) * head_dim;
-        for (unsigned i = threadIdx.x; i < heads_here * head_dim; i += blockDim.x) {
+        T* out_row = out + (static_cast<unsigned long long>(row) * task.num_heads + task.first_head) * task.head_dim;
+        for (unsigned i = threadIdx.x; i < task.heads_here * task.head_dim; i += blockDim.x) {
             out_row[i] = from_float<T>(QUIET_NAN);
         }
         return;
     }
-    const SplitScratch parts(scratch, num_tokens, num_heads, num_splits, head_dim);
-    for (unsigned g = threadIdx.x; g < heads_here; g += blockDim.x) {
-        float* stats = parts.stats + 2 * parts.index(row, first_head + g, split, num_heads, num_splits);
+    const SplitScratch parts(scratch, task.num_tokens, task.num_heads, task.num_splits, task.head_dim);
+    for (unsigned g = threadIdx.x; g < task.heads_here; g += blockDim.x) {
+        const unsigned head = task.first_head + g;
+        float* stats = parts.stats + 2 * parts.index(row, head, task.split, task.num_heads, task.num_splits);
         stats[0] = row_is_valid ? NEG_INF : 0.0f;
         stats[1] = row_is_valid ? 0.0f : QUIET_NAN;
     }
+}
+
+// The row prologue of both split kernels: places the row and cuts its split; when the split holds
+// none of the row's context, or the row lies outside every sequence, writes what the merge needs
+// instead (write_no_tokens) and returns false.
+template <typename T>
+__device__ bool start_split(const BatchLayout& layout, const BlockTask& task, unsigned row, T* __restrict__ out,
+                            float* __restrict__ scratch, SplitWork* work) {
+    RowPlace place;
+    if (!place_row(row, layout.query_start, layout.context_len, layout.num_seqs, &place)) {
+        write_no_tokens(out, scratch, row, task, false);
+        return false;
+    }
+    split_range(place.context, task.num_splits, task.split, &work->begin, &work->end);
+    work->end = min(work->end, place.position + 1);
+    if (work->begin >= work->end) {
+        write_no_tokens(out, scratch, row, task, true);
+        return false;
+    }
+    work->table = layout.block_tables + static_cast<unsigned long long>(place.seq) * layout.max_blocks;
+    return true;
 }
 
 // Merges the warps' statistics and values (in `merge`, complete after a barrier) and writes the
 // split's result: the output row itself with one split, else the split's values and statistics.
 template <typename T, int GROUP, int NWARPS, int DIM>
 __device__ void write_split(const MergeSpace<GROUP, NWARPS, DIM>& merge, bool is_broken, T* __restrict__ out,
-                            float* __restrict__ scratch, unsigned row, unsigned first_head, unsigned heads_here,
-                            unsigned num_tokens, unsigned num_heads, unsigned head_dim, unsigned split,
-                            unsigned num_splits) {
-    const SplitScratch parts(scratch, num_tokens, num_heads, num_splits, head_dim);
-    for (unsigned i = threadIdx.x; i < heads_here * head_dim; i += blockDim.x) {
+                            float* __restrict__ scratch, unsigned row, const BlockTask& task) {
+    const unsigned head_dim = task.head_dim;
+    const SplitScratch parts(scratch, task.num_tokens, task.num_heads, task.num_splits, head_dim);
+    for (unsigned i = threadIdx.x; i < task.heads_here * head_dim; i += blockDim.x) {
         const unsigned g = i / head_dim;
         const unsigned d = i - g * head_dim;
         float max = NEG_INF;
@@ -312,12 +383,12 @@ __device__ void write_split(const MergeSpace<GROUP, NWARPS, DIM>& merge, bool is
             sum += merge.sum[w][g] * weight;
             value += merge.values[w][g][d] * weight;
         }
-        const unsigned head = first_head + g;
-        if (num_splits == 1) {
+        const unsigned head = task.first_head + g;
+        if (task.num_splits == 1) {
             const float result = is_broken ? QUIET_NAN : value / sum;
-            out[(static_cast<unsigned long long>(row) * num_heads + head) * head_dim + d] = from_float<T>(result);
+            out[(static_cast<unsigned long long>(row) * task.num_heads + head) * head_dim + d] = from_float<T>(result);
         } else {
-            const unsigned long long at = parts.index(row, head, split, num_heads, num_splits);
+            const unsigned long long at = parts.index(row, head, task.split, task.num_heads, task.num_splits);
             parts.values[at * head_dim + d] = value;
             if (d == 0) {
                 parts.stats[2 * at] = max;
@@ -332,10 +403,9 @@ __device__ void write_split(const MergeSpace<GROUP, NWARPS, DIM>& merge, bool is
 template <typename T, int GROUP, bool VECTORIZED>
 __device__ void paged_attention_fma(const T* __restrict__ q, const T* __restrict__ k_pages,
                                     const T* __restrict__ v_pages, T* __restrict__ out, float* __restrict__ scratch,
-                                    const unsigned* __restrict__ query_start, const unsigned* __restrict__ context_len,
-                                    const unsigned* __restrict__ block_tables, unsigned num_seqs, unsigned max_blocks,
-                                    unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned head_dim,
-                                    unsigned block_size, unsigned num_blocks, float scale) {
+                                    const BatchLayout& layout, unsigned num_tokens,
+                                    unsigned num_heads, unsigned num_kv_heads, unsigned head_dim, unsigned block_size,
+                                    unsigned num_blocks, float scale) {
     constexpr int VEC = HeadChunks<T>::VEC;
     constexpr int PER_LANE = HeadChunks<T>::PER_LANE;
     constexpr int ELEMS = HeadChunks<T>::ELEMS;
@@ -347,13 +417,10 @@ __device__ void paged_attention_fma(const T* __restrict__ q, const T* __restrict
 
     const unsigned lane = threadIdx.x & 31;
     const unsigned warp = threadIdx.x >> 5;
-    const unsigned group_size = num_heads / num_kv_heads;
-    const unsigned head_blocks = (group_size + GROUP - 1) / GROUP;
-    const unsigned kv_head = blockIdx.y / head_blocks;
-    const unsigned first_head = kv_head * group_size + (blockIdx.y % head_blocks) * GROUP;
-    const unsigned heads_here = min(static_cast<unsigned>(GROUP), (kv_head + 1) * group_size - first_head);
-    const unsigned split = blockIdx.z;
-    const unsigned num_splits = gridDim.z;
+    const BlockTask task(GROUP, num_tokens, num_heads, num_kv_heads, head_dim);
+    const unsigned kv_head = task.kv_head;
+    const unsigned first_head = task.first_head;
+    const unsigned heads_here = task.heads_here;
 
     // Lanes per token: the fewest (a power of two) whose chunks cover the head.
     const unsigned chunks = (head_dim + VEC - 1) / VEC;
@@ -391,179 +458,170 @@ __device__ void paged_attention_fma(const T* __restrict__ q, const T* __restrict
     const float log2_scale = scale * LOG2E;
 
     for (unsigned row = blockIdx.x; row < num_tokens; row += gridDim.x) {
-        RowPlace place;
-        if (!place_row(row, query_start, context_len, num_seqs, &place)) {
-            write_no_tokens(out, scratch, row, first_head, heads_here, num_tokens, num_heads, head_dim, split,
-                            num_splits, false);
-            continue;
-        }
-        unsigned begin;
-        unsigned end;
-        split_range(context_len[place.seq], num_splits, split, &begin, &end);
-        end = min(end, place.position + 1);
-        if (begin >= end) {
-            write_no_tokens(out, scratch, row, first_head, heads_here, num_tokens, num_heads, head_dim, split,
-                            num_splits, true);
-            continue;
-        }
-        const unsigned* table = block_tables + static_cast<unsigned long long>(place.seq) * max_blocks;
+        SplitWork work;
+        if (start_split(layout, task, row, out, scratch, &work)) {
+            const unsigned begin = work.begin;
+            const unsigned end = work.end;
+            const unsigned* table = work.table;
 
-        // The group's queries, pre-multiplied by scale * log2(e) so that scores are in the log2
-        // domain; lane `part` of a segment holds chunks part, part + lanes, ...
-        float query[GROUP][ELEMS];
-        float acc[GROUP][ELEMS];
-        float run_max[GROUP];
-        float run_sum[GROUP];
-        const T* q_row = q + (static_cast<unsigned long long>(row) * num_heads + first_head) * head_dim;
+            // The group's queries, pre-multiplied by scale * log2(e) so that scores are in the log2
+            // domain; lane `part` of a segment holds chunks part, part + lanes, ...
+            float query[GROUP][ELEMS];
+            float acc[GROUP][ELEMS];
+            float run_max[GROUP];
+            float run_sum[GROUP];
+            const T* q_row = q + (static_cast<unsigned long long>(row) * num_heads + first_head) * head_dim;
 #pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-#pragma unroll
-            for (int c = 0; c < PER_LANE; ++c) {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    const unsigned d = chunk_first[c] + i;
-                    const bool used = g < heads_here && chunk_active[c] && d < head_dim;
-                    query[g][c * VEC + i] = used ? log2_scale * to_float(q_row[g * head_dim + d]) : 0.0f;
-                    acc[g][c * VEC + i] = 0.0f;
-                }
-            }
-            run_max[g] = NEG_INF;
-            run_sum[g] = 0.0f;
-        }
-
-        // Byte offset of a context token's row (that of slot 0 for a block id outside the pages,
-        // which makes the result NaN).
-        bool broken = false;
-        auto row_offset = [&](unsigned token) {
-            const unsigned index = block_divisor.quotient(token);
-            const unsigned block = table[index];
-            broken |= block >= num_blocks;
-            const unsigned slot = block < num_blocks ? block * block_size + (token - index * block_size) : 0u;
-            return static_cast<unsigned long long>(slot) * row_bytes;
-        };
-        // This lane's rows of the step starting at `start`. Tokens past the split's end read the
-        // split's first row, already in flight or in cache, and are masked out of the softmax: no
-        // load needs a predicate and no lookup a branch.
-        unsigned long long offset[LOADS];
-        auto locate = [&](unsigned start) {
-#pragma unroll
-            for (int u = 0; u < LOADS; ++u) {
-                const unsigned token = start + u * segments + segment;
-                offset[u] = row_offset(token < end ? token : begin);
-            }
-        };
-
-        // Stream this warp's steps of the split. The loop bounds depend on the warp only, so every
-        // lane reaches the shuffles.
-        {
-            unsigned first = begin + warp * step_tokens;
-            locate(first);
-            for (; first < end; first += stride) {
-                uint4 keys[LOADS][PER_LANE];
-                uint4 values[LOADS][PER_LANE];
-#pragma unroll
-                for (int u = 0; u < LOADS; ++u) {
-#pragma unroll
-                    for (int c = 0; c < PER_LANE; ++c) {
-                        const unsigned limit = head_dim - chunk_first[c];
-                        keys[u][c] = load_chunk<T, VECTORIZED>(reinterpret_cast<const T*>(k_lane[c] + offset[u]), limit);
-                        values[u][c] = load_chunk<T, VECTORIZED>(reinterpret_cast<const T*>(v_lane[c] + offset[u]), limit);
-                    }
-                }
-                // Tokens of this lane's segment left in the split, from this step on.
-                const int remaining = static_cast<int>(end - first) - static_cast<int>(segment);
-                locate(first + stride);
-                if constexpr (VECTORIZED) {
-#pragma unroll
-                    for (int u = 0; u < LOADS; ++u) {
-#pragma unroll
-                        for (int c = 0; c < PER_LANE; ++c) {
-                            prefetch_l2(k_lane[c] + offset[u]);
-                            prefetch_l2(v_lane[c] + offset[u]);
-                        }
-                    }
-                }
-
-                float score[LOADS * GROUP];
-#pragma unroll
-                for (int u = 0; u < LOADS; ++u) {
-                    float key[ELEMS];
-                    unpack<T>(keys[u], key);
-#pragma unroll
-                    for (int g = 0; g < GROUP; ++g) {
-                        float dot = 0.0f;
-#pragma unroll
-                        for (int e = 0; e < ELEMS; ++e) dot += query[g][e] * key[e];
-                        score[u * GROUP + g] = dot;
-                    }
-                }
-                segment_sums(score, lanes);
-#pragma unroll
-                for (int u = 0; u < LOADS; ++u) {
-                    const bool valid = static_cast<int>(u * segments) < remaining;
-#pragma unroll
-                    for (int g = 0; g < GROUP; ++g) score[u * GROUP + g] = valid ? score[u * GROUP + g] : NEG_INF;
-                }
-#pragma unroll
-                for (int g = 0; g < GROUP; ++g) {
-                    float new_max = run_max[g];
-#pragma unroll
-                    for (int u = 0; u < LOADS; ++u) new_max = fmaxf(new_max, score[u * GROUP + g]);
-                    // A segment that has seen no token yet keeps a max of -inf; exponents relative
-                    // to 0 then give the 0 weights its (masked) scores and empty history deserve.
-                    const float base = new_max == NEG_INF ? 0.0f : new_max;
-                    const float correction = fast_exp2(run_max[g] - base);
-                    run_sum[g] *= correction;
-#pragma unroll
-                    for (int e = 0; e < ELEMS; ++e) acc[g][e] *= correction;
-#pragma unroll
-                    for (int u = 0; u < LOADS; ++u) {
-                        score[u * GROUP + g] = fast_exp2(score[u * GROUP + g] - base);
-                        run_sum[g] += score[u * GROUP + g];
-                    }
-                    run_max[g] = new_max;
-                }
-#pragma unroll
-                for (int u = 0; u < LOADS; ++u) {
-                    float value[ELEMS];
-                    unpack<T>(values[u], value);
-#pragma unroll
-                    for (int g = 0; g < GROUP; ++g) {
-#pragma unroll
-                        for (int e = 0; e < ELEMS; ++e) acc[g][e] += score[u * GROUP + g] * value[e];
-                    }
-                }
-            }
-        }
-
-        // Merge the warp's segments, then hand each warp's statistics and values to the block.
-#pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-            const float warp_max = across_segments_max(run_max[g], lanes);
-            const float weight = rescale(run_max[g], warp_max);
-            const float warp_sum = across_segments_sum(run_sum[g] * weight, lanes);
-#pragma unroll
-            for (int e = 0; e < ELEMS; ++e) acc[g][e] = across_segments_sum(acc[g][e] * weight, lanes);
-            if (segment == 0) {
+            for (int g = 0; g < GROUP; ++g) {
 #pragma unroll
                 for (int c = 0; c < PER_LANE; ++c) {
 #pragma unroll
                     for (int i = 0; i < VEC; ++i) {
                         const unsigned d = chunk_first[c] + i;
-                        if (chunk_active[c] && d < head_dim) merge.values[warp][g][d] = acc[g][c * VEC + i];
+                        const bool used = g < heads_here && chunk_active[c] && d < head_dim;
+                        query[g][c * VEC + i] = used ? log2_scale * to_float(q_row[g * head_dim + d]) : 0.0f;
+                        acc[g][c * VEC + i] = 0.0f;
+                    }
+                }
+                run_max[g] = NEG_INF;
+                run_sum[g] = 0.0f;
+            }
+
+            // Byte offset of a context token's row (that of slot 0 for a block id outside the pages,
+            // which makes the result NaN).
+            bool broken = false;
+            auto row_offset = [&](unsigned token) {
+                const unsigned index = block_divisor.quotient(token);
+                const unsigned block = table[index];
+                broken |= block >= num_blocks;
+                const unsigned slot = block < num_blocks ? block * block_size + (token - index * block_size) : 0u;
+                return static_cast<unsigned long long>(slot) * row_bytes;
+            };
+            // This lane's rows of the step starting at `start`. Tokens past the split's end read the
+            // split's first row, already in flight or in cache, and are masked out of the softmax: no
+            // load needs a predicate and no lookup a branch.
+            unsigned long long offset[LOADS];
+            auto locate = [&](unsigned start) {
+#pragma unroll
+                for (int u = 0; u < LOADS; ++u) {
+                    const unsigned token = start + u * segments + segment;
+                    offset[u] = row_offset(token < end ? token : begin);
+                }
+            };
+
+            // Stream this warp's steps of the split. The loop bounds depend on the warp only, so every
+            // lane reaches the shuffles.
+            {
+                unsigned first = begin + warp * step_tokens;
+                locate(first);
+                for (; first < end; first += stride) {
+                    uint4 keys[LOADS][PER_LANE];
+                    uint4 values[LOADS][PER_LANE];
+#pragma unroll
+                    for (int u = 0; u < LOADS; ++u) {
+#pragma unroll
+                        for (int c = 0; c < PER_LANE; ++c) {
+                            const unsigned limit = head_dim - chunk_first[c];
+                            const T* k_row = reinterpret_cast<const T*>(k_lane[c] + offset[u]);
+                            const T* v_row = reinterpret_cast<const T*>(v_lane[c] + offset[u]);
+                            keys[u][c] = load_chunk<T, VECTORIZED>(k_row, limit);
+                            values[u][c] = load_chunk<T, VECTORIZED>(v_row, limit);
+                        }
+                    }
+                    // Tokens of this lane's segment left in the split, from this step on.
+                    const int remaining = static_cast<int>(end - first) - static_cast<int>(segment);
+                    locate(first + stride);
+                    if constexpr (VECTORIZED) {
+#pragma unroll
+                        for (int u = 0; u < LOADS; ++u) {
+#pragma unroll
+                            for (int c = 0; c < PER_LANE; ++c) {
+                                prefetch_l2(k_lane[c] + offset[u]);
+                                prefetch_l2(v_lane[c] + offset[u]);
+                            }
+                        }
+                    }
+
+                    float score[LOADS * GROUP];
+#pragma unroll
+                    for (int u = 0; u < LOADS; ++u) {
+                        float key[ELEMS];
+                        unpack<T>(keys[u], key);
+#pragma unroll
+                        for (int g = 0; g < GROUP; ++g) {
+                            float dot = 0.0f;
+#pragma unroll
+                            for (int e = 0; e < ELEMS; ++e) dot += query[g][e] * key[e];
+                            score[u * GROUP + g] = dot;
+                        }
+                    }
+                    segment_sums(score, lanes);
+#pragma unroll
+                    for (int u = 0; u < LOADS; ++u) {
+                        const bool valid = static_cast<int>(u * segments) < remaining;
+#pragma unroll
+                        for (int g = 0; g < GROUP; ++g) score[u * GROUP + g] = valid ? score[u * GROUP + g] : NEG_INF;
+                    }
+#pragma unroll
+                    for (int g = 0; g < GROUP; ++g) {
+                        float new_max = run_max[g];
+#pragma unroll
+                        for (int u = 0; u < LOADS; ++u) new_max = fmaxf(new_max, score[u * GROUP + g]);
+                        // A segment that has seen no token yet keeps a max of -inf; exponents relative
+                        // to 0 then give the 0 weights its (masked) scores and empty history deserve.
+                        const float base = new_max == NEG_INF ? 0.0f : new_max;
+                        const float correction = fast_exp2(run_max[g] - base);
+                        run_sum[g] *= correction;
+#pragma unroll
+                        for (int e = 0; e < ELEMS; ++e) acc[g][e] *= correction;
+#pragma unroll
+                        for (int u = 0; u < LOADS; ++u) {
+                            score[u * GROUP + g] = fast_exp2(score[u * GROUP + g] - base);
+                            run_sum[g] += score[u * GROUP + g];
+                        }
+                        run_max[g] = new_max;
+                    }
+#pragma unroll
+                    for (int u = 0; u < LOADS; ++u) {
+                        float value[ELEMS];
+                        unpack<T>(values[u], value);
+#pragma unroll
+                        for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+                            for (int e = 0; e < ELEMS; ++e) acc[g][e] += score[u * GROUP + g] * value[e];
+                        }
                     }
                 }
             }
-            if (lane == 0) {
-                merge.max[warp][g] = warp_max;
-                merge.sum[warp][g] = warp_sum;
+
+            // Merge the warp's segments, then hand each warp's statistics and values to the block.
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                const float warp_max = across_segments_max(run_max[g], lanes);
+                const float weight = rescale(run_max[g], warp_max);
+                const float warp_sum = across_segments_sum(run_sum[g] * weight, lanes);
+#pragma unroll
+                for (int e = 0; e < ELEMS; ++e) acc[g][e] = across_segments_sum(acc[g][e] * weight, lanes);
+                if (segment == 0) {
+#pragma unroll
+                    for (int c = 0; c < PER_LANE; ++c) {
+#pragma unroll
+                        for (int i = 0; i < VEC; ++i) {
+                            const unsigned d = chunk_first[c] + i;
+                            if (chunk_active[c] && d < head_dim) merge.values[warp][g][d] = acc[g][c * VEC + i];
+                        }
+                    }
+                }
+                if (lane == 0) {
+                    merge.max[warp][g] = warp_max;
+                    merge.sum[warp][g] = warp_sum;
+                }
             }
+            const bool is_broken = __syncthreads_or(broken) != 0;
+            write_split<T, GROUP, WARPS, MAX_HEAD_DIM>(merge, is_broken, out, scratch, row, task);
+            // The shared statistics are overwritten by the next row.
+            __syncthreads();
         }
-        const bool is_broken = __syncthreads_or(broken) != 0;
-        write_split<T, GROUP, WARPS, MAX_HEAD_DIM>(merge, is_broken, out, scratch, row, first_head, heads_here,
-                                                   num_tokens, num_heads, head_dim, split, num_splits);
-        // The shared statistics are overwritten by the next row.
-        __syncthreads();
     }
 }
 
@@ -595,13 +653,12 @@ __device__ __forceinline__ unsigned transpose8x8(unsigned x) {
 // whose transpose is a quarter of an A fragment: m row g stands for dimension
 // 8 (4 p + g / 2) + 2 r + g % 2. P, packed as the S^T accumulators lie, transposes into the B
 // fragment the same way.
-template <typename T, int SLICES, int NWARPS>
+template <typename T, int SLICES, int NWARPS, bool PIPELINED>
 __device__ void paged_attention_mma(const T* __restrict__ q, const T* __restrict__ k_pages,
                                     const T* __restrict__ v_pages, T* __restrict__ out, float* __restrict__ scratch,
-                                    const unsigned* __restrict__ query_start, const unsigned* __restrict__ context_len,
-                                    const unsigned* __restrict__ block_tables, unsigned num_seqs, unsigned max_blocks,
-                                    unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned block_size,
-                                    unsigned num_blocks, float scale, unsigned prefetch_tiles) {
+                                    const BatchLayout& layout, unsigned num_tokens,
+                                    unsigned num_heads, unsigned num_kv_heads, unsigned block_size, unsigned num_blocks,
+                                    float scale, unsigned prefetch_tiles) {
     static_assert(sizeof(T) == 2, "the MMA kernel takes 16-bit K/V");
     constexpr unsigned HEAD_DIM = 32 * SLICES;
     constexpr unsigned VEC = 8;
@@ -615,13 +672,10 @@ __device__ void paged_attention_mma(const T* __restrict__ q, const T* __restrict
     const unsigned warp = threadIdx.x >> 5;
     const unsigned g = lane >> 2;
     const unsigned t = lane & 3;
-    const unsigned group_size = num_heads / num_kv_heads;
-    const unsigned head_blocks = (group_size + HEADS - 1) / HEADS;
-    const unsigned kv_head = blockIdx.y / head_blocks;
-    const unsigned first_head = kv_head * group_size + (blockIdx.y % head_blocks) * HEADS;
-    const unsigned heads_here = min(HEADS, (kv_head + 1) * group_size - first_head);
-    const unsigned split = blockIdx.z;
-    const unsigned num_splits = gridDim.z;
+    const BlockTask task(HEADS, num_tokens, num_heads, num_kv_heads, HEAD_DIM);
+    const unsigned kv_head = task.kv_head;
+    const unsigned first_head = task.first_head;
+    const unsigned heads_here = task.heads_here;
 
     // This lane's first chunk of the KV head's row in slot 0; chunk 4 p + t is 64 p bytes further,
     // a token's row a row offset further.
@@ -641,188 +695,220 @@ __device__ void paged_attention_mma(const T* __restrict__ q, const T* __restrict
     const float log2_scale = scale * LOG2E;
 
     for (unsigned row = blockIdx.x; row < num_tokens; row += gridDim.x) {
-        RowPlace place;
-        if (!place_row(row, query_start, context_len, num_seqs, &place)) {
-            write_no_tokens(out, scratch, row, first_head, heads_here, num_tokens, num_heads, HEAD_DIM, split,
-                            num_splits, false);
-            continue;
-        }
-        unsigned begin;
-        unsigned end;
-        split_range(context_len[place.seq], num_splits, split, &begin, &end);
-        end = min(end, place.position + 1);
-        if (begin >= end) {
-            write_no_tokens(out, scratch, row, first_head, heads_here, num_tokens, num_heads, HEAD_DIM, split,
-                            num_splits, true);
-            continue;
-        }
-        const unsigned* table = block_tables + static_cast<unsigned long long>(place.seq) * max_blocks;
+        SplitWork work;
+        if (start_split(layout, task, row, out, scratch, &work)) {
+            const unsigned begin = work.begin;
+            const unsigned end = work.end;
+            const unsigned* table = work.table;
 
-        // Head g's chunks as Q's B fragments (zero for heads past the block's). Scores are scaled
-        // in f32 afterwards, so Q enters the MMA exactly as stored.
-        uint4 query[SLICES];
-        const T* q_head = q + (static_cast<unsigned long long>(row) * num_heads + first_head + g) * HEAD_DIM + t * VEC;
-#pragma unroll
-        for (int p = 0; p < SLICES; ++p) {
-            query[p] = make_uint4(0u, 0u, 0u, 0u);
-            if (g < heads_here) query[p] = load_chunk<T, false>(q_head + 32 * p, VEC);
-        }
-        // O^T accumulators: m-tile (p, pair) holds dimensions of words 2 pair (rows g) and
-        // 2 pair + 1 (rows g + 8), heads 2t and 2t + 1.
-        float acc[2 * SLICES][4];
-#pragma unroll
-        for (int m = 0; m < 2 * SLICES; ++m) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[m][i] = 0.0f;
-        }
-        // Heads 2t and 2t + 1: the running max (the same in every lane of the head) and this
-        // lane's share of the running sum (its tokens g and g + 8).
-        float run_max[2] = {NEG_INF, NEG_INF};
-        float run_sum[2] = {0.0f, 0.0f};
-
-        // Byte offset of a context token's row (that of slot 0 for a block id outside the pages,
-        // which makes the result NaN); tokens past the split's end read its first row, already in
-        // flight or in cache, and are masked out of the softmax.
-        bool broken = false;
-        auto row_offset = [&](unsigned token) {
-            token = token < end ? token : begin;
-            const unsigned index = block_divisor.quotient(token);
-            const unsigned block = table[index];
-            broken |= block >= num_blocks;
-            const unsigned slot = block < num_blocks ? block * block_size + (token - index * block_size) : 0u;
-            return static_cast<unsigned long long>(slot) * row_bytes;
-        };
-
-        // Stream this warp's tiles of the split. The loop bounds depend on the warp only, so every
-        // lane reaches the shuffles and the warp-wide MMAs.
-        unsigned tile = begin + warp * TILE;
-        unsigned long long offset_lo = row_offset(tile + g);
-        unsigned long long offset_hi = row_offset(tile + 8 + g);
-        // The first tiles' prefetches, their lookups issued together.
-#pragma unroll
-        for (unsigned ahead = 0; ahead < MAX_PREFETCH_TILES; ++ahead) {
-            if (ahead < prefetch_tiles) {
-                const unsigned long long at = row_offset(tile + ahead * stride + prefetch_token);
-                prefetch_l2(prefetch_row + at);
-                prefetch_l2(prefetch_row + at + ROW_LAST_BYTE);
-            }
-        }
-        unsigned long long prefetch_offset = row_offset(tile + prefetch_tiles * stride + prefetch_token);
-        for (; tile < end; tile += stride) {
-            uint4 keys[2][SLICES];
-            uint4 values[2][SLICES];
+            // Head g's chunks as Q's B fragments (zero for heads past the block's). Scores are scaled
+            // in f32 afterwards, so Q enters the MMA exactly as stored.
+            uint4 query[SLICES];
+            const T* q_head =
+                q + (static_cast<unsigned long long>(row) * num_heads + first_head + g) * HEAD_DIM + t * VEC;
 #pragma unroll
             for (int p = 0; p < SLICES; ++p) {
-                keys[0][p] = load_stream(k_lane + offset_lo + 64 * p);
-                keys[1][p] = load_stream(k_lane + offset_hi + 64 * p);
+                query[p] = make_uint4(0u, 0u, 0u, 0u);
+                if (g < heads_here) query[p] = load_chunk<T, false>(q_head + 32 * p, VEC);
             }
-#pragma unroll
-            for (int p = 0; p < SLICES; ++p) {
-                values[0][p] = load_stream(v_lane + offset_lo + 64 * p);
-                values[1][p] = load_stream(v_lane + offset_hi + 64 * p);
-            }
-            prefetch_l2(prefetch_row + prefetch_offset);
-            prefetch_l2(prefetch_row + prefetch_offset + ROW_LAST_BYTE);
-            // The lookups for the next tile and the next prefetch, while this tile computes.
-            const bool valid_lo = tile + g < end;
-            const bool valid_hi = tile + 8 + g < end;
-            offset_lo = row_offset(tile + stride + g);
-            offset_hi = row_offset(tile + stride + 8 + g);
-            prefetch_offset = row_offset(tile + (prefetch_tiles + 1) * stride + prefetch_token);
-
-            // S^T = K Q^T; each chunk's two k-steps go to two accumulators, halving the chain of
-            // dependent MMAs.
-            float s_even[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            float s_odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int p = 0; p < SLICES; ++p) {
-                const unsigned first[4] = {keys[0][p].x, keys[1][p].x, keys[0][p].y, keys[1][p].y};
-                mma_16816<T>(s_even, first, query[p].x, query[p].y);
-                const unsigned second[4] = {keys[0][p].z, keys[1][p].z, keys[0][p].w, keys[1][p].w};
-                mma_16816<T>(s_odd, second, query[p].z, query[p].w);
-            }
-            // Scores in the log2 domain: [0], [1] token g, heads 2t, 2t + 1; [2], [3] token g + 8.
-            float score[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const bool valid = i < 2 ? valid_lo : valid_hi;
-                score[i] = valid ? (s_even[i] + s_odd[i]) * log2_scale : NEG_INF;
-            }
-            float correction[2];
-            float base[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                float tile_max = fmaxf(score[e], score[2 + e]);
-#pragma unroll
-                for (int offset = 4; offset < 32; offset <<= 1) {
-                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
-                }
-                const float new_max = fmaxf(run_max[e], tile_max);
-                // A head that has seen no token yet keeps a max of -inf; exponents relative to 0
-                // then give the 0 weights its (masked) scores and empty history deserve.
-                base[e] = new_max == NEG_INF ? 0.0f : new_max;
-                correction[e] = fast_exp2(run_max[e] - base[e]);
-                run_max[e] = new_max;
-            }
-            float weight[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) weight[i] = fast_exp2(score[i] - base[i & 1]);
-#pragma unroll
-            for (int e = 0; e < 2; ++e) run_sum[e] = run_sum[e] * correction[e] + weight[e] + weight[2 + e];
+            // O^T accumulators: m-tile (p, pair) holds dimensions of words 2 pair (rows g) and
+            // 2 pair + 1 (rows g + 8), heads 2t and 2t + 1.
+            float acc[2 * SLICES][4];
 #pragma unroll
             for (int m = 0; m < 2 * SLICES; ++m) {
 #pragma unroll
-                for (int i = 0; i < 4; ++i) acc[m][i] *= correction[i & 1];
+                for (int i = 0; i < 4; ++i) acc[m][i] = 0.0f;
             }
-            // P^T as B fragments: tokens 2t, 2t + 1 (and 8 more) of head g.
-            const unsigned p_lo = transpose8x8(pack2<T>(weight[0], weight[1]));
-            const unsigned p_hi = transpose8x8(pack2<T>(weight[2], weight[3]));
+            // Heads 2t and 2t + 1: the running max (the same in every lane of the head) and this
+            // lane's share of the running sum (its tokens g and g + 8).
+            float run_max[2] = {NEG_INF, NEG_INF};
+            float run_sum[2] = {0.0f, 0.0f};
+
+            // Byte offset of a context token's row (that of slot 0 for a block id outside the pages,
+            // which makes the result NaN); tokens past the split's end read its first row, already in
+            // flight or in cache, and are masked out of the softmax.
+            bool broken = false;
+            auto row_offset = [&](unsigned token) {
+                token = token < end ? token : begin;
+                const unsigned index = block_divisor.quotient(token);
+                const unsigned block = table[index];
+                broken |= block >= num_blocks;
+                const unsigned slot = block < num_blocks ? block * block_size + (token - index * block_size) : 0u;
+                return static_cast<unsigned long long>(slot) * row_bytes;
+            };
+
+            // The arithmetic of one tile whose K and V rows are in registers.
+            auto consume = [&](const uint4 (&keys)[2][SLICES], const uint4 (&values)[2][SLICES], unsigned tile) {
+                const bool valid_lo = tile + g < end;
+                const bool valid_hi = tile + 8 + g < end;
+                // S^T = K Q^T; each chunk's two k-steps go to two accumulators, halving the chain
+                // of dependent MMAs.
+                float s_even[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                float s_odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int p = 0; p < SLICES; ++p) {
+                    const unsigned first[4] = {keys[0][p].x, keys[1][p].x, keys[0][p].y, keys[1][p].y};
+                    mma_16816<T>(s_even, first, query[p].x, query[p].y);
+                    const unsigned second[4] = {keys[0][p].z, keys[1][p].z, keys[0][p].w, keys[1][p].w};
+                    mma_16816<T>(s_odd, second, query[p].z, query[p].w);
+                }
+                // Scores in the log2 domain: [0], [1] token g, heads 2t, 2t + 1; [2], [3] token g + 8.
+                float score[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const bool valid = i < 2 ? valid_lo : valid_hi;
+                    score[i] = valid ? (s_even[i] + s_odd[i]) * log2_scale : NEG_INF;
+                }
+                float correction[2];
+                float base[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float tile_max = fmaxf(score[e], score[2 + e]);
+#pragma unroll
+                    for (int offset = 4; offset < 32; offset <<= 1) {
+                        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+                    }
+                    const float new_max = fmaxf(run_max[e], tile_max);
+                    // A head that has seen no token yet keeps a max of -inf; exponents relative to
+                    // 0 then give the 0 weights its (masked) scores and empty history deserve.
+                    base[e] = new_max == NEG_INF ? 0.0f : new_max;
+                    correction[e] = fast_exp2(run_max[e] - base[e]);
+                    run_max[e] = new_max;
+                }
+                float weight[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) weight[i] = fast_exp2(score[i] - base[i & 1]);
+#pragma unroll
+                for (int e = 0; e < 2; ++e) run_sum[e] = run_sum[e] * correction[e] + weight[e] + weight[2 + e];
+#pragma unroll
+                for (int m = 0; m < 2 * SLICES; ++m) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) acc[m][i] *= correction[i & 1];
+                }
+                // P^T as B fragments: tokens 2t, 2t + 1 (and 8 more) of head g.
+                const unsigned p_lo = transpose8x8(pack2<T>(weight[0], weight[1]));
+                const unsigned p_hi = transpose8x8(pack2<T>(weight[2], weight[3]));
+#pragma unroll
+                for (int p = 0; p < SLICES; ++p) {
+#pragma unroll
+                    for (int pair = 0; pair < 2; ++pair) {
+                        const unsigned a[4] = {transpose8x8(word(values[0][p], 2 * pair)),
+                                               transpose8x8(word(values[0][p], 2 * pair + 1)),
+                                               transpose8x8(word(values[1][p], 2 * pair)),
+                                               transpose8x8(word(values[1][p], 2 * pair + 1))};
+                        mma_16816<T>(acc[2 * p + pair], a, p_lo, p_hi);
+                    }
+                }
+            };
+
+            // Stream this warp's tiles of the split. The loop bounds depend on the warp only, so
+            // every lane reaches the shuffles and the warp-wide MMAs.
+            unsigned tile = begin + warp * TILE;
+            unsigned long long offset_lo = row_offset(tile + g);
+            unsigned long long offset_hi = row_offset(tile + 8 + g);
+            // The loads of the tile whose rows are at offset_lo and offset_hi.
+            auto load_tile = [&](uint4 (&keys)[2][SLICES], uint4 (&values)[2][SLICES]) {
+#pragma unroll
+                for (int p = 0; p < SLICES; ++p) {
+                    keys[0][p] = load_stream(k_lane + offset_lo + 64 * p);
+                    keys[1][p] = load_stream(k_lane + offset_hi + 64 * p);
+                }
+#pragma unroll
+                for (int p = 0; p < SLICES; ++p) {
+                    values[0][p] = load_stream(v_lane + offset_lo + 64 * p);
+                    values[1][p] = load_stream(v_lane + offset_hi + 64 * p);
+                }
+            };
+            // Tiles past the one computed that the L2 prefetch reaches: prefetch_tiles past the
+            // one loaded, which the pipelined form loads a tile ahead.
+            const unsigned lead = prefetch_tiles + (PIPELINED ? 1 : 0);
+            // The first tiles' prefetches, their lookups issued together.
+#pragma unroll
+            for (unsigned ahead = 0; ahead <= MAX_PREFETCH_TILES; ++ahead) {
+                if (ahead < lead) {
+                    const unsigned long long at = row_offset(tile + ahead * stride + prefetch_token);
+                    prefetch_l2(prefetch_row + at);
+                    prefetch_l2(prefetch_row + at + ROW_LAST_BYTE);
+                }
+            }
+            unsigned long long prefetch_offset = row_offset(tile + lead * stride + prefetch_token);
+            // The prefetch `lead` tiles past `tile`, then the lookups of the next (loads and
+            // prefetch), while this tile computes.
+            auto prefetch_and_look_up = [&](unsigned next_load) {
+                prefetch_l2(prefetch_row + prefetch_offset);
+                prefetch_l2(prefetch_row + prefetch_offset + ROW_LAST_BYTE);
+                offset_lo = row_offset(next_load + g);
+                offset_hi = row_offset(next_load + 8 + g);
+                prefetch_offset = row_offset(tile + (lead + 1) * stride + prefetch_token);
+            };
+            if constexpr (PIPELINED) {
+                // Two register buffers: a tile's loads are issued a tile before its arithmetic,
+                // so a warp has two tiles in flight instead of one. The last step loads a tile
+                // past the split, the split's first row again.
+                if (tile < end) {
+                    uint4 keys_a[2][SLICES];
+                    uint4 values_a[2][SLICES];
+                    uint4 keys_b[2][SLICES];
+                    uint4 values_b[2][SLICES];
+                    load_tile(keys_a, values_a);
+                    offset_lo = row_offset(tile + stride + g);
+                    offset_hi = row_offset(tile + stride + 8 + g);
+                    while (true) {
+                        load_tile(keys_b, values_b);
+                        prefetch_and_look_up(tile + 2 * stride);
+                        consume(keys_a, values_a, tile);
+                        tile += stride;
+                        if (tile >= end) break;
+                        load_tile(keys_a, values_a);
+                        prefetch_and_look_up(tile + 2 * stride);
+                        consume(keys_b, values_b, tile);
+                        tile += stride;
+                        if (tile >= end) break;
+                    }
+                }
+            } else {
+                for (; tile < end; tile += stride) {
+                    uint4 keys[2][SLICES];
+                    uint4 values[2][SLICES];
+                    load_tile(keys, values);
+                    prefetch_and_look_up(tile + stride);
+                    consume(keys, values, tile);
+                }
+            }
+
+            // The sums over the head's lanes, then each warp's statistics and values to the block.
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+#pragma unroll
+                for (int offset = 4; offset < 32; offset <<= 1) {
+                    run_sum[e] += __shfl_xor_sync(0xffffffffu, run_sum[e], offset);
+                }
+            }
 #pragma unroll
             for (int p = 0; p < SLICES; ++p) {
 #pragma unroll
                 for (int pair = 0; pair < 2; ++pair) {
-                    const unsigned a[4] = {transpose8x8(word(values[0][p], 2 * pair)),
-                                           transpose8x8(word(values[0][p], 2 * pair + 1)),
-                                           transpose8x8(word(values[1][p], 2 * pair)),
-                                           transpose8x8(word(values[1][p], 2 * pair + 1))};
-                    mma_16816<T>(acc[2 * p + pair], a, p_lo, p_hi);
+                    const unsigned dim = 8 * (4 * p + g / 2) + 4 * pair + (g & 1);
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const unsigned head = 2 * t + e;
+                        merge.values[warp][head][dim] = acc[2 * p + pair][e];
+                        merge.values[warp][head][dim + 2] = acc[2 * p + pair][2 + e];
+                    }
                 }
             }
-        }
-
-        // The sums over the head's lanes, then each warp's statistics and values to the block.
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-#pragma unroll
-            for (int offset = 4; offset < 32; offset <<= 1) {
-                run_sum[e] += __shfl_xor_sync(0xffffffffu, run_sum[e], offset);
-            }
-        }
-#pragma unroll
-        for (int p = 0; p < SLICES; ++p) {
-#pragma unroll
-            for (int pair = 0; pair < 2; ++pair) {
-                const unsigned dim = 8 * (4 * p + g / 2) + 4 * pair + (g & 1);
+            if (g == 0) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const unsigned head = 2 * t + e;
-                    merge.values[warp][head][dim] = acc[2 * p + pair][e];
-                    merge.values[warp][head][dim + 2] = acc[2 * p + pair][2 + e];
+                    merge.max[warp][2 * t + e] = run_max[e];
+                    merge.sum[warp][2 * t + e] = run_sum[e];
                 }
             }
+            const bool is_broken = __syncthreads_or(broken) != 0;
+            write_split<T, HEADS, NWARPS, HEAD_DIM>(merge, is_broken, out, scratch, row, task);
+            // The shared statistics are overwritten by the next row.
+            __syncthreads();
         }
-        if (g == 0) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                merge.max[warp][2 * t + e] = run_max[e];
-                merge.sum[warp][2 * t + e] = run_sum[e];
-            }
-        }
-        const bool is_broken = __syncthreads_or(broken) != 0;
-        write_split<T, HEADS, NWARPS, HEAD_DIM>(merge, is_broken, out, scratch, row, first_head, heads_here,
-                                                num_tokens, num_heads, HEAD_DIM, split, num_splits);
-        // The shared statistics are overwritten by the next row.
-        __syncthreads();
     }
 }
 
@@ -919,32 +1005,32 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
         const unsigned* __restrict__ context_len, const unsigned* __restrict__ block_tables, unsigned num_seqs,      \
         unsigned max_blocks, unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned head_dim,      \
         unsigned block_size, unsigned num_blocks, float scale) {                                                     \
+        const BatchLayout layout{query_start, context_len, block_tables, num_seqs, max_blocks};                      \
         /* 16-byte loads (and L2 prefetches) when the rows allow them, element loads otherwise. */                  \
         if (head_dim % (16 / sizeof(T)) == 0 && is_aligned16(k_pages) && is_aligned16(v_pages)) {                   \
-            paged_attention_fma<T, GROUP, true>(q, k_pages, v_pages, out, scratch, query_start, context_len,         \
-                                                block_tables, num_seqs, max_blocks, num_tokens, num_heads,           \
-                                                num_kv_heads, head_dim, block_size, num_blocks, scale);              \
+            paged_attention_fma<T, GROUP, true>(q, k_pages, v_pages, out, scratch, layout, num_tokens,     \
+                                                num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale);   \
         } else {                                                                                                     \
-            paged_attention_fma<T, GROUP, false>(q, k_pages, v_pages, out, scratch, query_start, context_len,        \
-                                                 block_tables, num_seqs, max_blocks, num_tokens, num_heads,          \
-                                                 num_kv_heads, head_dim, block_size, num_blocks, scale);             \
+            paged_attention_fma<T, GROUP, false>(q, k_pages, v_pages, out, scratch, layout, num_tokens,    \
+                                                 num_heads, num_kv_heads, head_dim, block_size, num_blocks, scale);  \
         }                                                                                                            \
     }
 
-// paged_attention_mma_d<DIM>_w<NWARPS>_b<MIN>: 16-bit K/V, head_dim == DIM, pages 16-byte aligned,
-// NWARPS warps per block, up to 8 query heads per KV head in one block, prefetch_tiles <=
-// MAX_PREFETCH_TILES.
-#define PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, DIM, NWARPS, MIN)                                                      \
+// paged_attention_mma_d<DIM>_w<NWARPS>_b<MIN><NAME>: 16-bit K/V, head_dim == DIM, pages 16-byte
+// aligned, NWARPS warps per block, up to 8 query heads per KV head in one block, prefetch_tiles <=
+// MAX_PREFETCH_TILES; NAME is _pl for the pipelined loop (PIPE), nothing otherwise.
+#define PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, DIM, NWARPS, MIN, NAME, PIPE)                                          \
     extern "C" __global__ void __launch_bounds__(NWARPS * 32, MIN)                                                   \
-        paged_attention_mma_d##DIM##_w##NWARPS##_b##MIN##_##SUFFIX(                                                  \
+        paged_attention_mma_d##DIM##_w##NWARPS##_b##MIN##NAME##_##SUFFIX(                                            \
             const T* __restrict__ q, const T* __restrict__ k_pages, const T* __restrict__ v_pages,                   \
             T* __restrict__ out, float* __restrict__ scratch, const unsigned* __restrict__ query_start,              \
             const unsigned* __restrict__ context_len, const unsigned* __restrict__ block_tables, unsigned num_seqs,  \
             unsigned max_blocks, unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads,                     \
             unsigned block_size, unsigned num_blocks, float scale, unsigned prefetch_tiles) {                        \
-        paged_attention_mma<T, (DIM) / 32, NWARPS>(q, k_pages, v_pages, out, scratch, query_start, context_len,      \
-                                                   block_tables, num_seqs, max_blocks, num_tokens, num_heads,        \
-                                                   num_kv_heads, block_size, num_blocks, scale, prefetch_tiles);     \
+        const BatchLayout layout{query_start, context_len, block_tables, num_seqs, max_blocks};                      \
+        paged_attention_mma<T, (DIM) / 32, NWARPS, PIPE>(q, k_pages, v_pages, out, scratch, layout, num_tokens,     \
+                                                         num_heads, num_kv_heads, block_size, num_blocks, scale,    \
+                                                         prefetch_tiles);                                           \
     }
 
 #define PAGODA_PAGED_ATTENTION_KERNELS(SUFFIX, T)                                                                     \
@@ -966,14 +1052,16 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
 
 PAGODA_FOR_EACH_FLOAT(PAGODA_PAGED_ATTENTION_KERNELS)
 
-// The forms compiled: for 128 dimensions, four warps with registers capped for four blocks per SM
-// (the default) or three, and eight warps capped for two; one form for 64 and 96.
+// The forms compiled. For 128 dimensions: four warps with registers capped for four blocks per SM
+// (the default when contexts are not split) or three; the pipelined loop (_pl) with four warps and
+// two blocks per SM (the default when they are) or eight warps and one. One form for 64 and 96.
 #define PAGODA_PAGED_ATTENTION_MMA_FORMS(SUFFIX, T)                                                                   \
-    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 64, 4, 3)                                                                  \
-    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 96, 4, 3)                                                                  \
-    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 128, 4, 4)                                                                 \
-    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 128, 4, 3)                                                                 \
-    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 128, 8, 2)
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 64, 4, 3, , false)                                                         \
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 96, 4, 3, , false)                                                         \
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 128, 4, 4, , false)                                                        \
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 128, 4, 3, , false)                                                        \
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 128, 4, 2, _pl, true)                                                      \
+    PAGODA_PAGED_ATTENTION_MMA(SUFFIX, T, 128, 8, 1, _pl, true)
 
 PAGODA_PAGED_ATTENTION_MMA_FORMS(f16, half_t)
 PAGODA_PAGED_ATTENTION_MMA_FORMS(bf16, bf16_t)

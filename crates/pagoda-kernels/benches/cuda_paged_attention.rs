@@ -11,10 +11,14 @@
 //!
 //! After criterion's report a summary prints, per shape, the median time per call, GB/s (10^9
 //! bytes) and the fraction of the copy bandwidth, also as one JSON line each (`{"bench":
-//! "pagoda_decode", ...}`) for the peer script to compare; then the same call with other split
-//! counts, each checked against the default's output. With `PAGODA_DECODE_SWEEP=full` the sweep
-//! also crosses every compiled form of the split kernel with every L2 prefetch depth, and lists
-//! each shape's fastest choices last.
+//! "pagoda_decode", ...}`) for the peer script to compare, beside the previous default (the
+//! four-warp tensor-core form capped for four blocks per SM, one tile of L2 prefetch, 66 splits
+//! at B1 and 1 at B64: what the earlier rule chose on a 132-SM GPU); then the same call with
+//! other split counts, each checked against the default's output. With
+//! `PAGODA_DECODE_SWEEP=full` the sweep also crosses every compiled form of the tensor-core
+//! kernel for 128 dimensions (warps, register cap, pipelined loop) with every L2 prefetch depth,
+//! and lists each shape's fastest choices last; the default and the previous default are timed
+//! again at the end, to show the spread.
 
 mod common;
 
@@ -40,6 +44,8 @@ struct Shape {
     kv_heads: usize,
     context: usize,
     head_dim: usize,
+    /// The split count the previous default rule chose for the shape on a 132-SM GPU.
+    previous_splits: usize,
 }
 
 impl Shape {
@@ -63,6 +69,7 @@ const SHAPES: [Shape; 2] = [
         kv_heads: 8,
         context: 2048,
         head_dim: 128,
+        previous_splits: 1,
     },
     Shape {
         batch: 1,
@@ -70,6 +77,7 @@ const SHAPES: [Shape; 2] = [
         kv_heads: 8,
         context: 32_768,
         head_dim: 128,
+        previous_splits: 66,
     },
 ];
 const BLOCK_SIZE: usize = 16;
@@ -97,6 +105,7 @@ impl Inputs {
             kv_heads,
             context,
             head_dim,
+            ..
         } = *shape;
         let blocks_per_seq = context.div_ceil(BLOCK_SIZE);
         let num_blocks = batch * blocks_per_seq;
@@ -221,15 +230,16 @@ fn measure(
 }
 
 /// Split counts the sweep tries for a shape: powers of two up to the most the context has 64-token
-/// pieces for, and the default; with `full`, also the counts that give every one of 132 SMs (an
-/// H100's, an H200's) 1 to 6 blocks. Shapes whose rows alone fill the GPU try no more than 8.
+/// pieces for, the default and the previous default; with `full`, also the counts that give every
+/// one of 132 SMs (an H100's, an H200's) 1 to 6 blocks of four warps, and multiples of 8 near
+/// those. Shapes whose rows alone fill the GPU try no more than 4.
 fn sweep_splits(shape: &Shape, default: usize, full: bool) -> Vec<usize> {
     let max_splits = (shape.context / 64).min(MAX_SPLITS);
     let blocks_per_split = shape.batch * shape.kv_heads;
     let mut counts: Vec<usize> = (0..usize::BITS)
         .map(|p| 1usize << p)
         .take_while(|&s| s <= max_splits)
-        .chain([default])
+        .chain([default, shape.previous_splits])
         .collect();
     if full {
         counts.extend(
@@ -237,16 +247,38 @@ fn sweep_splits(shape: &Shape, default: usize, full: bool) -> Vec<usize> {
                 .map(|per_sm: usize| (132 * per_sm).div_ceil(blocks_per_split))
                 .filter(|&s| s <= max_splits),
         );
+        counts.extend([24, 48]);
     }
     if blocks_per_split >= 132 {
-        counts.retain(|&s| s <= 8 || s == default);
+        counts.retain(|&s| s <= 4 || s == default || s == shape.previous_splits);
         counts.push(3);
     } else if full {
-        counts.retain(|&s| s >= 8 || s == default);
+        counts.retain(|&s| s >= 8 || s == default || s == shape.previous_splits);
     }
     counts.sort_unstable();
     counts.dedup();
     counts
+}
+
+/// The previous default of a shape: the four-warp tensor-core form capped for four blocks per SM,
+/// one tile of L2 prefetch, the split count the previous rule chose.
+fn previous_default(shape: &Shape) -> DecodeVariant {
+    DecodeVariant {
+        num_splits: Some(shape.previous_splits),
+        prefetch_tiles: Some(1),
+        kernel: Some("mma_w4_b4".to_owned()),
+    }
+}
+
+/// The tensor-core forms the full sweep crosses (heads of 128 dimensions).
+const SWEEP_KERNELS: [&str; 4] = ["mma_w4_b4", "mma_w4_b3", "mma_w4_b2_pl", "mma_w8_b1_pl"];
+
+/// One timed choice: its time and what it was.
+struct Measured {
+    seconds: f64,
+    kernel: String,
+    prefetch: String,
+    splits: usize,
 }
 
 /// The per-shape table, each line also as JSON; then the sweep of each shape.
@@ -260,28 +292,38 @@ fn summary(device: &CudaDevice, inputs: &mut [Inputs]) {
     println!("device-to-device copy: {copy_rate:.0} GB/s (read + write)");
     let mut json = Vec::new();
     let mut best_lines = Vec::new();
+    let mut table = Vec::new();
     for (shape, inputs) in SHAPES.iter().zip(inputs.iter_mut()) {
         let default = inputs.default_splits();
         let reference = inputs.run(None);
         let base = median_seconds(device, RUNS, 10, || drop(inputs.run(None)));
+        let previous = previous_default(shape);
+        let (before, note) = measure(device, inputs, &reference, &previous);
+        if let Some(note) = note {
+            println!("  {note}: previous default");
+        }
         json.push(json_line(shape, base, copy_rate, default));
         let rate = |time: f64| shape.kv_bytes() as f64 / time / 1e9;
-        println!(
-            "{}: default ({default} splits) {:.1} us, {:.0} GB/s, {:.1}% of copy",
-            shape.label(),
-            base * 1e6,
-            rate(base),
-            100.0 * rate(base) / copy_rate
-        );
+        let line = |what: &str, time: f64| {
+            format!(
+                "{:>26} {what:<34} {:>7.1} us {:>5.0} GB/s {:>5.1}% of copy",
+                shape.label(),
+                time * 1e6,
+                rate(time),
+                100.0 * rate(time) / copy_rate
+            )
+        };
+        println!("{}", line(&format!("default ({default} splits)"), base));
+        println!("{}", line("previous default", before));
+        table.push(line(
+            &format!("default ({default} splits), {:.3}x previous", before / base),
+            base,
+        ));
+        table.push(line("previous default", before));
+
         let splits = sweep_splits(shape, default, full);
         let kernels: Vec<Option<&str>> = if full {
-            vec![
-                None,
-                Some("mma_w4_b4"),
-                Some("mma_w4_b3"),
-                Some("mma_w8_b2"),
-                Some("fma"),
-            ]
+            SWEEP_KERNELS.iter().copied().map(Some).collect()
         } else {
             vec![None]
         };
@@ -291,16 +333,12 @@ fn summary(device: &CudaDevice, inputs: &mut [Inputs]) {
             vec![None]
         };
         println!(
-            "{:>10} {:>8} | us per call at splits {splits:?} (* = different output)",
+            "{:>15} {:>8} | us per call at splits {splits:?} (* = different output)",
             "kernel", "prefetch"
         );
         let mut results = Vec::new();
         for &kernel in &kernels {
             for &depth in &depths {
-                // The CUDA-core kernel has no prefetch depth to vary.
-                if kernel == Some("fma") && depth.is_some_and(|d| d > 0) {
-                    continue;
-                }
                 let mut cells = Vec::new();
                 for &count in &splits {
                     let variant = DecodeVariant {
@@ -317,29 +355,43 @@ fn summary(device: &CudaDevice, inputs: &mut [Inputs]) {
                     if let Some(note) = &note {
                         println!("  {note}: {variant:?}");
                     } else {
-                        results.push((time, kernel.unwrap_or("default"), depth, count));
+                        results.push(Measured {
+                            seconds: time,
+                            kernel: kernel.unwrap_or("default").to_owned(),
+                            prefetch: depth.map_or("default".to_owned(), |d| d.to_string()),
+                            splits: count,
+                        });
                     }
                 }
                 println!(
-                    "{:>10} {:>8} | {}",
+                    "{:>15} {:>8} | {}",
                     kernel.unwrap_or("default"),
                     depth.map_or("default".to_owned(), |d| d.to_string()),
                     cells.join(" ")
                 );
             }
         }
-        results.sort_by(|a, b| a.0.total_cmp(&b.0));
-        for (time, kernel, depth, count) in results.iter().take(8) {
+        results.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+        for m in results.iter().take(if full { 12 } else { 4 }) {
             best_lines.push(format!(
-                "{:>26} {kernel:>10} prefetch {:>7} splits {count:>3}: {:>6.1} us {:>5.0} GB/s \
-                 {:>5.1}% of copy ({:.2}x default)",
+                "{:>26} {:>15} prefetch {:>7} splits {:>3}: {:>6.1} us {:>5.0} GB/s \
+                 {:>5.1}% of copy ({:.3}x default)",
                 shape.label(),
-                depth.map_or("default".to_owned(), |d| d.to_string()),
-                time * 1e6,
-                rate(*time),
-                100.0 * rate(*time) / copy_rate,
-                base / time
+                m.kernel,
+                m.prefetch,
+                m.splits,
+                m.seconds * 1e6,
+                rate(m.seconds),
+                100.0 * rate(m.seconds) / copy_rate,
+                base / m.seconds
             ));
+        }
+        if full {
+            // The same two calls again after the sweep: their spread is the noise.
+            let again = median_seconds(device, RUNS, 10, || drop(inputs.run(None)));
+            let (before_again, _) = measure(device, inputs, &reference, &previous);
+            table.push(line("default, again after the sweep", again));
+            table.push(line("previous default, again", before_again));
         }
     }
     println!("\nfastest choices (copy {copy_rate:.0} GB/s):");
@@ -348,6 +400,10 @@ fn summary(device: &CudaDevice, inputs: &mut [Inputs]) {
     }
     println!();
     for line in json {
+        println!("{line}");
+    }
+    println!("\ndefault against the previous default (copy {copy_rate:.0} GB/s):");
+    for line in table {
         println!("{line}");
     }
 }

@@ -5,7 +5,8 @@
 //! model's shape, split counts from 1 to the most, 32k-token contexts, both split kernels (tensor
 //! cores for 16-bit heads of 64, 96 and 128 dimensions, CUDA cores otherwise, and for pages that
 //! are not 16-byte aligned), each compiled form of the tensor-core kernel at every L2 prefetch
-//! depth. Outputs come from memory poisoned with NaN first.
+//! depth (the pipelined forms that split launches take among them). Outputs come from memory
+//! poisoned with NaN first.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -350,7 +351,7 @@ fn every_split_count_matches_the_cpu() {
     // Contexts longer and shorter than a split, so some splits of some rows are empty.
     let seqs = [(1, 1000), (1, 37), (1, 513), (2, 64)];
     for dtype in [DType::F32, DType::F16] {
-        for splits in [1, 2, 7, 64, MAX_SPLITS] {
+        for splits in [1, 2, 7, 16, 33, 64, 66, MAX_SPLITS] {
             run_with_splits(
                 &device,
                 &mut rng,
@@ -415,9 +416,16 @@ fn every_tensor_core_form_and_prefetch_depth_matches_the_cpu() {
     // Decode rows of ragged lengths (one shorter than a tile, one not a multiple of a block's
     // step) and a prompt chunk, cut into splits some of which hold nothing.
     let seqs = [(1, 1), (1, 700), (1, 2049), (1, 17), (3, 300)];
-    for kernel in ["mma_w4_b4", "mma_w4_b3", "mma_w8_b2", "fma"] {
+    let kernels = [
+        "mma_w4_b4",
+        "mma_w4_b3",
+        "mma_w4_b2_pl",
+        "mma_w8_b1_pl",
+        "fma",
+    ];
+    for kernel in kernels {
         for prefetch in 0..=MAX_PREFETCH_TILES {
-            for (dtype, splits) in [(DType::F16, 1), (DType::BF16, 9)] {
+            for (dtype, splits) in [(DType::F16, 1), (DType::BF16, 9), (DType::F16, 17)] {
                 let variant = DecodeVariant {
                     num_splits: Some(splits),
                     prefetch_tiles: Some(prefetch),
@@ -464,10 +472,6 @@ fn every_tensor_core_form_and_prefetch_depth_matches_the_cpu() {
                 false,
             );
         }
-        let variant = DecodeVariant {
-            kernel: Some("mma_w8_b2".to_owned()),
-            ..DecodeVariant::default()
-        };
         let layout = DeviceBatchLayout::new(&[0, 1], &[5], &[0], 1, 16, 1, &device).unwrap();
         let params = AttentionParams {
             num_heads: 2,
@@ -477,10 +481,16 @@ fn every_tensor_core_form_and_prefetch_depth_matches_the_cpu() {
         };
         let (q, _) = random_tensor(&mut rng, &[1, 2, head_dim], DType::F16, 1.0, &device);
         let (pages, _) = random_tensor(&mut rng, &[1, 16, 1, head_dim], DType::F16, 1.0, &device);
-        assert!(
-            paged_attention_variant(&q, &layout, &params, &pages, &pages, &variant).is_err(),
-            "head_dim {head_dim}"
-        );
+        for kernel in ["mma_w4_b2_pl", "mma_w8_b1_pl", "mma_w4_b3_xx", "mma_w4"] {
+            let variant = DecodeVariant {
+                kernel: Some(kernel.to_owned()),
+                ..DecodeVariant::default()
+            };
+            assert!(
+                paged_attention_variant(&q, &layout, &params, &pages, &pages, &variant).is_err(),
+                "head_dim {head_dim} {kernel}"
+            );
+        }
     }
 }
 

@@ -47,10 +47,19 @@ const MIN_SPLIT_TOKENS: usize = 64;
 pub const MAX_PREFETCH_TILES: u32 = 4;
 
 /// Tiles ahead of its loads the tensor-core kernel asks L2 for by default: the next tile, as the
-/// CUDA-core kernel does. Every warp of the GPU then has one tile (8 KiB of K/V) waiting in L2,
-/// about 17 MB with four blocks of four warps on each of 132 SMs, a third of an H100's L2;
-/// deeper prefetches would hold more of it, lines not yet read alongside those already read.
+/// CUDA-core kernel does. With four blocks of four warps on each of 132 SMs, every tile of
+/// prefetch holds about 17 MB of L2 (8 KiB per warp), a third of an H100's, beside the lines
+/// already read; two tiles cost B64 H24 KVH8 L2048 3% (97.4% -> 94.1% of copy). The pipelined
+/// form loads a tile ahead of its arithmetic, so its prefetch reaches two tiles past the tile it
+/// computes; one tile of prefetch was also its best at B1 L32768.
 const PREFETCH_TILES: u32 = 1;
+
+/// The tensor-core form for calls that split their contexts, heads of 128 dimensions: the
+/// pipelined loop (each warp issues a tile's loads a tile before its arithmetic, so it has two
+/// tiles in flight instead of one), four warps, registers for two blocks per SM (210 used). Such
+/// calls have few rows, and each warp's stream waits on L2's latency once per tile unless its
+/// loads run ahead.
+const SPLIT_FORM: (u32, u32) = (4, 2);
 
 /// Where each sequence of a flat batch keeps its query rows and its context, on the device.
 ///
@@ -312,14 +321,14 @@ pub fn paged_attention(
     k_pages: &Tensor,
     v_pages: &Tensor,
 ) -> Result<Tensor> {
-    let plan = Plan::new(q, layout, params, k_pages, v_pages)?;
-    let num_splits = plan.default_num_splits(layout)?;
+    let mut plan = Plan::new(q, layout, params, k_pages, v_pages)?;
+    let num_splits = plan.choose_splits(q, layout, params)?;
     plan.launch(q, layout, params, k_pages, v_pages, num_splits)
 }
 
 /// [`paged_attention`] with each context cut into `num_splits` splits (1 to [`MAX_SPLITS`])
-/// instead of the default: the same result up to rounding, for benchmarks that compare the
-/// choices.
+/// instead of the default, by the kernel the default takes for that many splits: the same result
+/// up to rounding, for benchmarks that compare the choices.
 pub fn paged_attention_with_splits(
     q: &Tensor,
     layout: &DeviceBatchLayout,
@@ -328,8 +337,9 @@ pub fn paged_attention_with_splits(
     v_pages: &Tensor,
     num_splits: usize,
 ) -> Result<Tensor> {
-    let plan = Plan::new(q, layout, params, k_pages, v_pages)?;
+    let mut plan = Plan::new(q, layout, params, k_pages, v_pages)?;
     check_splits(num_splits)?;
+    plan.take_split_form(q, params, num_splits)?;
     plan.launch(q, layout, params, k_pages, v_pages, num_splits)
 }
 
@@ -338,14 +348,16 @@ pub fn paged_attention_with_splits(
 #[doc(hidden)]
 #[derive(Clone, Debug, Default)]
 pub struct DecodeVariant {
-    /// Splits per context (1 to [`MAX_SPLITS`]).
+    /// Splits per context (1 to [`MAX_SPLITS`]); `None` for [`default_num_splits`], or with a
+    /// named `kernel`, the count [`split_count`] gives for the blocks per SM that kernel holds.
     pub num_splits: Option<usize>,
     /// Tiles ahead of its loads the tensor-core kernel asks L2 for (0 to
     /// [`MAX_PREFETCH_TILES`]).
     pub prefetch_tiles: Option<u32>,
-    /// The split kernel: `"fma"` for the CUDA-core kernel, `"mma_w<warps>_b<blocks>"` for a
-    /// compiled form of the tensor-core one (for 128 dimensions `"mma_w4_b4"`, the default,
-    /// `"mma_w4_b3"` and `"mma_w8_b2"`; for 64 and 96 `"mma_w4_b3"`).
+    /// The split kernel: `"fma"` for the CUDA-core kernel, `"mma_w<warps>_b<blocks>[_pl]"` for a
+    /// compiled form of the tensor-core one. For 128 dimensions: `"mma_w4_b4"` (the default
+    /// when contexts are not split), `"mma_w4_b3"`, and the pipelined `"mma_w4_b2_pl"` (the
+    /// default when they are) and `"mma_w8_b1_pl"`; for 64 and 96 `"mma_w4_b3"`.
     pub kernel: Option<String>,
 }
 
@@ -370,13 +382,17 @@ pub fn paged_attention_variant(
                 format!("prefetch_tiles must be at most {MAX_PREFETCH_TILES}, got {tiles}"),
             ));
         }
-        plan.prefetch_tiles = tiles;
+        plan.prefetch_tiles = Some(tiles);
     }
     let num_splits = match variant.num_splits {
         Some(splits) => {
             check_splits(splits)?;
+            if variant.kernel.is_none() {
+                plan.take_split_form(q, params, splits)?;
+            }
             splits
         }
+        None if variant.kernel.is_none() => plan.choose_splits(q, layout, params)?,
         None => plan.default_num_splits(layout)?,
     };
     plan.launch(q, layout, params, k_pages, v_pages, num_splits)
@@ -387,9 +403,11 @@ pub fn paged_attention_variant(
 /// One split when the (row, KV head) pairs alone fill every block slot of the GPU (prefill);
 /// otherwise enough splits that their blocks fill at least 90% of the slots, spread as evenly
 /// over the SMs as a count up to twice that allows, and no more than a context of the table's
-/// capacity has 64-token pieces. The kernels cut each sequence's context from its own length, so
-/// the count depends only on the batch's shape and the GPU: a recorded graph replays it at every
-/// context length.
+/// capacity has 64-token pieces. Calls that split and take the tensor cores with heads of 128
+/// dimensions run the pipelined form, whose slots are counted as one block per SM (at least two
+/// splits): for one sequence over 8 KV heads on 132 SMs, 16 splits. The kernels cut each
+/// sequence's context from its own length, so the count depends only on the batch's shape and
+/// the GPU: a recorded graph replays it at every context length.
 pub fn default_num_splits(
     q: &Tensor,
     layout: &DeviceBatchLayout,
@@ -397,7 +415,7 @@ pub fn default_num_splits(
     k_pages: &Tensor,
     v_pages: &Tensor,
 ) -> Result<usize> {
-    Plan::new(q, layout, params, k_pages, v_pages)?.default_num_splits(layout)
+    Plan::new(q, layout, params, k_pages, v_pages)?.choose_splits(q, layout, params)
 }
 
 fn check_splits(num_splits: usize) -> Result<()> {
@@ -413,12 +431,13 @@ fn check_splits(num_splits: usize) -> Result<()> {
 /// The kernel that computes a call's splits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SplitKernel {
-    /// `paged_attention_mma_d<head_dim>_w<warps>_b<min_blocks>`: 16-bit K/V on the tensor cores,
-    /// up to 8 query heads per block.
+    /// `paged_attention_mma_d<head_dim>_w<warps>_b<min_blocks>[_pl]`: 16-bit K/V on the tensor
+    /// cores, up to 8 query heads per block; `_pl` for the pipelined loop.
     Mma {
         head_dim: usize,
         warps: u32,
         min_blocks: u32,
+        pipelined: bool,
     },
     /// `paged_attention_g<width>`: f32 dot products on the CUDA cores, up to `width` query heads
     /// per block.
@@ -434,6 +453,7 @@ impl SplitKernel {
             head_dim,
             warps,
             min_blocks,
+            pipelined: false,
         }
     }
 
@@ -444,7 +464,11 @@ impl SplitKernel {
                 head_dim,
                 warps,
                 min_blocks,
-            } => format!("paged_attention_mma_d{head_dim}_w{warps}_b{min_blocks}"),
+                pipelined,
+            } => format!(
+                "paged_attention_mma_d{head_dim}_w{warps}_b{min_blocks}{}",
+                if pipelined { "_pl" } else { "" }
+            ),
             SplitKernel::Fma { width } => format!("paged_attention_g{width}"),
         }
     }
@@ -465,6 +489,17 @@ impl SplitKernel {
     }
 }
 
+/// The tensor-core form a [`DecodeVariant`] names (`"mma_w<warps>_b<blocks>[_pl]"`) as (warps,
+/// blocks, pipelined).
+fn parse_mma_form(kernel: &str) -> Option<(u32, u32, bool)> {
+    let (warps, rest) = kernel.strip_prefix("mma_w")?.split_once("_b")?;
+    let (blocks, pipelined) = match rest.strip_suffix("_pl") {
+        Some(blocks) => (blocks, true),
+        None => (rest, false),
+    };
+    Some((warps.parse().ok()?, blocks.parse().ok()?, pipelined))
+}
+
 /// A checked call: its device, and the kernel and grid for its group of query heads.
 struct Plan {
     device: CudaDevice,
@@ -475,8 +510,9 @@ struct Plan {
     blocks_per_split: usize,
     /// The grid's y dimension: KV heads x blocks per KV head.
     head_blocks: u32,
-    /// Tiles ahead the tensor-core kernel prefetches.
-    prefetch_tiles: u32,
+    /// Tiles ahead of its loads the tensor-core kernel prefetches; `None` for
+    /// [`PREFETCH_TILES`].
+    prefetch_tiles: Option<u32>,
 }
 
 impl Plan {
@@ -543,7 +579,7 @@ impl Plan {
             blocks_per_split: num_tokens.saturating_mul(head_blocks),
             // At most num_heads <= 65535 (checked in `new`).
             head_blocks: head_blocks as u32,
-            prefetch_tiles: PREFETCH_TILES,
+            prefetch_tiles: None,
         })
     }
 
@@ -555,11 +591,8 @@ impl Plan {
                 width: group_width(group),
             }
         } else {
-            let form = kernel
-                .strip_prefix("mma_w")
-                .and_then(|rest| rest.split_once("_b"))
-                .and_then(|(w, b)| Some((w.parse().ok()?, b.parse().ok()?)));
-            let (Some((warps, min_blocks)), SplitKernel::Mma { head_dim, .. }) = (form, self.kind)
+            let (Some((warps, min_blocks, pipelined)), SplitKernel::Mma { head_dim, .. }) =
+                (parse_mma_form(kernel), self.kind)
             else {
                 return Err(Error::shape(
                     Self::OP,
@@ -570,6 +603,7 @@ impl Plan {
                 head_dim,
                 warps,
                 min_blocks,
+                pipelined,
             }
         };
         let num_tokens = self.blocks_per_split / self.head_blocks.max(1) as usize;
@@ -577,13 +611,68 @@ impl Plan {
         Ok(())
     }
 
-    /// [`default_num_splits`] for this call.
-    fn default_num_splits(&self, layout: &DeviceBatchLayout) -> Result<usize> {
+    /// Switches a default tensor-core plan for heads of 128 dimensions to [`SPLIT_FORM`] when
+    /// the call cuts its contexts into `num_splits > 1` splits; returns whether it switched.
+    fn take_split_form(
+        &mut self,
+        q: &Tensor,
+        params: &AttentionParams,
+        num_splits: usize,
+    ) -> Result<bool> {
+        if num_splits == 1 || self.kind != SplitKernel::mma(128) {
+            return Ok(false);
+        }
+        let (warps, min_blocks) = SPLIT_FORM;
+        let kind = SplitKernel::Mma {
+            head_dim: 128,
+            warps,
+            min_blocks,
+            pipelined: true,
+        };
+        let num_tokens = self.blocks_per_split / self.head_blocks.max(1) as usize;
+        let prefetch_tiles = self.prefetch_tiles;
+        *self = Self::with_kernel(self.device.clone(), q, num_tokens, params, kind)?;
+        self.prefetch_tiles = prefetch_tiles;
+        Ok(true)
+    }
+
+    /// [`default_num_splits`] for this call: [`split_count`] for the default form at the blocks
+    /// per SM it holds; when that splits and [`SPLIT_FORM`] applies, [`split_count`] again for
+    /// the split form at one block per SM (at least two splits), the count that ran best at B1
+    /// L32768 (16 splits: 56.9 us, against 58.7 at two blocks per SM and 61.8 at half an SM's
+    /// share).
+    fn choose_splits(
+        &mut self,
+        q: &Tensor,
+        layout: &DeviceBatchLayout,
+        params: &AttentionParams,
+    ) -> Result<usize> {
+        let num_splits = self.default_num_splits(layout)?;
+        if !self.take_split_form(q, params, num_splits)? {
+            return Ok(num_splits);
+        }
+        Ok(split_count(
+            self.blocks_per_split,
+            layout.max_blocks_per_seq * layout.block_size,
+            self.multiprocessors()?,
+            1,
+        )
+        .max(2))
+    }
+
+    /// The GPU's SM count.
+    fn multiprocessors(&self) -> Result<usize> {
         let sms = self
             .device
             .context()
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| Error::cuda(Self::OP, format!("querying the SM count: {e}")))?;
+        Ok(usize::try_from(sms).unwrap_or(1).max(1))
+    }
+
+    /// The split count [`split_count`] gives this plan's kernel.
+    fn default_num_splits(&self, layout: &DeviceBatchLayout) -> Result<usize> {
+        let sms = self.multiprocessors()?;
         // The occupancy query needs the device's context current on this thread.
         let per_sm = self
             .device
@@ -605,7 +694,7 @@ impl Plan {
         Ok(split_count(
             self.blocks_per_split,
             layout.max_blocks_per_seq * layout.block_size,
-            usize::try_from(sms).unwrap_or(1).max(1),
+            sms,
             (per_sm as usize).max(1),
         ))
     }
@@ -658,6 +747,7 @@ impl Plan {
         let block_tables = device_view(OP, "block_tables", &layout.block_tables)?;
         // Rows index the grid's x dimension; the kernels loop over rows past its limit.
         let row_blocks = rows.min(i32::MAX as u32);
+        let prefetch_tiles = self.prefetch_tiles.unwrap_or(PREFETCH_TILES);
         let config = LaunchConfig {
             grid_dim: (row_blocks, self.head_blocks, num_splits_arg),
             block_dim: (self.kind.threads(), 1, 1),
@@ -686,7 +776,7 @@ impl Plan {
         }
         launch.arg(&block_size).arg(&num_blocks).arg(&scale);
         if is_mma {
-            launch.arg(&self.prefetch_tiles);
+            launch.arg(&prefetch_tiles);
         }
         // SAFETY: the arguments follow the kernel's signature in paged_attention.cu (q, k_pages,
         // v_pages, out, scratch, query_start, context_len, block_tables, num_seqs, max_blocks,
@@ -881,8 +971,9 @@ mod tests {
         assert_eq!(split_count(512, 2048, sms, per_sm), 1);
         // One sequence of 32k tokens over 8 KV heads: 66 splits, four blocks on every SM.
         assert_eq!(split_count(8, 32768, sms, per_sm), 66);
-        // Two blocks per SM: 33 splits.
+        // Two blocks per SM: 33 splits; one (the split form's count): 16, 128 blocks.
         assert_eq!(split_count(8, 32768, sms, 2), 33);
+        assert_eq!(split_count(8, 32768, sms, 1), 16);
         // A short table cannot be split further than its 64-token pieces.
         assert_eq!(split_count(8, 128, sms, per_sm), 2);
         assert_eq!(split_count(1, 1 << 20, sms, per_sm), MAX_SPLITS);
@@ -915,6 +1006,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn variant_kernel_names_parse() {
+        assert_eq!(parse_mma_form("mma_w4_b4"), Some((4, 4, false)));
+        assert_eq!(parse_mma_form("mma_w4_b2_pl"), Some((4, 2, true)));
+        assert_eq!(parse_mma_form("mma_w8_b1_pl"), Some((8, 1, true)));
+        for bad in [
+            "fma",
+            "mma_w4",
+            "mma_w4_b",
+            "mma_wx_b4",
+            "mma_w4_b4_kp",
+            "mma_w4_b2_pl_pl",
+        ] {
+            assert_eq!(parse_mma_form(bad), None, "{bad}");
+        }
+        let (warps, min_blocks) = SPLIT_FORM;
+        let form = SplitKernel::Mma {
+            head_dim: 128,
+            warps,
+            min_blocks,
+            pipelined: true,
+        };
+        assert_eq!(form.base_name(), "paged_attention_mma_d128_w4_b2_pl");
     }
 
     #[test]

@@ -12,6 +12,9 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// The most splits the CUDA kernel cuts a context into.
 pub const MAX_SPLITS: usize = 256;
 
+/// The most tiles ahead of its loads the CUDA tensor-core kernel asks L2 for.
+pub const MAX_PREFETCH_TILES: u32 = 4;
+
 /// Uninhabited: no value of the stub types can exist.
 #[derive(Clone, Copy, Debug)]
 enum Never {}
@@ -130,5 +133,31 @@ pub fn default_num_splits(
     _k_pages: &Tensor,
     _v_pages: &Tensor,
 ) -> Result<usize> {
+    Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
+}
+
+/// A choice `paged_attention_variant` makes differently from `paged_attention` (see the CUDA
+/// build's documentation); `None` keeps the default.
+#[doc(hidden)]
+#[derive(Clone, Debug, Default)]
+pub struct DecodeVariant {
+    /// Splits per context.
+    pub num_splits: Option<usize>,
+    /// Tiles ahead of its loads the tensor-core kernel asks L2 for.
+    pub prefetch_tiles: Option<u32>,
+    /// The split kernel's name.
+    pub kernel: Option<String>,
+}
+
+/// Paged attention on the GPU as a variant says; always fails without the `cuda` feature.
+#[doc(hidden)]
+pub fn paged_attention_variant(
+    _q: &Tensor,
+    _layout: &DeviceBatchLayout,
+    _params: &AttentionParams,
+    _k_pages: &Tensor,
+    _v_pages: &Tensor,
+    _variant: &DecodeVariant,
+) -> Result<Tensor> {
     Err(Error::Tensor(pagoda_tensor::Error::CudaNotCompiled))
 }
