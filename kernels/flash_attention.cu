@@ -681,93 +681,65 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 // (an N-major tile), always accumulating.
 template <typename T, int N> struct Wgmma;
 
-template <> struct Wgmma<half_t, 64> {
-    static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long a, unsigned long long b,
-                                              int accumulate) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-            "%32, %33, p, 1, 1, 0, 0;\n}\n"
-            : PAGODA_F32(d, 0)
-            : "l"(a), "l"(b), "r"(accumulate));
-    }
-    static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long b) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-            "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-            : PAGODA_F32(d, 0)
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));
-    }
-};
+// One specialisation per (T, N); PTX_TYPE is T's name in the instruction ("f16" or "bf16").
+#define PAGODA_WGMMA_N64(T, PTX_TYPE)                                                                        \
+    template <> struct Wgmma<T, 64> {                                                                        \
+        static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long a, unsigned long long b, \
+                                                  int accumulate) {                                          \
+            asm volatile(                                                                                    \
+                "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                 \
+                "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " "                      \
+                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+                "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                              \
+                "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                               \
+                : PAGODA_F32(d, 0)                                                                           \
+                : "l"(a), "l"(b), "r"(accumulate));                                                          \
+        }                                                                                                    \
+        static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long b) { \
+            asm volatile(                                                                                    \
+                "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                 \
+                "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " "                      \
+                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+                "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                              \
+                "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                                 \
+                : PAGODA_F32(d, 0)                                                                           \
+                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));                               \
+        }                                                                                                    \
+    };
 
-template <> struct Wgmma<half_t, 128> {
-    static __device__ __forceinline__ void ss(float (&d)[64], unsigned long long a, unsigned long long b,
-                                              int accumulate) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-            "%64, %65, p, 1, 1, 0, 0;\n}\n"
-            : PAGODA_F64(d)
-            : "l"(a), "l"(b), "r"(accumulate));
-    }
-    static __device__ __forceinline__ void rs(float (&d)[64], const unsigned (&a)[4], unsigned long long b) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-            "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-            : PAGODA_F64(d)
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));
-    }
-};
+#define PAGODA_WGMMA_N128(T, PTX_TYPE)                                                                       \
+    template <> struct Wgmma<T, 128> {                                                                       \
+        static __device__ __forceinline__ void ss(float (&d)[64], unsigned long long a, unsigned long long b, \
+                                                  int accumulate) {                                          \
+            asm volatile(                                                                                    \
+                "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                 \
+                "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " "                     \
+                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+                "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "  \
+                "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
+                "%56, %57, %58, %59, %60, %61, %62, %63}, "                                                  \
+                "%64, %65, p, 1, 1, 0, 0;\n}\n"                                                               \
+                : PAGODA_F64(d)                                                                              \
+                : "l"(a), "l"(b), "r"(accumulate));                                                          \
+        }                                                                                                    \
+        static __device__ __forceinline__ void rs(float (&d)[64], const unsigned (&a)[4], unsigned long long b) { \
+            asm volatile(                                                                                    \
+                "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                 \
+                "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " "                     \
+                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+                "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "  \
+                "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
+                "%56, %57, %58, %59, %60, %61, %62, %63}, "                                                  \
+                "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                                 \
+                : PAGODA_F64(d)                                                                              \
+                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));                               \
+        }                                                                                                    \
+    };
 
-template <> struct Wgmma<bf16_t, 64> {
-    static __device__ __forceinline__ void ss(float (&d)[32], unsigned long long a, unsigned long long b,
-                                              int accumulate) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-            "%32, %33, p, 1, 1, 0, 0;\n}\n"
-            : PAGODA_F32(d, 0)
-            : "l"(a), "l"(b), "r"(accumulate));
-    }
-    static __device__ __forceinline__ void rs(float (&d)[32], const unsigned (&a)[4], unsigned long long b) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-            "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-            : PAGODA_F32(d, 0)
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));
-    }
-};
-
-template <> struct Wgmma<bf16_t, 128> {
-    static __device__ __forceinline__ void ss(float (&d)[64], unsigned long long a, unsigned long long b,
-                                              int accumulate) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-            "%64, %65, p, 1, 1, 0, 0;\n}\n"
-            : PAGODA_F64(d)
-            : "l"(a), "l"(b), "r"(accumulate));
-    }
-    static __device__ __forceinline__ void rs(float (&d)[64], const unsigned (&a)[4], unsigned long long b) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-            "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-            : PAGODA_F64(d)
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));
-    }
-};
+PAGODA_WGMMA_N64(half_t, "f16")
+PAGODA_WGMMA_N128(half_t, "f16")
+PAGODA_WGMMA_N64(bf16_t, "bf16")
+PAGODA_WGMMA_N128(bf16_t, "bf16")
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
