@@ -9,8 +9,6 @@
 //! Hopper (an `sm_90a` build, [`sm90a_available`]) the head dimensions with a warpgroup-MMA tile
 //! shape (128) use it; everywhere else the `mma.sync` kernel runs.
 
-use std::sync::{Mutex, PoisonError};
-
 use pagoda_tensor::cudarc::driver::sys::CUfunction_attribute;
 use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, DType, Tensor};
@@ -185,25 +183,9 @@ pub fn supports(dtype: DType, head_dim: usize) -> bool {
 }
 
 /// Whether `device`'s kernels are built for `sm_90a` (a Hopper GPU of compute capability 9.0 and
-/// an NVRTC that emits its machine code), which the wgmma tile shapes need. Cached per device.
+/// an NVRTC that emits its machine code), which the wgmma tile shapes need.
 pub fn sm90a_available(device: &CudaDevice) -> Result<bool> {
-    static KNOWN: Mutex<Vec<Option<bool>>> = Mutex::new(Vec::new());
-    let ordinal = device.ordinal();
-    // A poisoned lock only means another thread panicked; the table itself stays valid.
-    if let Some(&Some(known)) = KNOWN
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(ordinal)
-    {
-        return Ok(known);
-    }
-    let available = Target::for_device(device)?.arch() == "sm_90a";
-    let mut known = KNOWN.lock().unwrap_or_else(PoisonError::into_inner);
-    if known.len() <= ordinal {
-        known.resize(ordinal + 1, None);
-    }
-    known[ordinal] = Some(available);
-    Ok(available)
+    Ok(Target::for_device(device)?.arch() == "sm_90a")
 }
 
 /// Attention of every query row of `q` (`[num_tokens, num_heads, head_dim]`, f16 or bf16) over

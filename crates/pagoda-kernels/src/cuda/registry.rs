@@ -168,8 +168,30 @@ impl Target {
         }
     }
 
-    /// The target for `device`, from its compute capability and this NVRTC's architectures.
+    /// The target for `device`, from its compute capability and this NVRTC's architectures;
+    /// worked out once per device and process (launchers that pick kernels by architecture ask
+    /// on every call).
     pub fn for_device(device: &CudaDevice) -> Result<Target> {
+        static KNOWN: Mutex<Vec<Option<Target>>> = Mutex::new(Vec::new());
+        let ordinal = device.ordinal();
+        // A poisoned lock only means another thread panicked; the table itself stays valid.
+        if let Some(Some(known)) = KNOWN
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(ordinal)
+        {
+            return Ok(known.clone());
+        }
+        let target = Target::detect(device)?;
+        let mut known = KNOWN.lock().unwrap_or_else(PoisonError::into_inner);
+        if known.len() <= ordinal {
+            known.resize(ordinal + 1, None);
+        }
+        known[ordinal] = Some(target.clone());
+        Ok(target)
+    }
+
+    fn detect(device: &CudaDevice) -> Result<Target> {
         let (major, minor) = device.context().compute_capability().map_err(|e| {
             Error::cuda(
                 "load kernels",
