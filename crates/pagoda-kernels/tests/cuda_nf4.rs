@@ -115,7 +115,8 @@ fn oracle(
     out
 }
 
-/// Per output, the sum of the magnitudes of its terms: sum over k of |x[i, k]| |w[j, k]|.
+/// Per output, the sum of the magnitudes of its terms: sum over k of |x[i, k]| |w[j, k]|, with
+/// `weights` the dequantized rows.
 ///
 /// The error of a 16-bit product is a fraction of this, not of the output: the kernels round the
 /// dequantized weights to the activation dtype for the tensor cores, so an output that its terms
@@ -124,10 +125,9 @@ fn term_magnitudes(
     x: &[f32],
     m: usize,
     k: usize,
-    w: &Nf4Blocks,
+    weights: &[f32],
     rows: std::ops::Range<usize>,
 ) -> Vec<f32> {
-    let weights = w.dequantize();
     let mut out = Vec::with_capacity(m * rows.len());
     for x_row in x.chunks_exact(k).take(m) {
         for row in rows.clone() {
@@ -195,6 +195,7 @@ fn fused_product_matches_the_cpu_oracle() {
             let blocks =
                 nf4::quantize(&weights(&mut rng, total_rows * k), block_size, nested).unwrap();
             let on_gpu = CudaNf4::new(&blocks, &device).unwrap();
+            let dense = blocks.dequantize();
             let rows = 2..2 + n;
             for dtype in HALF_DTYPES {
                 for m in ROWS {
@@ -206,7 +207,7 @@ fn fused_product_matches_the_cpu_oracle() {
                         Some(common::upload(&bias_host, &[n], DType::F32, &device)),
                         Some(common::upload(&bias_host, &[n], dtype, &device)),
                     ];
-                    let magnitudes = term_magnitudes(&x_host, m, k, &blocks, rows.clone());
+                    let magnitudes = term_magnitudes(&x_host, m, k, &dense, rows.clone());
                     for bias in &biases {
                         let what = format!(
                             "{dtype} m {m} k {k} n {n} blocks {block_size} nested {nested} bias {:?}",
@@ -280,12 +281,13 @@ fn decode_gemv_matches_the_cpu_oracle() {
             let blocks =
                 nf4::quantize(&weights(&mut rng, (n + 3) * k), block_size, nested).unwrap();
             let on_gpu = CudaNf4::new(&blocks, &device).unwrap();
+            let dense = blocks.dequantize();
             let rows = 1..1 + n;
             for dtype in HALF_DTYPES {
                 for m in 1..=4 {
                     let (x, x_host) = common::random_tensor(&mut rng, &[m, k], dtype, 1.0, &device);
                     let bias_host = rng.uniform(n, 1.0);
-                    let magnitudes = term_magnitudes(&x_host, m, k, &blocks, rows.clone());
+                    let magnitudes = term_magnitudes(&x_host, m, k, &dense, rows.clone());
                     for bias_dtype in [None, Some(DType::F32), Some(dtype)] {
                         let bias = bias_dtype.map(|d| common::upload(&bias_host, &[n], d, &device));
                         let what = format!(
