@@ -9,14 +9,14 @@
 //! Hopper (an `sm_90a` build, [`sm90a_available`]) the head dimensions with a warpgroup-MMA tile
 //! shape (128) use it; everywhere else the `mma.sync` kernel runs.
 
-use pagoda_tensor::cudarc::driver::sys::CUfunction_attribute;
 use pagoda_tensor::cudarc::driver::{LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, DType, Tensor};
 
 use super::paged_attention::{DeviceBatchLayout, check_attention};
 use super::registry::{KernelModule, Target, function};
 use super::tensor_access::{
-    alloc_output, arg_u32, device_view, into_tensor, kernel_name, launch_error,
+    alloc_output, allow_dynamic_shared_memory, arg_u32, device_view, into_tensor, kernel_name,
+    launch_error,
 };
 use crate::cpu::attention::AttentionParams;
 use crate::{Error, Result};
@@ -319,22 +319,7 @@ fn launch(
     let name = kernel_name(OP, &shape.kernel_base(), q.dtype())?;
     let kernel = function(&device, KernelModule::FlashAttention, &name)?;
     let shared_bytes = shape.shared_bytes();
-    // Above 48 KB a kernel must opt in to its dynamic shared memory.
-    device
-        .context()
-        .bind_to_thread()
-        .and_then(|()| {
-            kernel.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared_bytes as i32,
-            )
-        })
-        .map_err(|e| {
-            Error::cuda(
-                OP,
-                format!("allowing {name} {shared_bytes} bytes of shared memory: {e}"),
-            )
-        })?;
+    allow_dynamic_shared_memory(OP, &device, &kernel, &name, shared_bytes)?;
 
     let args = [
         arg_u32(OP, "num_seqs", layout.num_seqs())?,

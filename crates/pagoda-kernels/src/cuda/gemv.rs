@@ -3,7 +3,6 @@
 //! [`MAX_ROWS`] rows here: they are bound by reading the weights once, and one kernel launch
 //! costs the host far less than a cuBLAS call.
 
-use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
 use pagoda_tensor::cudarc::driver::{
     DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -12,7 +11,7 @@ use pagoda_tensor::{CudaDevice, CudaStorage, DType, Tensor};
 use super::registry::{KernelModule, function};
 use super::tensor_access::{
     alloc_output, arg_u32, device_view, expect_dims, expect_dtype, into_tensor, kernel_name,
-    launch_error,
+    launch_error, multiprocessor_count,
 };
 use crate::ops::{Epilogue, OutputActivation};
 use crate::{Error, Result};
@@ -190,11 +189,7 @@ fn check(op: &'static str, device: &CudaDevice, product: &Product<'_>) -> Result
     // narrower layers (every projection but the lm head) run the block-split form, whose blocks
     // split k among their warps so that n / 2 blocks still keep the whole GPU loading. Only
     // the split form has an epilogue.
-    let sms = device
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(|e| Error::cuda(op, format!("querying the SM count: {e}")))?;
-    let sms = usize::try_from(sms).unwrap_or(1).max(1);
+    let sms = multiprocessor_count(op, device)?;
     let plain = epilogue.activation == OutputActivation::Identity
         && epilogue.addend.is_none()
         && second.is_none();

@@ -6,14 +6,13 @@
 
 use std::ops::Range;
 
-use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
 use pagoda_tensor::cudarc::driver::{CudaViewMut, LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
 
 use super::registry::{KernelModule, function};
 use super::tensor_access::{
     FLOAT_DTYPES, alloc_output, arg_u32, common_device, device_view, device_view_mut, expect_dims,
-    expect_dtype, expect_same_dtype, into_tensor, kernel_name, launch_error,
+    expect_dtype, expect_same_dtype, into_tensor, kernel_name, launch_error, multiprocessor_count,
 };
 use crate::cpu::nf4::{Nf4Blocks, Scales};
 use crate::error::checked_product;
@@ -461,12 +460,7 @@ impl<'a> Product<'a> {
             ROWS_PER_TILE
         };
         let row_tiles = n.div_ceil(outputs_per_tile);
-        let sms = self
-            .device
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| Error::cuda(LINEAR_OP, format!("querying the SM count: {e}")))?;
-        let sms = usize::try_from(sms).unwrap_or(1).max(1);
+        let sms = multiprocessor_count(LINEAR_OP, &self.device)?;
         let blocks = row_tiles.min(sms * BLOCKS_PER_SM);
         let config = LaunchConfig {
             grid_dim: (arg_u32(LINEAR_OP, "blocks", blocks)?, 1, 1),

@@ -1,7 +1,8 @@
 //! Checked access to the device memory behind tensors, shared by every launcher: each check
 //! names the op and the argument, so a bad call reads as "rms_norm: weight has dtype u32 ...".
 
-use pagoda_tensor::cudarc::driver::{CudaView, CudaViewMut, DriverError};
+use pagoda_tensor::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use pagoda_tensor::cudarc::driver::{CudaFunction, CudaView, CudaViewMut, DriverError};
 use pagoda_tensor::{CudaDevice, CudaStorage, DType, Device, Layout, Shape, Storage, Tensor};
 
 use crate::error::checked_product;
@@ -219,4 +220,41 @@ pub(crate) fn arg_u32(op: &'static str, name: &str, value: usize) -> Result<u32>
 /// A failed kernel launch, naming the kernel.
 pub(crate) fn launch_error(op: &'static str, kernel: &str, err: DriverError) -> Error {
     Error::cuda(op, format!("launching {kernel}: {err}"))
+}
+
+/// The device's SM count (at least one).
+pub(crate) fn multiprocessor_count(op: &'static str, device: &CudaDevice) -> Result<usize> {
+    let sms = device
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| Error::cuda(op, format!("querying the SM count: {e}")))?;
+    Ok(usize::try_from(sms).unwrap_or(1).max(1))
+}
+
+/// Lets `kernel` (named `name`) launch with `bytes` of dynamic shared memory: above 48 KB a
+/// kernel must opt in.
+pub(crate) fn allow_dynamic_shared_memory(
+    op: &'static str,
+    device: &CudaDevice,
+    kernel: &CudaFunction,
+    name: &str,
+    bytes: usize,
+) -> Result<()> {
+    let value = i32::try_from(bytes)
+        .map_err(|_| Error::shape(op, format!("{name}: {bytes} bytes of shared memory")))?;
+    device
+        .context()
+        .bind_to_thread()
+        .and_then(|()| {
+            kernel.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                value,
+            )
+        })
+        .map_err(|e| {
+            Error::cuda(
+                op,
+                format!("allowing {name} {bytes} bytes of shared memory: {e}"),
+            )
+        })
 }
