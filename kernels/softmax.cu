@@ -1,6 +1,6 @@
 // Row-wise softmax: y[r, :] = exp(x[r, :] - max) / sum(exp(x[r, :] - max)), f32 math for every dtype.
 //
-// Three forms, chosen by the launcher (crates/pagoda-kernels/src/cuda/softmax.rs) from the row length:
+// Four forms, chosen by the launcher (crates/pagoda-kernels/src/cuda/softmax.rs) from the row length:
 // - softmax_c1_e{8,16,32,64}: one thread block per row, the row held in registers (E values per
 //   thread, as loaded): one read and one write of the row.
 // - softmax_c{2,4,8}_e{8,16,32,64} (sm_90+): a thread block cluster per row, each block holding a
@@ -9,6 +9,10 @@
 // - softmax_online: longer rows. A running (max, sum) per thread, merged across the block, then a
 //   second pass that re-reads the row (back to front, so the most recently read part is still in
 //   L2) and writes it.
+// - softmax_streamed_c{1,2,4,8} (sm_90+): rows of whole 16-byte words, 16-byte aligned. A
+//   persistent grid of clusters whose blocks keep several rows' segments in shared memory, filled
+//   by bulk copies rows ahead, so the loads of the next rows overlap the reduction and the stores
+//   of this one, which the held forms do in step; one read and one write of the row, as there.
 //
 // A row whose maximum is -inf (all -inf) or that holds NaN or +inf comes out as NaN, as on the CPU.
 
@@ -374,6 +378,209 @@ __device__ __forceinline__ void softmax_online(const T* __restrict__ x, T* __res
     }
 }
 
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Stage buffers one block of the streamed form may keep (the launcher asks for at most this many).
+constexpr unsigned MAX_STAGES = 8;
+
+// mbarrier and bulk-copy primitives (PTX ISA 8.0, sm_90): a barrier that completes when its one
+// arrival and the bytes it was told to expect have both come in, and a copy of global memory into
+// this block's shared memory by the copy engine (TMA), which reports its bytes to such a barrier.
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbarrier_init(unsigned barrier) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(barrier) : "memory");
+}
+
+// `bytes` (a multiple of 16, as are both addresses) from `source` into `destination`, completing
+// the current phase of `barrier`; an empty segment only arrives.
+__device__ __forceinline__ void bulk_load(unsigned destination, const void* source, unsigned bytes,
+                                          unsigned barrier) {
+    if (bytes == 0) {
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(barrier) : "memory");
+        return;
+    }
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(barrier), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :
+                 : "r"(destination), "l"(source), "r"(bytes), "r"(barrier)
+                 : "memory");
+}
+
+// Returns once the phase of `barrier` with this parity has completed (the copy's bytes are visible).
+__device__ __forceinline__ void mbarrier_wait(unsigned barrier, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+            : "=r"(done)
+            : "r"(barrier), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+__device__ __forceinline__ float2 load_pair_from_cluster_block(const float2* local, unsigned rank) {
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(shared_address(local)), "r"(rank));
+    float2 value;
+    asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(value.x), "=f"(value.y) : "r"(remote) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float out;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(out) : "f"(x));
+    return out;
+}
+
+// max * log2(e) as the sum and output passes subtract it. A block whose values are all -inf or NaN
+// has a max of -inf (fmaxf skips NaN); 0 then makes its -inf values contribute exactly 0 and keeps
+// its NaN, where -inf would turn every value into NaN, also in rows that only a mask covers.
+__device__ __forceinline__ float block_shift(float max) {
+    return max == NEG_INF ? 0.0f : __fmul_rn(max, 1.4426950408889634f);
+}
+
+// Softmax of rows streamed through shared memory: a persistent grid of clusters of CLUSTER blocks,
+// cluster k taking rows k, k + clusters, ...; block b always holds columns [b segment, (b + 1)
+// segment) of its rows. The held forms load, reduce and store a wave of rows in step, so while a
+// wave reduces nothing is read, and rows of 128256 columns fill the registers of the chip about
+// four times over: four such stalls per call. Here the copy engine fills `stages` buffers per
+// block, rows ahead of the one being reduced and stored, so DRAM keeps reading under the reduction
+// and the stores.
+//
+// One exchange per row: each block reduces its segment against its own max, and the cluster
+// rescales the C (max, sum) pairs to the row's max. The rescaling adds one rounding per block, not
+// per thread (the per-thread version of this lost 1.2e-5 in f32). The weights use the very shifts
+// the sums were taken against, so their rounding cancels as the per-row shift's does.
+//
+// Needs x and y 16-byte aligned and rows a whole number of 16-byte words (the bulk copy's rule),
+// and every block of a cluster to iterate the same rows: they share the row loop, so each reaches
+// every cluster barrier equally often.
+template <typename T, int CLUSTER>
+__device__ __forceinline__ void softmax_streamed(const T* __restrict__ x, T* __restrict__ y,
+                                                 unsigned long long rows, long long cols, long long segment,
+                                                 unsigned stages) {
+    constexpr int V = Pack<T>::N;
+    extern __shared__ __align__(128) uint4 buffers[];  // stages x segment elements
+    __shared__ __align__(8) unsigned long long full[MAX_STAGES];
+    // Double-buffered by row parity: a block writes a slot again only two rows later, after the
+    // next row's cluster barrier, which every peer reaches only once done reading it.
+    __shared__ float2 exchange[2];
+
+    const unsigned rank = CLUSTER > 1 ? cluster_rank() : 0;
+    const long long start = segment * rank;
+    const long long held = max(0LL, min(cols, start + segment) - start);
+    const unsigned words = static_cast<unsigned>(held / V);
+    const unsigned bytes = static_cast<unsigned>(held * static_cast<long long>(sizeof(T)));
+    const unsigned stage_words = static_cast<unsigned>(segment / V);
+    const unsigned long long cluster = blockIdx.x / CLUSTER;
+    const unsigned long long clusters = gridDim.x / CLUSTER;
+    const unsigned long long count = cluster < rows ? (rows - 1 - cluster) / clusters + 1 : 0;
+    const unsigned long long ahead = min(static_cast<unsigned long long>(stages), count);
+
+    // Row i of this cluster goes to stage i % stages, phase i / stages of that stage's barrier.
+    auto load_row = [&](unsigned long long i, unsigned stage) {
+        const T* source = x + (cluster + i * clusters) * cols + start;
+        bulk_load(shared_address(buffers + stage * stage_words), source, bytes, shared_address(&full[stage]));
+    };
+
+    if (threadIdx.x == 0) {
+        for (unsigned s = 0; s < stages; ++s) {
+            mbarrier_init(shared_address(&full[s]));
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (unsigned long long i = 0; i < ahead; ++i) {
+            load_row(i, static_cast<unsigned>(i));
+        }
+    }
+
+    const unsigned lane = threadIdx.x & 31;
+    unsigned stage = 0;
+    unsigned parity = 0;
+    for (unsigned long long i = 0; i < count; ++i) {
+        mbarrier_wait(shared_address(&full[stage]), parity);
+        const uint4* segment_words = buffers + stage * stage_words;
+
+        float max = NEG_INF;
+#pragma unroll 4
+        for (unsigned w = threadIdx.x; w < words; w += blockDim.x) {
+            float v[V];
+            unpack_word<T>(segment_words[w], v);
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                max = fmaxf(max, v[e]);
+            }
+        }
+        max = block_max(max);
+
+        const float own_shift = block_shift(max);
+        float sum = 0.0f;
+#pragma unroll 4
+        for (unsigned w = threadIdx.x; w < words; w += blockDim.x) {
+            float v[V];
+            unpack_word<T>(segment_words[w], v);
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                sum += exp_from_max(v[e], own_shift);
+            }
+        }
+        sum = block_sum(sum);
+
+        // Lane c of every warp takes block c's pair; the other lanes add nothing.
+        float2 pair = make_float2(NEG_INF, 0.0f);
+        if constexpr (CLUSTER > 1) {
+            if (threadIdx.x == 0) {
+                exchange[i & 1] = make_float2(max, sum);
+            }
+            cluster_barrier();
+            if (lane < CLUSTER) {
+                pair = load_pair_from_cluster_block(&exchange[i & 1], lane);
+            }
+        } else if (lane == 0) {
+            pair = make_float2(max, sum);
+        }
+        const float row_max = warp_max(pair.x);
+        const float shift = __fmul_rn(row_max, 1.4426950408889634f);
+        // A block of -inf and NaN keeps its NaN through the zero weight (NaN * 0); an all -inf row
+        // has a shift of -inf, so every output is NaN, as in the held forms.
+        const float weight = pair.x == NEG_INF ? 0.0f : ex2(__fsub_rn(block_shift(pair.x), shift));
+        const float inv_sum = 1.0f / warp_sum(pair.y * weight);
+
+        T* y_row = y + (cluster + i * clusters) * cols + start;
+#pragma unroll 4
+        for (unsigned w = threadIdx.x; w < words; w += blockDim.x) {
+            float v[V];
+            unpack_word<T>(segment_words[w], v);
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                v[e] = exp_from_max(v[e], shift) * inv_sum;
+            }
+            store_pack<T>(y_row + static_cast<long long>(w) * V, v);
+        }
+
+        // Every thread's reads of the stage are done before the copy engine overwrites it.
+        __syncthreads();
+        if (threadIdx.x == 0 && i + stages < count) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            load_row(i + stages, stage);
+        }
+        if (++stage == stages) {
+            stage = 0;
+            parity ^= 1;
+        }
+    }
+    if constexpr (CLUSTER > 1) {
+        // No block may exit while another still reads its exchange slot.
+        cluster_barrier();
+    }
+}
+#endif
+
 }  // namespace
 
 // Arguments of every kernel: x and y [rows, cols] (contiguous, distinct), rows, cols, and for the
@@ -410,8 +617,27 @@ PAGODA_SOFTMAX_KERNELS(float, f32)
 PAGODA_SOFTMAX_KERNELS(half_t, f16)
 PAGODA_SOFTMAX_KERNELS(bf16_t, bf16)
 
-// Clusters exist from sm_90 on; the launcher asks for these kernels only there.
+// The streamed form: softmax_streamed_c{blocks per row}, taking (x, y, rows, cols, segment,
+// stages) and stages x segment elements of dynamic shared memory.
+#define PAGODA_SOFTMAX_STREAMED(T, SUFFIX, CLUSTER, ATTRIBUTES)                                             \
+    extern "C" __global__ void ATTRIBUTES __launch_bounds__(MAX_THREADS)                                     \
+        softmax_streamed_c##CLUSTER##_##SUFFIX(const T* __restrict__ x, T* __restrict__ y,                  \
+                                               unsigned long long rows, long long cols, long long segment, \
+                                               unsigned stages) {                                           \
+        softmax_streamed<T, CLUSTER>(x, y, rows, cols, segment, stages);                                    \
+    }
+
+#define PAGODA_SOFTMAX_STREAMED_KERNELS(T, SUFFIX)                                                            \
+    PAGODA_SOFTMAX_STREAMED(T, SUFFIX, 1, PAGODA_SOFTMAX_NO_CLUSTER)                                          \
+    PAGODA_SOFTMAX_STREAMED(T, SUFFIX, 2, PAGODA_SOFTMAX_CLUSTER(2))                                          \
+    PAGODA_SOFTMAX_STREAMED(T, SUFFIX, 4, PAGODA_SOFTMAX_CLUSTER(4))                                          \
+    PAGODA_SOFTMAX_STREAMED(T, SUFFIX, 8, PAGODA_SOFTMAX_CLUSTER(8))
+
+// Clusters and bulk copies exist from sm_90 on; the launcher asks for these kernels only there.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+PAGODA_SOFTMAX_STREAMED_KERNELS(float, f32)
+PAGODA_SOFTMAX_STREAMED_KERNELS(half_t, f16)
+PAGODA_SOFTMAX_STREAMED_KERNELS(bf16_t, bf16)
 PAGODA_SOFTMAX_CLUSTER_KERNELS(float, f32, 2)
 PAGODA_SOFTMAX_CLUSTER_KERNELS(float, f32, 4)
 PAGODA_SOFTMAX_CLUSTER_KERNELS(float, f32, 8)

@@ -5,10 +5,12 @@
 //! Throughput is those bytes (read + write) per second. Each criterion sample times many calls
 //! between two device synchronisations. After criterion's report a summary prints, per shape, the
 //! median time per call, GB/s (10^9 bytes) and the fraction of the copy bandwidth measured in the
-//! same run; then every form of the kernel that can take the shape (`candidate_forms`: one block
-//! or a cluster of 2, 4 or 8 blocks per row holding 8 to 64 values per thread, and the online
-//! form) runs through `softmax_rows_with`, checked against `softmax_rows`' output and timed, to
-//! show which form suits which row length.
+//! same run, and the form `softmax_rows` chose; then every form of the kernel that can take the
+//! shape (`candidate_forms`: one block or a cluster of 2, 4 or 8 blocks per row holding 8 to 64
+//! values per thread, the online form, and on Hopper the streamed form with 1 to 8 blocks per
+//! row, 2 to 6 stages and 256 to 1024 threads) runs through `softmax_rows_with`, checked against
+//! `softmax_rows`' output and timed, to show which form suits which row length. Each shape ends
+//! with the fastest form of each kind (held by one block, held by a cluster, online, streamed).
 
 mod common;
 
@@ -102,7 +104,7 @@ fn summary(device: &CudaDevice, copies: &mut CopyBuffers) -> f64 {
     let copy_rate = 2.0 * COPY_BYTES as f64 / copy_seconds / 1e9;
     println!("\nsoftmax f16 (median of {RUNS} samples of 10 calls; bytes = read + write)");
     println!(
-        "{:>18} {:>10} {:>10} {:>8}",
+        "{:>18} {:>10} {:>10} {:>8}  form",
         "rows x cols", "ms", "GB/s", "of copy"
     );
     println!(
@@ -112,6 +114,7 @@ fn summary(device: &CudaDevice, copies: &mut CopyBuffers) -> f64 {
         copy_rate,
         "100%"
     );
+    let clusters = cuda::softmax::clusters_available(device).expect("compute capability");
     for (rows, cols) in SHAPES {
         let x = logits(rows, cols, device);
         let seconds = median_seconds(device, RUNS, 10, || {
@@ -119,11 +122,12 @@ fn summary(device: &CudaDevice, copies: &mut CopyBuffers) -> f64 {
         });
         let rate = (2 * rows * cols * 2) as f64 / seconds / 1e9;
         println!(
-            "{:>18} {:>10.3} {:>10.0} {:>7.1}%",
+            "{:>18} {:>10.3} {:>10.0} {:>7.1}%  {:?}",
             format!("{rows}x{cols}"),
             seconds * 1e3,
             rate,
-            100.0 * rate / copy_rate
+            100.0 * rate / copy_rate,
+            cuda::softmax::choose_form(cols, DType::F16, clusters)
         );
     }
     copy_rate
@@ -136,11 +140,13 @@ fn sweep(device: &CudaDevice, copy_rate: f64) {
     const CHECKED_ELEMENTS: usize = 1 << 22;
     println!("\nevery form that can hold the shape, through softmax_rows_with");
     println!(
-        "{:>12} {:>34} {:>10} {:>10} {:>8} {:>10}",
+        "{:>12} {:>52} {:>10} {:>10} {:>8} {:>10}",
         "rows x cols", "form", "ms", "GB/s", "of copy", "check"
     );
     let clusters = cuda::softmax::clusters_available(device).expect("compute capability");
     for (rows, cols) in SHAPES {
+        // The fastest checked form of each kind: (kind, form, seconds).
+        let mut best: Vec<(&str, cuda::softmax::SoftmaxForm, f64)> = Vec::new();
         let x = logits(rows, cols, device);
         let checked_rows = (CHECKED_ELEMENTS / cols).clamp(1, rows);
         let reference = cuda::softmax::softmax_rows(&x)
@@ -169,13 +175,39 @@ fn sweep(device: &CudaDevice, copy_rate: f64) {
             };
             let rate = (2 * rows * cols * 2) as f64 / seconds / 1e9;
             println!(
-                "{:>12} {:>34} {:>10.3} {:>10.0} {:>7.1}% {:>10}",
+                "{:>12} {:>52} {:>10.3} {:>10.0} {:>7.1}% {:>10}",
                 format!("{rows}x{cols}"),
                 format!("{form:?}"),
                 seconds * 1e3,
                 rate,
                 100.0 * rate / copy_rate,
                 check
+            );
+            let kind = match form {
+                cuda::softmax::SoftmaxForm::Held { blocks: 1, .. } => "held, one block",
+                cuda::softmax::SoftmaxForm::Held { .. } => "held, cluster",
+                cuda::softmax::SoftmaxForm::Online { .. } => "online",
+                cuda::softmax::SoftmaxForm::Streamed { .. } => "streamed",
+            };
+            if check != "ok" {
+                continue;
+            }
+            match best.iter_mut().find(|(k, ..)| *k == kind) {
+                Some(entry) if entry.2 > seconds => *entry = (kind, form, seconds),
+                Some(_) => {}
+                None => best.push((kind, form, seconds)),
+            }
+        }
+        println!("  fastest of each kind at {rows}x{cols}:");
+        for (kind, form, seconds) in best {
+            let rate = (2 * rows * cols * 2) as f64 / seconds / 1e9;
+            println!(
+                "  {:>16} {:>52} {:>10.3} {:>10.0} {:>7.1}%",
+                kind,
+                format!("{form:?}"),
+                seconds * 1e3,
+                rate,
+                100.0 * rate / copy_rate
             );
         }
     }

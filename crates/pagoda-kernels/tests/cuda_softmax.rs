@@ -1,5 +1,6 @@
 //! The CUDA row softmax against the CPU oracle, on every path of the kernel: rows held by one
-//! block, by a cluster of 2, 4 or 8 blocks (Hopper), and the online form for longer rows.
+//! block, by a cluster of 2, 4 or 8 blocks (Hopper), the online form for longer rows, and the
+//! streamed form (Hopper: a persistent grid of clusters pipelining rows through shared memory).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -101,6 +102,159 @@ fn every_form_matches_the_cpu() {
         per_thread: 8,
     };
     assert!(cuda::softmax::softmax_rows_with(&x, one_block).is_err());
+}
+
+/// The streamed forms among `candidate_forms`.
+fn streamed_forms(cols: usize, dtype: DType) -> Vec<cuda::softmax::SoftmaxForm> {
+    cuda::softmax::candidate_forms(cols, dtype, true)
+        .into_iter()
+        .filter(|form| matches!(form, cuda::softmax::SoftmaxForm::Streamed { .. }))
+        .collect()
+}
+
+#[test]
+fn every_streamed_form_matches_the_cpu() {
+    let Some(device) = gpu_or_skip("every_streamed_form_matches_the_cpu") else {
+        return;
+    };
+    if !cuda::softmax::clusters_available(&device).unwrap() {
+        eprintln!("every_streamed_form_matches_the_cpu: skipped: needs compute capability 9.0+");
+        return;
+    }
+    let mut rng = TestRng::new("every_streamed_form_matches_the_cpu");
+    // Rows of whole 16-byte words (multiples of 8 columns suit every dtype): fewer columns than
+    // blocks have words (blocks without any), ragged last segments, rows too long for one held
+    // block; row counts below and past one row per cluster, and enough rows per cluster (2000
+    // short rows) that every block reuses each of its stages several times.
+    let shapes = [
+        (1, 8),
+        (3, 24),
+        (17, 264),
+        (2000, 264),
+        (33, 4104),
+        (3, 33_336),
+        (17, 100_000),
+        (1, 128_256),
+        (3, 128_256),
+    ];
+    for dtype in FLOAT_DTYPES {
+        for (rows, cols) in shapes {
+            let forms = streamed_forms(cols, dtype);
+            assert!(!forms.is_empty(), "{rows} x {cols} {dtype}");
+            let (x, values) = random_tensor(&mut rng, &[rows, cols], dtype, 8.0, &device);
+            let mut expected = values.clone();
+            cpu::softmax::softmax_rows(&mut expected, cols).unwrap();
+            for form in forms {
+                poison_pool(&device, rows * cols * 4);
+                let y = cuda::softmax::softmax_rows_with(&x, form)
+                    .unwrap_or_else(|e| panic!("{form:?} {rows} x {cols} {dtype}: {e}"));
+                assert_close(
+                    &format!("{form:?} {rows} x {cols} {dtype}"),
+                    &download(&y),
+                    &expected,
+                    dtype,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn streamed_forms_keep_masked_large_and_undefined_rows() {
+    let Some(device) = gpu_or_skip("streamed_forms_keep_masked_large_and_undefined_rows") else {
+        return;
+    };
+    if !cuda::softmax::clusters_available(&device).unwrap() {
+        eprintln!("streamed_forms_keep_masked_large_and_undefined_rows: skipped: needs 9.0+");
+        return;
+    }
+    let mut rng = TestRng::new("streamed_forms_keep_masked_large_and_undefined_rows");
+    let rows = 7;
+    for dtype in FLOAT_DTYPES {
+        for cols in [264, 33_336, 128_256] {
+            let mut values = rounded(&rng.uniform(rows * cols, 4.0), dtype);
+            let row = |r: usize| r * cols..(r + 1) * cols;
+            // Row 0: leading -inf entries (whole blocks of them) and a scattering of them.
+            for (i, v) in values[row(0)].iter_mut().enumerate() {
+                if i < cols / 2 || i % 7 == 3 {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            // Row 1: logits far above 88, where exp would overflow without the max subtracted.
+            for v in &mut values[row(1)] {
+                *v = rounded(&[*v + 1000.0], dtype)[0];
+            }
+            // Row 2: all -inf. Row 3: its last eighth -inf but for a NaN at the end, so that
+            // with 8 blocks the last block holding columns has a max of -inf and a NaN. Row 4: one +inf. Row 5: one NaN among
+            // finite values. Row 6 stays random. Rows 2 to 5 come out as NaN.
+            values[row(2)].fill(f32::NEG_INFINITY);
+            values[3 * cols + cols * 7 / 8..4 * cols].fill(f32::NEG_INFINITY);
+            values[4 * cols - 1] = f32::NAN;
+            values[4 * cols + cols / 3] = f32::INFINITY;
+            values[5 * cols + cols / 5] = f32::NAN;
+            let mut expected = values.clone();
+            cpu::softmax::softmax_rows(&mut expected, cols).unwrap();
+            let x = upload(&values, &[rows, cols], dtype, &device);
+            for form in streamed_forms(cols, dtype) {
+                poison_pool(&device, rows * cols * 4);
+                let actual = download(&cuda::softmax::softmax_rows_with(&x, form).unwrap());
+                for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
+                    assert_eq!(
+                        a.is_nan(),
+                        e.is_nan(),
+                        "{form:?} {dtype} {cols}: element {i} is {a}, the CPU's {e}"
+                    );
+                }
+                assert!(
+                    actual[row(2).start..row(6).start]
+                        .iter()
+                        .all(|v| v.is_nan())
+                );
+                let finite = |v: &[f32]| {
+                    v.iter()
+                        .map(|&x| if x.is_nan() { 0.0 } else { x })
+                        .collect::<Vec<_>>()
+                };
+                assert_close(
+                    &format!("{form:?}: special rows of {cols} {dtype}"),
+                    &finite(&actual),
+                    &finite(&expected),
+                    dtype,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn misaligned_inputs_do_not_stream() {
+    let Some(device) = gpu_or_skip("misaligned_inputs_do_not_stream") else {
+        return;
+    };
+    if !cuda::softmax::clusters_available(&device).unwrap() {
+        eprintln!("misaligned_inputs_do_not_stream: skipped: needs compute capability 9.0+");
+        return;
+    }
+    let mut rng = TestRng::new("misaligned_inputs_do_not_stream");
+    let (rows, cols) = (3, 128_256);
+    // A view starting one element into its allocation: rows of whole words, none aligned.
+    let (buffer, values) = random_tensor(&mut rng, &[rows * cols + 8], DType::F16, 8.0, &device);
+    let x = buffer
+        .narrow(0, 1, rows * cols)
+        .and_then(|t| t.reshape(&[rows, cols][..]))
+        .unwrap();
+    let mut expected = values[1..=rows * cols].to_vec();
+    cpu::softmax::softmax_rows(&mut expected, cols).unwrap();
+    let forms = streamed_forms(cols, DType::F16);
+    assert!(!forms.is_empty());
+    for form in forms {
+        assert!(matches!(
+            cuda::softmax::softmax_rows_with(&x, form),
+            Err(Error::Shape { .. })
+        ));
+    }
+    let y = cuda::softmax::softmax_rows(&x).unwrap();
+    assert_close("misaligned rows", &download(&y), &expected, DType::F16);
 }
 
 #[test]

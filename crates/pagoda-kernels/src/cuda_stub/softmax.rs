@@ -8,8 +8,18 @@ use crate::{Error, Result};
 /// How a row is spread over the GPU (see the `cuda` build).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SoftmaxForm {
-    Held { blocks: usize, per_thread: usize },
-    Online { threads: u32 },
+    Held {
+        blocks: usize,
+        per_thread: usize,
+    },
+    Online {
+        threads: u32,
+    },
+    Streamed {
+        blocks: usize,
+        stages: usize,
+        threads: u32,
+    },
 }
 
 /// Softmax over the last dimension on the GPU; always fails without the `cuda` feature.
