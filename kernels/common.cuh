@@ -136,6 +136,27 @@ __device__ __forceinline__ void store_pack(T* p, const float (&in)[Pack<T>::N]) 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Overlapping launches (programmatic dependent launch, sm_90+; cuda/launch.rs). A kernel that the
+// launcher may start while the kernel before it on the stream is still running calls
+// wait_for_prior_kernels() before it reads anything an earlier kernel wrote and before it writes
+// anything. A kernel that such a launch follows calls allow_dependent_launch() once its blocks no
+// longer need the SM slots the next kernel's blocks would take: the next grid is scheduled when
+// every block has made the call (or exited). Both are no-ops for ordinary launches.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void wait_for_prior_kernels() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reductions. Block reductions need blockDim.x to be a multiple of 32 (at most 1024) and must be
 // reached by every thread of the block; every thread receives the result.
 // ---------------------------------------------------------------------------------------------

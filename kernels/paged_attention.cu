@@ -9,7 +9,10 @@
 // K/V row is read once per group; each sequence's context is cut into splits of near-equal
 // length (split_range), whose partial results paged_attention_combine merges (the
 // flash-decoding scheme; the host asks for splits when the (row, KV head) pairs alone cannot fill
-// the GPU). Two kernels compute a split:
+// the GPU). The merge may be launched to overlap the split kernel (programmatic dependent launch,
+// the host's choice): the split kernels let it be scheduled as soon as all their blocks run, so
+// its blocks are resident and waiting when the last split ends instead of being launched only
+// then. Two kernels compute a split:
 //
 // - paged_attention_mma (16-bit K/V, heads of 64, 96 or 128 dimensions, 16-byte aligned pages):
 //   each warp takes tiles of 16 tokens and multiplies on the tensor cores, scores as S^T = K Q^T
@@ -1005,6 +1008,7 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
         const unsigned* __restrict__ context_len, const unsigned* __restrict__ block_tables, unsigned num_seqs,      \
         unsigned max_blocks, unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads, unsigned head_dim,      \
         unsigned block_size, unsigned num_blocks, float scale) {                                                     \
+        allow_dependent_launch();                                                                                    \
         const BatchLayout layout{query_start, context_len, block_tables, num_seqs, max_blocks};                      \
         /* 16-byte loads (and L2 prefetches) when the rows allow them, element loads otherwise. */                  \
         if (head_dim % (16 / sizeof(T)) == 0 && is_aligned16(k_pages) && is_aligned16(v_pages)) {                   \
@@ -1027,6 +1031,7 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
             const unsigned* __restrict__ context_len, const unsigned* __restrict__ block_tables, unsigned num_seqs,  \
             unsigned max_blocks, unsigned num_tokens, unsigned num_heads, unsigned num_kv_heads,                     \
             unsigned block_size, unsigned num_blocks, float scale, unsigned prefetch_tiles) {                        \
+        allow_dependent_launch();                                                                                    \
         const BatchLayout layout{query_start, context_len, block_tables, num_seqs, max_blocks};                      \
         paged_attention_mma<T, (DIM) / 32, NWARPS, PIPE>(q, k_pages, v_pages, out, scratch, layout, num_tokens,     \
                                                          num_heads, num_kv_heads, block_size, num_blocks, scale,    \
@@ -1039,10 +1044,11 @@ __device__ void paged_attention_combine(const float* __restrict__ scratch, T* __
     PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 3)                                                                       \
     PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 4)                                                                       \
     PAGODA_PAGED_ATTENTION_GROUP(SUFFIX, T, 8)                                                                       \
-    /* Grid (rows, num_heads), COMBINE_THREADS threads. */                                                           \
+    /* Grid (rows, num_heads), COMBINE_THREADS threads; waits for the split kernel before it reads. */              \
     extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) paged_attention_combine_##SUFFIX(                  \
         const float* __restrict__ scratch, T* __restrict__ out, unsigned num_tokens, unsigned num_heads,             \
         unsigned head_dim, unsigned num_splits) {                                                                    \
+        wait_for_prior_kernels();                                                                                    \
         if (head_dim % 4 == 0) {                                                                                     \
             paged_attention_combine<T, 4>(scratch, out, num_tokens, num_heads, head_dim, num_splits);                \
         } else {                                                                                                     \

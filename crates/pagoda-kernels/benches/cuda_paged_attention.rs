@@ -1,6 +1,7 @@
 //! Paged decode attention, f16, on the shapes of shared/BENCH.md and issue 4: B64 H24 KVH8 L2048
 //! D128 (Llama-3.2-3B's heads, 64 sequences of 2048 tokens) and B1 H32 KVH8 L32768 D128 (one
-//! 32k-token context), one query token per sequence, K/V in pages of 16 tokens whose ids are
+//! 32k-token context), and the short context of a W1 decode step (B1 H24 KVH8 L384 D128, which
+//! no bandwidth figure describes: it is all fixed costs), one query token per sequence, K/V in pages of 16 tokens whose ids are
 //! shuffled (every sequence's table scattered and non-monotonic).
 //!
 //! Decode attention must read every key and value of each context once, so its ceiling is the
@@ -13,8 +14,8 @@
 //! bytes) and the fraction of the copy bandwidth, also as one JSON line each (`{"bench":
 //! "pagoda_decode", ...}`) for the peer script to compare, beside the previous default (the
 //! four-warp tensor-core form capped for four blocks per SM, one tile of L2 prefetch, 66 splits
-//! at B1 and 1 at B64: what the earlier rule chose on a 132-SM GPU); then the same call with
-//! other split counts, each checked against the default's output. With
+//! at B1 and 1 at B64: what the earlier rule chose on a 132-SM GPU) and beside the default with
+//! its merge launched to overlap the split kernel's end; then the same call with other split counts, each checked against the default's output. With
 //! `PAGODA_DECODE_SWEEP=full` the sweep also crosses every compiled form of the tensor-core
 //! kernel for 128 dimensions (warps, register cap, pipelined loop) with every L2 prefetch depth,
 //! and lists each shape's fastest choices last; the default and the previous default are timed
@@ -62,7 +63,7 @@ impl Shape {
     }
 }
 
-const SHAPES: [Shape; 2] = [
+const SHAPES: [Shape; 3] = [
     Shape {
         batch: 64,
         heads: 24,
@@ -78,6 +79,15 @@ const SHAPES: [Shape; 2] = [
         context: 32_768,
         head_dim: 128,
         previous_splits: 66,
+    },
+    // A W1 decode step of Llama-3.2-3B: one sequence, the whole of a 384-token context.
+    Shape {
+        batch: 1,
+        heads: 24,
+        kv_heads: 8,
+        context: 384,
+        head_dim: 128,
+        previous_splits: 6,
     },
 ];
 const BLOCK_SIZE: usize = 16;
@@ -232,7 +242,8 @@ fn measure(
 /// Split counts the sweep tries for a shape: powers of two up to the most the context has 64-token
 /// pieces for, the default and the previous default; with `full`, also the counts that give every
 /// one of 132 SMs (an H100's, an H200's) 1 to 6 blocks of four warps, and multiples of 8 near
-/// those. Shapes whose rows alone fill the GPU try no more than 4.
+/// those, and no fewer than 8 unless the context has no more pieces. Shapes whose rows alone fill
+/// the GPU try no more than 4.
 fn sweep_splits(shape: &Shape, default: usize, full: bool) -> Vec<usize> {
     let max_splits = (shape.context / 64).min(MAX_SPLITS);
     let blocks_per_split = shape.batch * shape.kv_heads;
@@ -252,7 +263,7 @@ fn sweep_splits(shape: &Shape, default: usize, full: bool) -> Vec<usize> {
     if blocks_per_split >= 132 {
         counts.retain(|&s| s <= 4 || s == default || s == shape.previous_splits);
         counts.push(3);
-    } else if full {
+    } else if full && max_splits > 8 {
         counts.retain(|&s| s >= 8 || s == default || s == shape.previous_splits);
     }
     counts.sort_unstable();
@@ -267,6 +278,7 @@ fn previous_default(shape: &Shape) -> DecodeVariant {
         num_splits: Some(shape.previous_splits),
         prefetch_tiles: Some(1),
         kernel: Some("mma_w4_b4".to_owned()),
+        overlap_merge: None,
     }
 }
 
@@ -302,6 +314,15 @@ fn summary(device: &CudaDevice, inputs: &mut [Inputs]) {
         if let Some(note) = note {
             println!("  {note}: previous default");
         }
+        // The default with its merge launched to overlap the split kernel's end.
+        let overlapped_merge = DecodeVariant {
+            overlap_merge: Some(true),
+            ..DecodeVariant::default()
+        };
+        let (overlapped, note) = measure(device, inputs, &reference, &overlapped_merge);
+        if let Some(note) = note {
+            println!("  {note}: overlapped merge launch");
+        }
         json.push(json_line(shape, base, copy_rate, default));
         let rate = |time: f64| shape.kv_bytes() as f64 / time / 1e9;
         let line = |what: &str, time: f64| {
@@ -315,11 +336,19 @@ fn summary(device: &CudaDevice, inputs: &mut [Inputs]) {
         };
         println!("{}", line(&format!("default ({default} splits)"), base));
         println!("{}", line("previous default", before));
+        println!("{}", line("default, overlapped merge launch", overlapped));
         table.push(line(
             &format!("default ({default} splits), {:.3}x previous", before / base),
             base,
         ));
         table.push(line("previous default", before));
+        table.push(line(
+            &format!(
+                "default, overlapped merge launch ({:.3}x)",
+                base / overlapped
+            ),
+            overlapped,
+        ));
 
         let splits = sweep_splits(shape, default, full);
         let kernels: Vec<Option<&str>> = if full {
@@ -345,6 +374,7 @@ fn summary(device: &CudaDevice, inputs: &mut [Inputs]) {
                         num_splits: Some(count),
                         prefetch_tiles: depth,
                         kernel: kernel.map(str::to_owned),
+                        overlap_merge: None,
                     };
                     let (time, note) = measure(device, inputs, &reference, &variant);
                     cells.push(format!(

@@ -430,6 +430,8 @@ fn every_tensor_core_form_and_prefetch_depth_matches_the_cpu() {
                     num_splits: Some(splits),
                     prefetch_tiles: Some(prefetch),
                     kernel: Some(kernel.to_owned()),
+                    // Both ways of launching the merge after the splits.
+                    overlap_merge: Some(prefetch % 2 == 0),
                 };
                 run_variant(
                     &device,
@@ -456,6 +458,7 @@ fn every_tensor_core_form_and_prefetch_depth_matches_the_cpu() {
                 num_splits: Some(4),
                 prefetch_tiles: Some(prefetch),
                 kernel: Some("mma_w4_b3".to_owned()),
+                overlap_merge: None,
             };
             run_variant(
                 &device,

@@ -9,6 +9,7 @@ pub mod flash_attention;
 pub mod gemm;
 pub(crate) mod gemv;
 pub mod kv_write;
+pub(crate) mod launch;
 pub mod memory;
 pub mod nf4;
 pub mod norm;

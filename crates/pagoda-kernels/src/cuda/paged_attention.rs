@@ -12,14 +12,14 @@
 //! head) pairs alone cannot fill the GPU, each context is cut into splits whose partial results a
 //! second kernel merges (the flash-decoding scheme).
 
-use pagoda_tensor::cudarc::driver::sys::CUdevice_attribute;
 use pagoda_tensor::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use pagoda_tensor::{CudaDevice, DType, Device, Storage, Tensor};
 
+use super::launch::DependentLaunch;
 use super::registry::{KernelModule, function};
 use super::tensor_access::{
     FLOAT_DTYPES, alloc_output, arg_u32, common_device, device_view, dims_of, expect_dims,
-    expect_dtype, expect_same_dtype, into_tensor, kernel_name, launch_error,
+    expect_dtype, expect_same_dtype, into_tensor, kernel_name, launch_error, multiprocessor_count,
 };
 use crate::cpu::attention::AttentionParams;
 use crate::{Error, Result};
@@ -359,6 +359,10 @@ pub struct DecodeVariant {
     /// when contexts are not split), `"mma_w4_b3"`, and the pipelined `"mma_w4_b2_pl"` (the
     /// default when they are) and `"mma_w8_b1_pl"`; for 64 and 96 `"mma_w4_b3"`.
     pub kernel: Option<String>,
+    /// Whether the merge of split contexts is launched to overlap the split kernel's end, where
+    /// the GPU allows it, or only after it, as an ordinary launch (the default: the overlap has
+    /// not been timed against it yet).
+    pub overlap_merge: Option<bool>,
 }
 
 /// [`paged_attention`] as `variant` says: the same result up to rounding.
@@ -383,6 +387,9 @@ pub fn paged_attention_variant(
             ));
         }
         plan.prefetch_tiles = Some(tiles);
+    }
+    if let Some(overlap) = variant.overlap_merge {
+        plan.overlap_merge = overlap;
     }
     let num_splits = match variant.num_splits {
         Some(splits) => {
@@ -513,6 +520,8 @@ struct Plan {
     /// Tiles ahead of its loads the tensor-core kernel prefetches; `None` for
     /// [`PREFETCH_TILES`].
     prefetch_tiles: Option<u32>,
+    /// Whether the merge kernel may start while the split kernel finishes.
+    overlap_merge: bool,
 }
 
 impl Plan {
@@ -580,6 +589,7 @@ impl Plan {
             // At most num_heads <= 65535 (checked in `new`).
             head_blocks: head_blocks as u32,
             prefetch_tiles: None,
+            overlap_merge: false,
         })
     }
 
@@ -630,9 +640,10 @@ impl Plan {
             pipelined: true,
         };
         let num_tokens = self.blocks_per_split / self.head_blocks.max(1) as usize;
-        let prefetch_tiles = self.prefetch_tiles;
+        let (prefetch_tiles, overlap_merge) = (self.prefetch_tiles, self.overlap_merge);
         *self = Self::with_kernel(self.device.clone(), q, num_tokens, params, kind)?;
         self.prefetch_tiles = prefetch_tiles;
+        self.overlap_merge = overlap_merge;
         Ok(true)
     }
 
@@ -654,25 +665,15 @@ impl Plan {
         Ok(split_count(
             self.blocks_per_split,
             layout.max_blocks_per_seq * layout.block_size,
-            self.multiprocessors()?,
+            multiprocessor_count(Self::OP, &self.device)?,
             1,
         )
         .max(2))
     }
 
-    /// The GPU's SM count.
-    fn multiprocessors(&self) -> Result<usize> {
-        let sms = self
-            .device
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| Error::cuda(Self::OP, format!("querying the SM count: {e}")))?;
-        Ok(usize::try_from(sms).unwrap_or(1).max(1))
-    }
-
     /// The split count [`split_count`] gives this plan's kernel.
     fn default_num_splits(&self, layout: &DeviceBatchLayout) -> Result<usize> {
-        let sms = self.multiprocessors()?;
+        let sms = multiprocessor_count(Self::OP, &self.device)?;
         // The occupancy query needs the device's context current on this thread.
         let per_sm = self
             .device
@@ -798,18 +799,22 @@ impl Plan {
                 block_dim: (COMBINE_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut launch = stream.launch_builder(&combine);
+            // With `overlap_merge`, the merge is scheduled once all the split kernel's blocks
+            // run (they allow it at their start), so its blocks wait on the SMs for the last split
+            // instead of being launched after it.
+            let mut launch = DependentLaunch::new(&self.device, &combine, self.overlap_merge);
             launch
-                .arg(scratch.slice())
-                .arg(out.slice_mut())
-                .arg(&rows)
-                .arg(&heads)
-                .arg(&head_dim_arg)
-                .arg(&num_splits_arg);
+                .buffer(scratch.slice())
+                .buffer_mut(out.slice_mut())
+                .value(&rows)
+                .value(&heads)
+                .value(&head_dim_arg)
+                .value(&num_splits_arg);
             // SAFETY: the arguments follow paged_attention_combine's signature (scratch, out,
             // num_tokens, num_heads, head_dim, num_splits); the launch above, on the same stream,
             // wrote every split's statistics for every (row, head), and the values of every
-            // split whose statistics give it weight, which is all the merge reads;
+            // split whose statistics give it weight, which is all the merge reads; the merge
+            // waits for that launch to complete before it reads or writes anything;
             // num_heads <= 65535.
             unsafe { launch.launch(config) }.map_err(|e| launch_error(OP, &combine_name, e))?;
         }

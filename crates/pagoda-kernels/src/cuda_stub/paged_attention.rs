@@ -147,6 +147,8 @@ pub struct DecodeVariant {
     pub prefetch_tiles: Option<u32>,
     /// The split kernel's name.
     pub kernel: Option<String>,
+    /// Whether the merge kernel may overlap the split kernel's end.
+    pub overlap_merge: Option<bool>,
 }
 
 /// Paged attention on the GPU as a variant says; always fails without the `cuda` feature.
