@@ -17,7 +17,8 @@
 #   build-root           the repository root at build time, which env!("CARGO_MANIFEST_DIR") in
 #                        the tests points into
 #   gpu_parity_reference.py, peers/*.py, run.sh
-#   bnb-site/            bitsandbytes unpacked, when PAGODA_BNB_SITE names it
+#   bnb-site/            bitsandbytes unpacked (scripts/fetch-bnb-site.sh, or the folder
+#                        PAGODA_BNB_SITE names; PAGODA_BNB_SITE= leaves it out)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -107,11 +108,12 @@ else
     echo "gpu-bundle: no peer scripts in $peers (set PAGODA_PEERS_DIR)" >&2
 fi
 
-# bitsandbytes, for the NF4 bit-exactness tests and peers: PAGODA_BNB_SITE names a folder holding
-# the unpacked package (its Python files and the one CUDA library the GPU machine needs; the whole
-# wheel is too large to travel).
-if [[ -n ${PAGODA_BNB_SITE:-} ]]; then
-    cp -r "$PAGODA_BNB_SITE" "$out/bnb-site"
+# bitsandbytes, for the NF4 bit-exactness tests and peers: its Python files and the one CUDA
+# library the GPU machine needs (the whole wheel is too large to travel), fetched from PyPI by
+# scripts/fetch-bnb-site.sh unless PAGODA_BNB_SITE names such a folder (or is set empty: none).
+bnb_site=${PAGODA_BNB_SITE-$("$root/scripts/fetch-bnb-site.sh")}
+if [[ -n $bnb_site ]]; then
+    cp -r "$bnb_site" "$out/bnb-site"
 fi
 
 sort -t $'\t' -k1,1 -k4,4 -k2,2 -o "$manifest" "$manifest"
