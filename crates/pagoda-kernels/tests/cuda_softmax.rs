@@ -10,7 +10,7 @@ use common::{
     random_tensor, rounded, upload,
 };
 use pagoda_kernels::{Error, cpu, cuda};
-use pagoda_tensor::{DType, Tensor};
+use pagoda_tensor::{CudaDevice, DType, Tensor};
 
 /// `softmax_rows` of `values` (`[rows, cols]`, already rounded to `dtype`) on the GPU and on the CPU.
 fn gpu_and_cpu(
@@ -104,6 +104,17 @@ fn every_form_matches_the_cpu() {
     assert!(cuda::softmax::softmax_rows_with(&x, one_block).is_err());
 }
 
+/// The GPU when it has clusters and bulk copies (Hopper), which the streamed forms need; `None`
+/// after printing why the test skips.
+fn hopper_or_skip(test: &str) -> Option<CudaDevice> {
+    let device = gpu_or_skip(test)?;
+    if !cuda::softmax::clusters_available(&device).unwrap() {
+        eprintln!("{test}: skipped: needs compute capability 9.0+");
+        return None;
+    }
+    Some(device)
+}
+
 /// The streamed forms among `candidate_forms`.
 fn streamed_forms(cols: usize, dtype: DType) -> Vec<cuda::softmax::SoftmaxForm> {
     cuda::softmax::candidate_forms(cols, dtype, true)
@@ -114,13 +125,9 @@ fn streamed_forms(cols: usize, dtype: DType) -> Vec<cuda::softmax::SoftmaxForm> 
 
 #[test]
 fn every_streamed_form_matches_the_cpu() {
-    let Some(device) = gpu_or_skip("every_streamed_form_matches_the_cpu") else {
+    let Some(device) = hopper_or_skip("every_streamed_form_matches_the_cpu") else {
         return;
     };
-    if !cuda::softmax::clusters_available(&device).unwrap() {
-        eprintln!("every_streamed_form_matches_the_cpu: skipped: needs compute capability 9.0+");
-        return;
-    }
     let mut rng = TestRng::new("every_streamed_form_matches_the_cpu");
     // Rows of whole 16-byte words (multiples of 8 columns suit every dtype): fewer columns than
     // blocks have words (blocks without any), ragged last segments, rows too long for one held
@@ -161,13 +168,9 @@ fn every_streamed_form_matches_the_cpu() {
 
 #[test]
 fn streamed_forms_keep_masked_large_and_undefined_rows() {
-    let Some(device) = gpu_or_skip("streamed_forms_keep_masked_large_and_undefined_rows") else {
+    let Some(device) = hopper_or_skip("streamed_forms_keep_masked_large_and_undefined_rows") else {
         return;
     };
-    if !cuda::softmax::clusters_available(&device).unwrap() {
-        eprintln!("streamed_forms_keep_masked_large_and_undefined_rows: skipped: needs 9.0+");
-        return;
-    }
     let mut rng = TestRng::new("streamed_forms_keep_masked_large_and_undefined_rows");
     let rows = 7;
     for dtype in FLOAT_DTYPES {
@@ -228,13 +231,9 @@ fn streamed_forms_keep_masked_large_and_undefined_rows() {
 
 #[test]
 fn misaligned_inputs_do_not_stream() {
-    let Some(device) = gpu_or_skip("misaligned_inputs_do_not_stream") else {
+    let Some(device) = hopper_or_skip("misaligned_inputs_do_not_stream") else {
         return;
     };
-    if !cuda::softmax::clusters_available(&device).unwrap() {
-        eprintln!("misaligned_inputs_do_not_stream: skipped: needs compute capability 9.0+");
-        return;
-    }
     let mut rng = TestRng::new("misaligned_inputs_do_not_stream");
     let (rows, cols) = (3, 128_256);
     // A view starting one element into its allocation: rows of whole words, none aligned.
