@@ -551,6 +551,75 @@ fn compile(module: KernelModule, target: &Target) -> Result<KernelImage> {
 /// The registry compiles the embedded modules through this; it is public for experiments and
 /// for testing the compiler path with sources of one's own.
 pub fn compile_source(name: &'static str, source: &str, target: &Target) -> Result<KernelImage> {
+    compile_program(name, source, target, &[]).map(|(image, _log)| image)
+}
+
+/// What ptxas gave one kernel of a module: its registers per thread and the bytes per thread it
+/// spilled to local memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelResources {
+    pub kernel: String,
+    pub registers: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+}
+
+/// Compiles `module` for `target` (machine code: an `sm_*` target) as the registry does and
+/// reports each kernel's registers and spills, from ptxas's own account (`-v`). No GPU is needed:
+/// a hot kernel that starts spilling shows here, before anything is timed.
+pub fn kernel_resources(module: KernelModule, target: &Target) -> Result<Vec<KernelResources>> {
+    if !target.cubin {
+        return Err(Error::cuda(
+            "kernel_resources",
+            format!("{} is a PTX target: ptxas does not run", target.arch),
+        ));
+    }
+    let (_, log) = compile_program(
+        module.name(),
+        module.source(),
+        target,
+        &["--ptxas-options=-v"],
+    )?;
+    Ok(parse_ptxas_resources(&log))
+}
+
+/// The per-kernel lines of a ptxas `-v` log: "Compiling entry function 'k'", then "N bytes
+/// stack frame, S bytes spill stores, L bytes spill loads" and "Used R registers, ...".
+fn parse_ptxas_resources(log: &str) -> Vec<KernelResources> {
+    let number_before = |line: &str, unit: &str| -> Option<u32> {
+        let end = line.find(unit)?;
+        line[..end].split_whitespace().last()?.parse().ok()
+    };
+    let mut kernels: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let kernel = rest.split('\'').next().unwrap_or_default().to_owned();
+            kernels.push(KernelResources {
+                kernel,
+                registers: 0,
+                spill_store_bytes: 0,
+                spill_load_bytes: 0,
+            });
+        } else if let Some(current) = kernels.last_mut() {
+            if line.contains("bytes spill stores") {
+                current.spill_store_bytes = number_before(line, "bytes spill stores").unwrap_or(0);
+                current.spill_load_bytes = number_before(line, "bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used ") {
+                current.registers = number_before(line, "registers").unwrap_or(0);
+            }
+        }
+    }
+    kernels
+}
+
+/// Compiles `source` as [`compile_source`] does, with `extra_options` after the registry's; also
+/// returns the compiler's log.
+fn compile_program(
+    name: &'static str,
+    source: &str,
+    target: &Target,
+    extra_options: &[&str],
+) -> Result<(KernelImage, String)> {
     require_nvrtc()?;
     let source = c_string(name, source)?;
     let file_name = c_string("module name", &format!("{name}.cu"))?;
@@ -589,6 +658,7 @@ pub fn compile_source(name: &'static str, source: &str, target: &Target) -> Resu
         .iter()
         .copied()
         .chain(std::iter::once(arch_option.as_str()))
+        .chain(extra_options.iter().copied())
         .map(|o| c_string("option", o))
         .collect::<Result<Vec<_>>>()?;
     let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
@@ -614,7 +684,7 @@ pub fn compile_source(name: &'static str, source: &str, target: &Target) -> Resu
         unsafe { nvrtc::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr().cast()) }
             .result()
             .map_err(|e| nvrtc_error("nvrtcGetCUBIN", e.0))?;
-        Ok(KernelImage::Cubin(cubin))
+        Ok((KernelImage::Cubin(cubin), program_log(&program)))
     } else {
         let mut size = 0usize;
         // SAFETY: the program compiled; `size` is valid for a write.
@@ -626,7 +696,7 @@ pub fn compile_source(name: &'static str, source: &str, target: &Target) -> Resu
         unsafe { nvrtc::nvrtcGetPTX(program.0, ptx.as_mut_ptr()) }
             .result()
             .map_err(|e| nvrtc_error("nvrtcGetPTX", e.0))?;
-        Ok(KernelImage::Ptx(lossy_string(&ptx)))
+        Ok((KernelImage::Ptx(lossy_string(&ptx)), program_log(&program)))
     }
 }
 
@@ -775,6 +845,35 @@ fn write_entry(path: &Path, key: u64, image: &KernelImage) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ptxas_resource_lines_are_read_per_kernel() {
+        let log = "\
+ptxas info    : 24 bytes gmem
+ptxas info    : Compiling entry function 'spills_f16' for 'sm_90a'
+ptxas info    : Function properties for spills_f16
+ptxas         .     152 bytes stack frame, 154 bytes spill stores, 252 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 152 bytes cumulative stack size, 264 bytes smem
+ptxas info    : Compile time = 346.328 ms
+ptxas info    : Compiling entry function 'clean' for 'sm_90a'
+ptxas info    : Function properties for clean
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 210 registers, used 1 barriers, 16640 bytes smem
+";
+        let resources = |kernel: &str, registers, stores, loads| KernelResources {
+            kernel: kernel.to_owned(),
+            registers,
+            spill_store_bytes: stores,
+            spill_load_bytes: loads,
+        };
+        assert_eq!(
+            parse_ptxas_resources(log),
+            [
+                resources("spills_f16", 64, 154, 252),
+                resources("clean", 210, 0, 0)
+            ]
+        );
+    }
 
     fn temp_dir(tag: &str) -> PathBuf {
         let nanos = std::time::SystemTime::now()
