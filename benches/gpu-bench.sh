@@ -35,11 +35,15 @@ run() { # timeout-seconds command...
   timeout "$limit" "$@" 2>&1 | tee -a "$log" | grep -E '^\{|TB/s|GB/s|time:|thrpt:' || echo "(failed or timed out: $*)" | tee -a "$log"
 }
 
-for m in pythia-2.8b llama-3.2-3b; do
-  if [ ! -f "$models/$m/config.json" ]; then
-    run 300 python3 "$bundle/gpu_parity_reference.py" --out "$models" --models "$m"
-  fi
-done
+# The models only for the parts that run them: the kernel parts need none, and writing them
+# takes minutes of device time.
+if want w1 || want nf4 || want w2; then
+  for m in pythia-2.8b llama-3.2-3b; do
+    if [ ! -f "$models/$m/config.json" ]; then
+      run 300 python3 "$bundle/gpu_parity_reference.py" --out "$models" --models "$m"
+    fi
+  done
+fi
 
 want softmax && run 120 python3 "$bundle/peers/kernels_and_generate.py" hw softmax
 for b in "$bundle"/bin/bench-cuda_softmax; do
