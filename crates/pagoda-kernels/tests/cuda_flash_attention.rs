@@ -7,17 +7,14 @@
 
 mod common;
 
-use common::{
-    ScatteredTables, TestRng, assert_close, download, gpu_or_skip, poison_pool, random_tensor,
-};
-use pagoda_kernels::cpu::attention::{AttentionParams, SequenceSpan};
-use pagoda_kernels::cpu::kv_write::PageGeometry;
+use common::attention::{Batch, Case};
+use common::{TestRng, assert_close, download, gpu_or_skip, poison_pool, random_tensor};
+use pagoda_kernels::Error;
+use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cuda::flash_attention::{
     TILE_SHAPES, TileShape, flash_attention_prefill, flash_attention_prefill_with, sm90a_available,
     supports,
 };
-use pagoda_kernels::cuda::paged_attention::DeviceBatchLayout;
-use pagoda_kernels::{Error, cpu};
 use pagoda_tensor::{CudaDevice, DType, Tensor};
 
 const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
@@ -37,126 +34,7 @@ const RAGGED: [(usize, usize); 10] = [
     (129, 700),
 ];
 
-/// A batch: per sequence `(query_len, context_len)`, the heads, and how K/V pages are cut.
-struct Case<'a> {
-    seqs: &'a [(usize, usize)],
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    block_size: usize,
-}
-
-/// A batch on the device and the host values it holds.
-struct Batch {
-    layout: DeviceBatchLayout,
-    params: AttentionParams,
-    geometry: PageGeometry,
-    query_start: Vec<u32>,
-    tables: Vec<u32>,
-    max_blocks: usize,
-    q: Tensor,
-    k_pages: Tensor,
-    v_pages: Tensor,
-    q_values: Vec<f32>,
-    k_values: Vec<f32>,
-    v_values: Vec<f32>,
-}
-
 impl Batch {
-    fn new(device: &CudaDevice, rng: &mut TestRng, case: &Case<'_>, dtype: DType) -> Batch {
-        let Case {
-            seqs,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            block_size,
-        } = *case;
-        let ScatteredTables {
-            query_start,
-            context_len,
-            tables,
-            num_blocks,
-            max_blocks,
-            num_tokens,
-        } = ScatteredTables::new(rng, seqs, block_size);
-        let geometry = PageGeometry {
-            num_blocks,
-            block_size,
-            num_kv_heads,
-            head_dim,
-        };
-        let page_dims = [num_blocks, block_size, num_kv_heads, head_dim];
-        // Queries at 4x the keys' scale give scores of standard deviation ~1.3 at any head_dim,
-        // so the softmax is neither flat nor one-hot.
-        let (q, q_values) =
-            random_tensor(rng, &[num_tokens, num_heads, head_dim], dtype, 4.0, device);
-        let (k_pages, k_values) = random_tensor(rng, &page_dims, dtype, 1.0, device);
-        let (v_pages, v_values) = random_tensor(rng, &page_dims, dtype, 1.0, device);
-        let layout = DeviceBatchLayout::new(
-            &query_start,
-            &context_len,
-            &tables,
-            max_blocks,
-            block_size,
-            num_blocks,
-            device,
-        )
-        .unwrap();
-        Batch {
-            layout,
-            params: AttentionParams {
-                num_heads,
-                num_kv_heads,
-                head_dim,
-                scale: 1.0 / (head_dim as f32).sqrt(),
-            },
-            geometry,
-            query_start,
-            tables,
-            max_blocks,
-            q,
-            k_pages,
-            v_pages,
-            q_values,
-            k_values,
-            v_values,
-        }
-    }
-
-    fn num_tokens(&self) -> usize {
-        self.layout.num_tokens()
-    }
-
-    fn out_len(&self) -> usize {
-        self.num_tokens() * self.params.num_heads * self.params.head_dim
-    }
-
-    /// Causal attention on the CPU oracle.
-    fn causal_reference(&self, seqs: &[(usize, usize)]) -> Vec<f32> {
-        let spans: Vec<SequenceSpan<'_>> = seqs
-            .iter()
-            .enumerate()
-            .map(|(s, &(query_len, context))| SequenceSpan {
-                query_start: self.query_start[s] as usize,
-                query_len,
-                context_len: context,
-                block_table: &self.tables[s * self.max_blocks..(s + 1) * self.max_blocks],
-            })
-            .collect();
-        let mut expected = vec![0.0; self.out_len()];
-        cpu::attention::paged_attention(
-            &self.q_values,
-            &spans,
-            &self.params,
-            &self.geometry,
-            &self.k_values,
-            &self.v_values,
-            &mut expected,
-        )
-        .unwrap();
-        expected
-    }
-
     /// Non-causal attention computed directly (every row sees its sequence's whole context),
     /// in f64.
     fn full_reference(&self, seqs: &[(usize, usize)]) -> Vec<f32> {

@@ -11,27 +11,17 @@
 
 mod common;
 
+use common::attention::{Batch, Case};
 use common::{
-    FLOAT_DTYPES, ScatteredTables, TestRng, assert_close, download, gpu_or_skip, poison_pool,
-    random_tensor, upload,
+    FLOAT_DTYPES, TestRng, assert_close, download, gpu_or_skip, poison_pool, random_tensor,
 };
-use pagoda_kernels::cpu::attention::{AttentionParams, SequenceSpan};
-use pagoda_kernels::cpu::kv_write::PageGeometry;
+use pagoda_kernels::Error;
+use pagoda_kernels::cpu::attention::AttentionParams;
 use pagoda_kernels::cuda::paged_attention::{
     DecodeVariant, DeviceBatchLayout, MAX_PREFETCH_TILES, MAX_SPLITS, default_num_splits,
     paged_attention, paged_attention_variant, paged_attention_with_splits,
 };
-use pagoda_kernels::{Error, cpu};
-use pagoda_tensor::{CudaDevice, DType, Tensor};
-
-/// A batch: per sequence `(query_len, context_len)`, and how K/V pages are cut.
-struct Case<'a> {
-    seqs: &'a [(usize, usize)],
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    block_size: usize,
-}
+use pagoda_tensor::{CudaDevice, DType};
 
 fn run(device: &CudaDevice, rng: &mut TestRng, case: &Case<'_>, dtype: DType) {
     run_with_splits(device, rng, case, dtype, None);
@@ -62,6 +52,10 @@ fn run_variant(
     variant: &DecodeVariant,
     misaligned: bool,
 ) {
+    let mut batch = Batch::new(device, rng, case, dtype);
+    if misaligned {
+        batch.misalign_pages(device);
+    }
     let Case {
         seqs,
         num_heads,
@@ -69,63 +63,20 @@ fn run_variant(
         head_dim,
         block_size,
     } = *case;
-    let ScatteredTables {
-        query_start,
-        context_len,
-        tables,
-        num_blocks,
-        max_blocks,
-        num_tokens,
-    } = ScatteredTables::new(rng, seqs, block_size);
-
-    let geometry = PageGeometry {
-        num_blocks,
-        block_size,
-        num_kv_heads,
-        head_dim,
-    };
-    let page_dims = [num_blocks, block_size, num_kv_heads, head_dim];
-    // Queries at 4x the keys' scale give scores of standard deviation ~1.3 at any head_dim, so the
-    // softmax is neither flat nor one-hot.
-    let (q, q_values) = random_tensor(rng, &[num_tokens, num_heads, head_dim], dtype, 4.0, device);
-    let (k_pages, k_values) = random_tensor(rng, &page_dims, dtype, 1.0, device);
-    let (v_pages, v_values) = random_tensor(rng, &page_dims, dtype, 1.0, device);
-    let (k_pages, v_pages) = if misaligned {
-        (
-            offset_by_one(&k_values, &page_dims, dtype, device),
-            offset_by_one(&v_values, &page_dims, dtype, device),
-        )
-    } else {
-        (k_pages, v_pages)
-    };
-    let params = AttentionParams {
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        scale: 1.0 / (head_dim as f32).sqrt(),
-    };
-
-    let layout = DeviceBatchLayout::new(
-        &query_start,
-        &context_len,
-        &tables,
-        max_blocks,
-        block_size,
-        num_blocks,
-        device,
-    )
-    .unwrap();
+    let num_tokens = batch.num_tokens();
+    let layout = &batch.layout;
     assert_eq!(
         (
             layout.num_seqs(),
             layout.num_tokens(),
             layout.max_blocks_per_seq()
         ),
-        (seqs.len(), num_tokens, max_blocks)
+        (seqs.len(), num_tokens, batch.max_blocks)
     );
+    let (q, k_pages, v_pages, params) = (&batch.q, &batch.k_pages, &batch.v_pages, &batch.params);
     let splits = match variant.num_splits {
         Some(splits) => splits,
-        None => default_num_splits(&q, &layout, &params, &k_pages, &v_pages).unwrap(),
+        None => default_num_splits(q, layout, params, k_pages, v_pages).unwrap(),
     };
     // The output and the splits' scratch come from the pool: poison both.
     poison_pool(
@@ -136,48 +87,16 @@ fn run_variant(
         num_splits: Some(splits),
         ..variant.clone()
     };
-    let out = paged_attention_variant(&q, &layout, &params, &k_pages, &v_pages, &variant).unwrap();
+    let out = paged_attention_variant(q, layout, params, k_pages, v_pages, &variant).unwrap();
     assert_eq!(
         (out.dims(), out.dtype()),
         (&[num_tokens, num_heads, head_dim][..], dtype)
     );
-
-    let spans: Vec<SequenceSpan<'_>> = seqs
-        .iter()
-        .enumerate()
-        .map(|(s, &(query_len, context))| SequenceSpan {
-            query_start: query_start[s] as usize,
-            query_len,
-            context_len: context,
-            block_table: &tables[s * max_blocks..(s + 1) * max_blocks],
-        })
-        .collect();
-    let mut expected = vec![0.0; num_tokens * num_heads * head_dim];
-    cpu::attention::paged_attention(
-        &q_values,
-        &spans,
-        &params,
-        &geometry,
-        &k_values,
-        &v_values,
-        &mut expected,
-    )
-    .unwrap();
     let what = format!(
         "{dtype} heads {num_heads}/{num_kv_heads} dim {head_dim} block {block_size} {variant:?} \
          misaligned {misaligned} seqs {seqs:?}"
     );
-    assert_close(&what, &download(&out), &expected, dtype);
-}
-
-/// `values` as a tensor of `dims` whose storage holds one element more before them: a contiguous
-/// view at an element offset of 1, never 16-byte aligned.
-fn offset_by_one(values: &[f32], dims: &[usize], dtype: DType, device: &CudaDevice) -> Tensor {
-    let padded = [&[0.5], values].concat();
-    upload(&padded, &[padded.len()], dtype, device)
-        .narrow(0, 1, values.len())
-        .and_then(|t| t.reshape(dims.to_vec()))
-        .unwrap_or_else(|e| panic!("viewing {dims:?} at an offset: {e}"))
+    assert_close(&what, &download(&out), &batch.causal_reference(seqs), dtype);
 }
 
 #[test]

@@ -4,6 +4,8 @@
 //! Each test binary uses a subset of these.
 #![allow(dead_code)]
 
+pub mod attention;
+
 use half::{bf16, f16};
 use pagoda_tensor::{CudaDevice, DType, Device, Tensor};
 use rand::{RngExt, SeedableRng};
