@@ -9,8 +9,9 @@
 //! shape (`candidate_forms`: one block or a cluster of 2, 4 or 8 blocks per row holding 8 to 64
 //! values per thread, the online form, and on Hopper the streamed form with 1 to 8 blocks per
 //! row, 2 to 6 stages and 256 to 1024 threads) runs through `softmax_rows_with`, checked against
-//! `softmax_rows`' output and timed, to show which form suits which row length. Each shape ends
-//! with the fastest form of each kind (held by one block, held by a cluster, online, streamed).
+//! `softmax_rows`' output and timed, to show which form suits which row length; the logits shape
+//! also in f32 and bf16. Each shape ends with the fastest form of each kind (held by one block,
+//! held by a cluster, online, streamed) and the form `softmax_rows` takes.
 
 mod common;
 
@@ -42,6 +43,14 @@ fn logits(rows: usize, cols: usize, device: &CudaDevice) -> Tensor {
     Tensor::from_vec(values, vec![rows, cols])
         .and_then(|t| t.to_device(&Device::Cuda(device.ordinal())))
         .expect("uploading benchmark logits")
+}
+
+/// [`logits`] in `dtype` (the same values: f16's are exact in f32 and, at these magnitudes, in
+/// bf16 to its precision).
+fn logits_in(rows: usize, cols: usize, dtype: DType, device: &CudaDevice) -> Tensor {
+    logits(rows, cols, device)
+        .to_dtype(dtype)
+        .expect("converting benchmark logits")
 }
 
 struct CopyBuffers {
@@ -133,83 +142,101 @@ fn summary(device: &CudaDevice, copies: &mut CopyBuffers) -> f64 {
     copy_rate
 }
 
-/// Times every form on every shape and checks each one's output against `softmax_rows`'.
+/// The logits shape of BENCH.md again in f32 and bf16, whose forms are not the f16 ones: f32 rows
+/// take twice the registers, and the forms that hold 64 f32 or bf16 values per thread spill.
+const OTHER_DTYPE_SHAPES: [(usize, usize); 1] = [(256, 128_256)];
+
+/// Times every form on every shape (f16), and on [`OTHER_DTYPE_SHAPES`] in f32 and bf16, and
+/// checks each one's output against `softmax_rows`'.
 fn sweep(device: &CudaDevice, copy_rate: f64) {
+    for (rows, cols) in SHAPES {
+        sweep_shape(device, copy_rate, rows, cols, DType::F16);
+    }
+    for dtype in [DType::F32, DType::BF16] {
+        for (rows, cols) in OTHER_DTYPE_SHAPES {
+            sweep_shape(device, copy_rate, rows, cols, dtype);
+        }
+    }
+}
+
+fn sweep_shape(device: &CudaDevice, copy_rate: f64, rows: usize, cols: usize, dtype: DType) {
     const RUNS: usize = 11;
     /// Rows compared per shape: enough to cover every block of a wave, cheap to download.
     const CHECKED_ELEMENTS: usize = 1 << 22;
-    println!("\nevery form that can hold the shape, through softmax_rows_with");
+    println!("\nevery form that can hold {rows}x{cols} {dtype}, through softmax_rows_with");
     println!(
         "{:>12} {:>52} {:>10} {:>10} {:>8} {:>10}",
         "rows x cols", "form", "ms", "GB/s", "of copy", "check"
     );
     let clusters = cuda::softmax::clusters_available(device).expect("compute capability");
-    for (rows, cols) in SHAPES {
-        // The fastest checked form of each kind: (kind, form, seconds).
-        let mut best: Vec<(&str, cuda::softmax::SoftmaxForm, f64)> = Vec::new();
-        let x = logits(rows, cols, device);
-        let checked_rows = (CHECKED_ELEMENTS / cols).clamp(1, rows);
-        let reference = cuda::softmax::softmax_rows(&x)
-            .and_then(|y| Ok(y.narrow(0, 0, checked_rows)?.to_vec_f32()?))
-            .expect("the reference softmax");
-        let reference_max = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        for form in cuda::softmax::candidate_forms(cols, DType::F16, clusters) {
-            let run = || cuda::softmax::softmax_rows_with(&x, form).expect("softmax");
-            let seconds = median_seconds(device, RUNS, 10, || drop(run()));
-            let output = run()
-                .narrow(0, 0, checked_rows)
-                .and_then(|y| y.to_vec_f32())
-                .expect("downloading an output");
-            let worst = output
-                .iter()
-                .zip(&reference)
-                .map(|(y, r)| (y - r).abs())
-                .fold(
-                    0.0f32,
-                    |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-                );
-            let check = if worst <= 1e-2 * reference_max {
-                "ok"
-            } else {
-                "MISMATCH"
-            };
-            let rate = (2 * rows * cols * 2) as f64 / seconds / 1e9;
-            println!(
-                "{:>12} {:>52} {:>10.3} {:>10.0} {:>7.1}% {:>10}",
-                format!("{rows}x{cols}"),
-                format!("{form:?}"),
-                seconds * 1e3,
-                rate,
-                100.0 * rate / copy_rate,
-                check
+    let bytes = 2 * rows * cols * dtype.size_in_bytes();
+    // The fastest checked form of each kind: (kind, form, seconds).
+    let mut best: Vec<(&str, cuda::softmax::SoftmaxForm, f64)> = Vec::new();
+    let x = logits_in(rows, cols, dtype, device);
+    let checked_rows = (CHECKED_ELEMENTS / cols).clamp(1, rows);
+    let reference = cuda::softmax::softmax_rows(&x)
+        .and_then(|y| Ok(y.narrow(0, 0, checked_rows)?.to_vec_f32()?))
+        .expect("the reference softmax");
+    let reference_max = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for form in cuda::softmax::candidate_forms(cols, dtype, clusters) {
+        let run = || cuda::softmax::softmax_rows_with(&x, form).expect("softmax");
+        let seconds = median_seconds(device, RUNS, 10, || drop(run()));
+        let output = run()
+            .narrow(0, 0, checked_rows)
+            .and_then(|y| y.to_vec_f32())
+            .expect("downloading an output");
+        let worst = output
+            .iter()
+            .zip(&reference)
+            .map(|(y, r)| (y - r).abs())
+            .fold(
+                0.0f32,
+                |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
             );
-            let kind = match form {
-                cuda::softmax::SoftmaxForm::Held { blocks: 1, .. } => "held, one block",
-                cuda::softmax::SoftmaxForm::Held { .. } => "held, cluster",
-                cuda::softmax::SoftmaxForm::Online { .. } => "online",
-                cuda::softmax::SoftmaxForm::Streamed { .. } => "streamed",
-            };
-            if check != "ok" {
-                continue;
-            }
-            match best.iter_mut().find(|(k, ..)| *k == kind) {
-                Some(entry) if entry.2 > seconds => *entry = (kind, form, seconds),
-                Some(_) => {}
-                None => best.push((kind, form, seconds)),
-            }
+        let check = if worst <= 1e-2 * reference_max {
+            "ok"
+        } else {
+            "MISMATCH"
+        };
+        let rate = bytes as f64 / seconds / 1e9;
+        println!(
+            "{:>12} {:>52} {:>10.3} {:>10.0} {:>7.1}% {:>10}",
+            format!("{rows}x{cols}"),
+            format!("{form:?}"),
+            seconds * 1e3,
+            rate,
+            100.0 * rate / copy_rate,
+            check
+        );
+        let kind = match form {
+            cuda::softmax::SoftmaxForm::Held { blocks: 1, .. } => "held, one block",
+            cuda::softmax::SoftmaxForm::Held { .. } => "held, cluster",
+            cuda::softmax::SoftmaxForm::Online { .. } => "online",
+            cuda::softmax::SoftmaxForm::Streamed { .. } => "streamed",
+        };
+        if check != "ok" {
+            continue;
         }
-        println!("  fastest of each kind at {rows}x{cols}:");
-        for (kind, form, seconds) in best {
-            let rate = (2 * rows * cols * 2) as f64 / seconds / 1e9;
-            println!(
-                "  {:>16} {:>52} {:>10.3} {:>10.0} {:>7.1}%",
-                kind,
-                format!("{form:?}"),
-                seconds * 1e3,
-                rate,
-                100.0 * rate / copy_rate
-            );
+        match best.iter_mut().find(|(k, ..)| *k == kind) {
+            Some(entry) if entry.2 > seconds => *entry = (kind, form, seconds),
+            Some(_) => {}
+            None => best.push((kind, form, seconds)),
         }
+    }
+    println!(
+        "  fastest of each kind at {rows}x{cols} {dtype} (softmax_rows takes {:?}):",
+        cuda::softmax::choose_form(cols, dtype, clusters)
+    );
+    for (kind, form, seconds) in best {
+        let rate = bytes as f64 / seconds / 1e9;
+        println!(
+            "  {:>16} {:>52} {:>10.3} {:>10.0} {:>7.1}%",
+            kind,
+            format!("{form:?}"),
+            seconds * 1e3,
+            rate,
+            100.0 * rate / copy_rate
+        );
     }
 }
 
