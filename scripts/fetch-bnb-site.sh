@@ -9,17 +9,16 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 version=0.50.2
 cuda=${PAGODA_BNB_CUDA:-130}
 dest="$root/target/bnb-site/$version-cuda$cuda"
-if [ ! -f "$dest/bitsandbytes/libbitsandbytes_cuda$cuda.so" ]; then
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
-  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
-    --platform manylinux_2_24_x86_64 --dest "$work" "bitsandbytes==$version" >&2
+library="libbitsandbytes_cuda$cuda.so"
+if [ ! -f "$dest/bitsandbytes/$library" ]; then
+  wheel=$("$root/scripts/fetch-pypi-wheel.sh" bitsandbytes "$version" \
+    --python-version 3.12 --platform manylinux_2_24_x86_64)
+  [ -f "$wheel/bitsandbytes/$library" ] ||
+    { echo "fetch-bnb-site: bitsandbytes $version has no $library" >&2; exit 1; }
   rm -rf "$dest"
   mkdir -p "$dest"
-  python3 -m zipfile -e "$work"/bitsandbytes-*.whl "$dest"
-  lib="$dest/bitsandbytes/libbitsandbytes_cuda$cuda.so"
-  [ -f "$lib" ] || { echo "fetch-bnb-site: bitsandbytes $version has no CUDA $cuda library" >&2; exit 1; }
-  find "$dest/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name "libbitsandbytes_cuda$cuda.so" \
+  cp -r "$wheel/bitsandbytes" "$wheel"/bitsandbytes-*.dist-info "$dest/"
+  find "$dest/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name "$library" \
     ! -name libbitsandbytes_cpu.so -delete
 fi
 echo "$dest"

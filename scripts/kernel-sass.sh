@@ -17,19 +17,8 @@ if [[ $# -gt 0 && $1 != --* ]]; then
   shift
 fi
 
-version=13.5.37
-tools="$root/target/nvdisasm/$version"
-nvdisasm="$tools/nvidia/cu13/bin/nvdisasm"
-if [ ! -x "$nvdisasm" ]; then
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
-  python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$work" \
-    "nvidia-cuda-nvdisasm==$version" >&2
-  rm -rf "$tools"
-  mkdir -p "$tools"
-  python3 -m zipfile -e "$work"/nvidia_cuda_nvdisasm-*.whl "$tools"
-  chmod +x "$nvdisasm"
-fi
+nvdisasm="$("$root/scripts/fetch-pypi-wheel.sh" nvidia-cuda-nvdisasm 13.5.37)/nvidia/cu13/bin/nvdisasm"
+chmod +x "$nvdisasm"
 
 cubin=$(mktemp --suffix .cubin)
 LD_LIBRARY_PATH="$("$root/scripts/fetch-nvrtc.sh")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
