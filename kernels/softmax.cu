@@ -519,30 +519,23 @@ __device__ __forceinline__ void softmax_streamed(const T* __restrict__ x, T* __r
         mbarrier_wait(shared_address(&full[stage]), parity);
         const uint4* segment_words = buffers + stage * stage_words;
 
-        float max = NEG_INF;
+        // This thread's words of the stage, each value folded into `acc` by `fold`.
+        auto fold_values = [&](float acc, auto fold) {
 #pragma unroll 4
-        for (unsigned w = threadIdx.x; w < words; w += blockDim.x) {
-            float v[V];
-            unpack_word<T>(segment_words[w], v);
+            for (unsigned w = threadIdx.x; w < words; w += blockDim.x) {
+                float v[V];
+                unpack_word<T>(segment_words[w], v);
 #pragma unroll
-            for (int e = 0; e < V; ++e) {
-                max = fmaxf(max, v[e]);
+                for (int e = 0; e < V; ++e) {
+                    acc = fold(acc, v[e]);
+                }
             }
-        }
-        max = block_max(max);
-
+            return acc;
+        };
+        const float max = block_max(fold_values(NEG_INF, [](float m, float v) { return fmaxf(m, v); }));
         const float own_shift = block_shift(max);
-        float sum = 0.0f;
-#pragma unroll 4
-        for (unsigned w = threadIdx.x; w < words; w += blockDim.x) {
-            float v[V];
-            unpack_word<T>(segment_words[w], v);
-#pragma unroll
-            for (int e = 0; e < V; ++e) {
-                sum += exp_from_max(v[e], own_shift);
-            }
-        }
-        sum = block_sum(sum);
+        const float sum = block_sum(
+            fold_values(0.0f, [own_shift](float s, float v) { return s + exp_from_max(v, own_shift); }));
 
         // Lane c of every warp takes block c's pair; the other lanes add nothing.
         float2 pair = make_float2(NEG_INF, 0.0f);
