@@ -133,8 +133,9 @@ fi || { echo "run.sh: cannot unpack $bundle/bin.tar.xz" >&2; exit 2; }
 mapfile -t manifest <"$bundle/manifest.tsv"
 
 # 0. Where the bundle carries bitsandbytes (bnb-site/, see gpu-bundle.sh), its quantization and
-# decoding of the NF4 test cases, which the NF4 tests then compare bit for bit.
-if [[ -d $bundle/bnb-site ]]; then
+# decoding of the NF4 test cases, which the NF4 tests then compare bit for bit. bitsandbytes
+# needs a GPU, so a rehearsal leaves it out.
+if [[ -d $bundle/bnb-site ]] && ((!dry)); then
     export PYTHONPATH=$bundle/bnb-site${PYTHONPATH:+:$PYTHONPATH}
     if step bnb-reference 120 . python3 benches/peers/nf4_matmul.py --dump /tmp/pagoda-bnb; then
         export PAGODA_NF4_BNB_DIR=/tmp/pagoda-bnb
